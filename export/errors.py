@@ -1,0 +1,9 @@
+"""User-facing errors: one line, naming the problem, no traceback unless --debug."""
+
+
+class ExportError(Exception):
+    """A problem with the user's input or environment that the exporter reports in one line."""
+
+
+class ValidationError(ExportError):
+    """An exported graph disagrees with PyTorch beyond its stated tolerance."""
