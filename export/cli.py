@@ -1,0 +1,84 @@
+"""`vv-export`: export VibeVoice to an ENGINE_DIR of ONNX graphs, then (on a GPU) to TensorRT engines."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import ExportError
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        raise exc
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Export VibeVoice to ONNX graphs and TensorRT engines."""
+
+
+@main.command("onnx")
+@click.option("--model", "model", default=None, metavar="DIR|HUB_ID",
+              help="Checkpoint directory or hub id (original or transformers layout). "
+                   "Without it: a tiny randomly initialised VibeVoice of the real architecture.")
+@click.option("--out", "out", required=True, type=click.Path(), metavar="ENGINE_DIR", help="Directory to write.")
+@click.option("--tokenizer", "tokenizer", default=None, metavar="DIR",
+              help="Directory with tokenizer.json (original checkpoints ship none: use Qwen2.5's).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Storage dtype of the graphs' weights.")
+@click.option("--diffusion-steps", type=click.IntRange(1, 100), default=10, show_default=True,
+              help="DPM-Solver++ steps baked into the diffusion_sampler graph.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Check every graph in ONNX Runtime against PyTorch.")
+@click.option("--force", is_flag=True, help="Replace an existing ENGINE_DIR.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random model (no --model).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def onnx_cmd(model, out, tokenizer, dtype, diffusion_steps, validate, force, seed, debug):
+    """Split the model into ONNX graphs, validate them and write a self-describing ENGINE_DIR."""
+    try:
+        from .checkpoint import load_checkpoint, tiny_random_model
+        from .onnx_export import export_onnx
+
+        if model is None:
+            click.echo(f"no --model given: exporting a tiny randomly initialised VibeVoice (seed {seed})", err=True)
+            loaded = tiny_random_model(seed=seed)
+        else:
+            loaded = load_checkpoint(model, tokenizer_dir=tokenizer)
+        path = export_onnx(loaded, out, dtype=dtype, validate=validate, force=force,
+                           diffusion_steps=diffusion_steps)
+        click.echo(f"wrote {path}", err=True)
+    except (ExportError, OSError) as exc:
+        _fail(exc, debug)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+
+
+@main.command("trt")
+@click.option("--engine-dir", "engine_dir", required=True, type=click.Path(), help="ENGINE_DIR from `vv-export onnx`.")
+@click.option("--plan", default="default", show_default=True, help="Build plan name in trt_plans/.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="Override the plan's precision for every graph.")
+@click.option("--force", is_flag=True, help="Rebuild engines that are up to date.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def trt_cmd(engine_dir, plan, precision, force, debug):
+    """Build TensorRT engines for every graph of ENGINE_DIR from a plan in trt_plans/."""
+    try:
+        from .trt_build import build_engines
+
+        build_engines(engine_dir, plan=plan, precision=precision, force=force,
+                      progress=lambda line: click.echo(line, err=True))
+    except (ExportError, OSError) as exc:
+        _fail(exc, debug)
+    except KeyboardInterrupt:
+        click.echo("interrupted: no half-written engine was kept", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

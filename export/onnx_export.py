@@ -1,0 +1,310 @@
+"""`vv-export onnx`: checkpoint -> validated ONNX graphs + manifest.json in an ENGINE_DIR.
+
+Everything is written into a temporary sibling directory that is renamed to --out at the very end,
+so an interrupted or failed export leaves nothing at --out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError, ValidationError
+from .specs import CONTROL_TOKENS, DIMS, ExportContext, GraphSpec, build_specs, sample_inputs
+
+FORMAT = "vibevoice-trt/engine-dir"
+FORMAT_VERSION = 1
+OPSET = 17
+EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weight bytes keep them in a side file (protobuf caps at 2 GB)
+
+PROMPT = {
+    "system_prompt": " Transform the text provided by various speakers into speech output, utilizing the "
+                     "distinct voice of each respective speaker.\n",
+    "voice_header": " Voice input:\n",
+    "text_header": " Text input:\n",
+    "output_header": " Speech output:\n",
+}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"vibevoice_trt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def round_weights_(model, dtype: str) -> None:
+    """Round the weights to the storage dtype so PyTorch validates the very numbers the graphs hold."""
+    import torch
+
+    if dtype == "fp32":
+        return
+    target = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype == torch.float32 and p.numel() >= 1024:
+                p.copy_(p.to(target).float())
+
+
+def _store_weights_as(model_proto, dtype: str) -> None:
+    """Store large fp32 initializers as fp16/bf16, each followed by a Cast back to fp32.
+
+    Compute stays fp32 (ONNX Runtime's CPU kernels are fp32), storage halves; TensorRT folds the casts
+    and picks its precision from the build plan.
+    """
+    if dtype == "fp32":
+        return
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    target = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.BFLOAT16
+    graph = model_proto.graph
+    casts = []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        n = int(np.prod(init.dims)) if len(init.dims) else 1
+        if n < 1024:
+            continue
+        arr = numpy_helper.to_array(init)
+        if dtype == "fp16":
+            stored = numpy_helper.from_array(arr.astype(np.float16), name=init.name + "__stored")
+        else:
+            import ml_dtypes
+
+            bits = arr.astype(ml_dtypes.bfloat16).view(np.uint16)
+            stored = helper.make_tensor(init.name + "__stored", target, list(arr.shape), bits.tobytes(), raw=True)
+        casts.append((init, stored))
+    for init, stored in casts:
+        graph.initializer.remove(init)
+        graph.initializer.append(stored)
+        graph.node.insert(0, helper.make_node("Cast", [stored.name], [init.name], to=TensorProto.FLOAT,
+                                               name=init.name + "__cast"))
+    onnx.checker.check_model(model_proto) if model_proto.ByteSize() < (1 << 31) - 1 else None
+
+
+@contextlib.contextmanager
+def _exportable_ops():
+    """Decompose ops the TorchScript ONNX exporter lacks (aten::rms_norm in the diffusion head's final layer)."""
+    import torch.nn.functional as F
+
+    original = F.rms_norm
+
+    def rms_norm(x, normalized_shape, weight=None, eps=None):
+        eps = 1e-6 if eps is None else eps
+        dims = tuple(range(-len(normalized_shape), 0))
+        y = x * torch_rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return y * weight if weight is not None else y
+
+    import torch
+
+    torch_rsqrt = torch.rsqrt
+    F.rms_norm = rms_norm
+    try:
+        yield
+    finally:
+        F.rms_norm = original
+
+
+def export_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, dtype: str) -> dict:
+    """Export one graph to directory/<name>.onnx; returns its file entries."""
+    import onnx
+    import torch
+
+    module = spec.build(ctx).eval()
+    dims = spec.shapes[-1]
+    feeds = sample_inputs(spec, ctx, dims, seed=0)
+    args = tuple(feeds[io.name] for io in spec.inputs)
+    scratch = directory / f".{spec.name}.export"
+    scratch.mkdir()
+    raw_path = scratch / f"{spec.name}.onnx"
+    with warnings.catch_warnings(), torch.no_grad(), _exportable_ops():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(raw_path), dynamo=False, opset_version=OPSET,
+                          input_names=[io.name for io in spec.inputs],
+                          output_names=[io.name for io in spec.outputs],
+                          dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+    proto = onnx.load(str(raw_path), load_external_data=True)
+    shutil.rmtree(scratch)
+    _store_weights_as(proto, dtype)
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    path = directory / f"{spec.name}.onnx"
+    files = [path.name]
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        data_name = f"{spec.name}.onnx.data"
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        files.append(data_name)
+    else:
+        onnx.save_model(proto, str(path))
+    del proto
+    onnx.checker.check_model(str(path))  # by path: works for external data too
+    return {"file": path.name, "external_data": files[1:], "sha256": sha256_file(path),
+            "weight_bytes": int(weight_bytes)}
+
+
+def _compare(name: str, output: str, got: np.ndarray, ref: np.ndarray, tol: dict, dims: dict) -> float:
+    if got.shape != ref.shape:
+        raise ValidationError(f"graph {name}: output {output} has shape {got.shape}, PyTorch gives {ref.shape} "
+                              f"(dims {dims})")
+    err = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+    peak = float(np.max(np.abs(ref))) if ref.size else 0.0
+    allowed = tol["atol"] + tol["rtol"] * peak
+    if not np.isfinite(err) or err > allowed:
+        raise ValidationError(
+            f"graph {name}: output {output} differs from PyTorch by {err:.3g} (allowed {allowed:.3g} = atol "
+            f"{tol['atol']:g} + rtol {tol['rtol']:g} x peak {peak:.3g}) at dims {dims}")
+    return err
+
+
+def validate_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, threads: int | None = None) -> dict:
+    """Run the graph in ONNX Runtime (CPU) against PyTorch on every validation shape."""
+    import onnxruntime as ort
+    import torch
+
+    from .validation_data import save_validation_data
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(directory / f"{spec.name}.onnx"), opts, providers=["CPUExecutionProvider"])
+    module = spec.build(ctx).eval()
+    worst = {o.name: 0.0 for o in spec.outputs}
+    feeds_list, outputs_list = [], []
+    for i, dims in enumerate(spec.shapes):
+        feeds = sample_inputs(spec, ctx, dims, seed=100 + i)
+        with torch.no_grad():
+            ref = module(*[feeds[io.name] for io in spec.inputs])
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        np_feeds = {k: v.numpy() for k, v in feeds.items()}
+        got = session.run([o.name for o in spec.outputs], np_feeds)
+        ref_np = {}
+        for io, g, r in zip(spec.outputs, got, ref):
+            r = r.detach().numpy()
+            ref_np[io.name] = r
+            worst[io.name] = max(worst[io.name], _compare(spec.name, io.name, g, r, spec.tolerance[io.name], dims))
+        feeds_list.append(np_feeds)
+        outputs_list.append(ref_np)
+    save_validation_data(directory, spec.name, feeds_list, outputs_list)
+    del session
+    return worst
+
+
+def _manifest(ctx: ExportContext, specs: list[GraphSpec], entries: dict, dtype: str, validation: dict | None) -> dict:
+    loaded = ctx.loaded
+    tc = ctx.net.config.text_config
+    graphs = {}
+    for spec in specs:
+        graphs[spec.name] = {**entries[spec.name], **spec.manifest_entry()}
+        if validation is not None:
+            graphs[spec.name]["validated_max_abs_error"] = validation[spec.name]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {
+            "hidden_size": ctx.hidden, "num_layers": ctx.layers, "num_attention_heads": ctx.heads,
+            "num_kv_heads": ctx.kv_heads, "head_dim": ctx.head_dim, "vocab_size": ctx.vocab,
+            "max_position_embeddings": ctx.max_positions, "acoustic_vae_dim": ctx.acoustic_dim,
+            "semantic_vae_dim": ctx.semantic_dim, "hop_length": ctx.hop, "sample_rate": 24000,
+            "latent_scaling_factor": float(ctx.scale.item()), "latent_bias_factor": float(ctx.bias.item()),
+            "vae_std": float(ctx.net.config.audio_config.vae_std),
+            "tie_word_embeddings": bool(getattr(tc, "tie_word_embeddings", False)),
+            "decoder_state_size": ctx.decoder_state, "semantic_state_size": ctx.semantic_state,
+        },
+        "tokens": dict(loaded.token_ids),
+        "control_tokens": list(CONTROL_TOKENS),
+        "prompt": dict(PROMPT),
+        "diffusion": {**loaded.diffusion, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+                      "solver_order": 2, "lower_order_final": True, "final_sigmas_type": "zero",
+                      "steps": ctx.steps, "timesteps": ctx.coefficients["timesteps"],
+                      "coefficients": {k: ctx.coefficients[k] for k in ("alpha", "sigma", "ratio", "d0", "d1")},
+                      "default_cfg_scale": 1.3},
+        "dtype": dtype,
+        "dims": dict(DIMS),
+        "graphs": graphs,
+        "tokenizer": "tokenizer.json",
+        "source": {"model": loaded.source, "layout": loaded.layout, "weights_sha256": loaded.weights_sha256},
+        "versions": _versions(),
+    }
+
+
+def _writable_parent(out: Path) -> Path:
+    parent = out.resolve().parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise ExportError(f"--out {out}: cannot create its parent directory ({exc.strerror})") from exc
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"--out {out}: directory {parent} is not writable")
+    return parent
+
+
+def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate: bool = True,
+                force: bool = False, diffusion_steps: int = 10, progress: bool = True,
+                threads: int | None = None) -> Path:
+    """Export every graph of `loaded` into the ENGINE_DIR `out` (atomically)."""
+    from tqdm import tqdm
+
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ExportError(f"--dtype {dtype}: expected fp32, fp16 or bf16")
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"--out {out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    parent = _writable_parent(out)
+    round_weights_(loaded.model, dtype)
+    ctx = ExportContext(loaded, diffusion_steps=diffusion_steps)
+    specs = build_specs(ctx)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    try:
+        entries, validation = {}, {} if validate else None
+        bar = tqdm(specs, desc="export", unit="graph", disable=not progress, file=sys.stderr)
+        for spec in bar:
+            bar.set_postfix_str(spec.name)
+            entries[spec.name] = export_graph(spec, ctx, work, dtype)
+            if validate:
+                bar.set_postfix_str(f"{spec.name}: validating")
+                validation[spec.name] = validate_graph(spec, ctx, work, threads)
+        if loaded.tokenizer_json is not None:
+            (work / "tokenizer.json").write_text(loaded.tokenizer_json)
+        else:
+            shutil.copyfile(loaded.tokenizer_file, work / "tokenizer.json")
+        manifest = _manifest(ctx, specs, entries, dtype, validation)
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / out.name)
+            os.replace(work, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,268 @@
+"""One spec per exported graph: I/O names, named dynamic dimensions, wrapper, sample inputs, tolerance.
+
+Dimension names are defined once (`DIMS`) and reused for ONNX dynamic axes, the manifest (which the
+TensorRT plans resolve profiles against) and the validation shapes.
+
+Tolerances are checked as ``max|onnx - torch| <= atol + rtol * max|torch|`` per output, on the fp32
+graphs that ONNX Runtime runs on the CPU. Both sides compute in fp32 with the same weights (for
+--dtype fp16/bf16 the PyTorch reference uses the same rounded weights), so the differences come from
+operator order and fused kernels only: ~1e-6 relative per op, growing with depth. The LM (up to 28
+layers, softmax + RMSNorm) and the sampler (10 unrolled head evaluations, whose x0 steps amplify
+differences by up to ~1/sigma_min) get the widest bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import wrappers
+from .schedule import dpm_solver_coefficients
+
+DIMS = {
+    "batch": "rows of one call (for lm: positive and negative CFG rows together)",
+    "seq": "new positions of an lm call (prompt length at prefill, 1 when decoding)",
+    "past": "cached positions before this lm call",
+    "total": "past + seq: the attention mask's length",
+    "samples": "voice prompt samples (a multiple of the hop length)",
+    "frames": "latent frames (samples / hop length)",
+}
+
+CONTROL_TOKENS = ("speech_start", "speech_end", "speech_diffusion", "eos")
+
+
+@dataclass
+class IO:
+    name: str
+    shape: tuple  # ints and dimension names
+    dtype: str = "float32"
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    inputs: list[IO]
+    outputs: list[IO]
+    build: Callable  # (ctx) -> torch module
+    # validation shapes: each a dict of dimension values
+    shapes: list[dict]
+    tolerance: dict  # output -> {"atol", "rtol"}
+    sample: Callable | None = None  # (ctx, dims, generator) -> dict of tensors; default: random normal
+    extra: dict = field(default_factory=dict)
+
+    def dynamic_axes(self) -> dict:
+        axes = {}
+        for io in self.inputs + self.outputs:
+            named = {i: d for i, d in enumerate(io.shape) if isinstance(d, str)}
+            if named:
+                axes[io.name] = named
+        return axes
+
+    def concrete(self, io: IO, dims: dict) -> tuple:
+        return tuple(dims[d] if isinstance(d, str) else d for d in io.shape)
+
+    def manifest_entry(self) -> dict:
+        def one(io):
+            return {"name": io.name, "dtype": io.dtype, "shape": list(io.shape)}
+
+        return {"inputs": [one(i) for i in self.inputs], "outputs": [one(o) for o in self.outputs],
+                "tolerance": self.tolerance, **self.extra}
+
+
+class ExportContext:
+    """The loaded model plus the constants the specs need."""
+
+    def __init__(self, loaded, diffusion_steps: int = 10):
+        self.loaded = loaded
+        net = loaded.model
+        self.net = net
+        tc = net.config.text_config
+        self.hidden = tc.hidden_size
+        self.layers = tc.num_hidden_layers
+        self.kv_heads = tc.num_key_value_heads
+        self.heads = tc.num_attention_heads
+        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        self.vocab = tc.vocab_size
+        self.max_positions = tc.max_position_embeddings
+        self.acoustic_dim = net.config.audio_config.hidden_size
+        self.semantic_dim = net.config.semantic_model_config.hidden_size
+        self.hop = int(torch.tensor(net.config.audio_config.downsampling_ratios).prod())
+        self.scale = net.model.latent_scaling_factor
+        self.bias = net.model.latent_bias_factor
+        self.steps = diffusion_steps
+        settings = loaded.diffusion
+        self.coefficients = dpm_solver_coefficients(diffusion_steps, settings["num_train_timesteps"],
+                                                    settings["beta_schedule"])
+        self.control_ids = [loaded.token_ids[k] for k in CONTROL_TOKENS]
+        dec = wrappers.AcousticDecoderStep(net.model.audio_tower, self.scale, self.bias)
+        sem = wrappers.SemanticEncoderStep(net.model.semantic_tokenizer_encoder, net.model.semantic_connector)
+        self.decoder_state = dec.state_size
+        self.semantic_state = sem.state_size
+        self.decoder_layout = dec.layout
+        self.semantic_layout = sem.layout
+
+
+def _tol(atol, rtol, *names):
+    return {n: {"atol": atol, "rtol": rtol} for n in names}
+
+
+def _lm_sample(ctx, dims, gen):
+    b, s, p = dims["batch"], dims["seq"], dims["past"]
+    embeds = torch.randn(b, s, ctx.hidden, generator=gen) * 0.5
+    mask = torch.ones(b, p + s, dtype=torch.int64)
+    pos = torch.zeros(b, s, dtype=torch.int64)
+    for row in range(b):
+        # a different pattern per row: left padding / dropped slots, positions counted over valid slots
+        if row % 2 == 1 and p + s > 2:
+            mask[row, : min(2, p)] = 0
+        if row % 3 == 2 and p > 3:
+            mask[row, p - 2] = 0
+        valid_before = int(mask[row, :p].sum())
+        pos[row] = torch.arange(s) + valid_before
+    kv = torch.randn(ctx.layers, 2, b, ctx.kv_heads, p, ctx.head_dim, generator=gen)
+    return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, "past_kv": kv}
+
+
+def _ids_sample(ctx, dims, gen):
+    return {"input_ids": torch.randint(0, ctx.vocab, (dims["batch"], dims["seq"]), generator=gen)}
+
+
+def _audio_sample(ctx, dims, gen):
+    return {"audio": torch.randn(dims["batch"], 1, dims["frames"] * ctx.hop, generator=gen) * 0.1}
+
+
+def _state_sample(size):
+    def sample(ctx, dims, gen):
+        return None  # filled by _stream_sample
+
+    return sample
+
+
+def _decoder_sample(ctx, dims, gen):
+    return {"latent": torch.randn(dims["batch"], 1, ctx.acoustic_dim, generator=gen),
+            "state": torch.randn(dims["batch"], ctx.decoder_state, generator=gen) * 0.1}
+
+
+def _semantic_sample(ctx, dims, gen):
+    return {"audio": torch.randn(dims["batch"], 1, ctx.hop, generator=gen) * 0.1,
+            "state": torch.randn(dims["batch"], ctx.semantic_state, generator=gen) * 0.1}
+
+
+def _step_sample(ctx, dims, gen):
+    b = dims["batch"]
+    return {"sample": torch.randn(b, ctx.acoustic_dim, generator=gen),
+            "timestep": torch.randint(0, 1000, (b,), generator=gen).float(),
+            "pos_condition": torch.randn(b, ctx.hidden, generator=gen),
+            "neg_condition": torch.randn(b, ctx.hidden, generator=gen),
+            "cfg_scale": torch.tensor([1.3])}
+
+
+def _sampler_sample(ctx, dims, gen):
+    b = dims["batch"]
+    return {"noise": torch.randn(b, ctx.acoustic_dim, generator=gen),
+            "pos_condition": torch.randn(b, ctx.hidden, generator=gen),
+            "neg_condition": torch.randn(b, ctx.hidden, generator=gen),
+            "cfg_scale": torch.tensor([1.3])}
+
+
+def build_specs(ctx: ExportContext) -> list[GraphSpec]:
+    H, A, S = ctx.hidden, ctx.acoustic_dim, ctx.semantic_dim
+    L, KV, D = ctx.layers, ctx.kv_heads, ctx.head_dim
+    net = ctx.net.model
+    return [
+        GraphSpec(
+            "text_embed",
+            [IO("input_ids", ("batch", "seq"), "int64")],
+            [IO("inputs_embeds", ("batch", "seq", H))],
+            lambda c: wrappers.TextEmbed(net.language_model.embed_tokens),
+            [{"batch": 1, "seq": 5}, {"batch": 3, "seq": 2}],
+            _tol(0.0, 0.0, "inputs_embeds"),  # a gather: exact
+            sample=_ids_sample,
+        ),
+        GraphSpec(
+            "lm",
+            [IO("inputs_embeds", ("batch", "seq", H)), IO("attention_mask", ("batch", "total"), "int64"),
+             IO("position_ids", ("batch", "seq"), "int64"), IO("past_kv", (L, 2, "batch", KV, "past", D))],
+            [IO("hidden", ("batch", H)), IO("control_logits", ("batch", 4)), IO("new_kv", (L, 2, "batch", KV, "seq", D))],
+            lambda c: wrappers.LMStep(net.language_model, c.net.lm_head.weight, c.control_ids),
+            [{"batch": 1, "seq": 6, "past": 0}, {"batch": 2, "seq": 1, "past": 7}, {"batch": 3, "seq": 3, "past": 5}],
+            _tol(1e-5, 1e-4, "hidden", "control_logits", "new_kv"),
+            sample=_lm_sample,
+        ),
+        GraphSpec(
+            "acoustic_encoder",
+            [IO("audio", ("batch", 1, "samples"))],
+            [IO("latent_mean", ("batch", "frames", A)), IO("voice_embeds", ("batch", "frames", H))],
+            lambda c: wrappers.AcousticEncoder(net.audio_tower, net.multi_modal_projector, c.scale, c.bias),
+            [{"batch": 1, "frames": 2}, {"batch": 2, "frames": 3}],
+            _tol(1e-5, 1e-4, "latent_mean", "voice_embeds"),
+            sample=_audio_sample,
+        ),
+        GraphSpec(
+            "acoustic_decoder",
+            [IO("latent", ("batch", 1, A)), IO("state", ("batch", ctx.decoder_state))],
+            [IO("audio", ("batch", 1, ctx.hop)), IO("new_state", ("batch", ctx.decoder_state))],
+            lambda c: wrappers.AcousticDecoderStep(net.audio_tower, c.scale, c.bias),
+            [{"batch": 1}, {"batch": 3}],
+            _tol(1e-5, 1e-4, "audio", "new_state"),
+            sample=_decoder_sample,
+            extra={"state_layout": ctx.decoder_layout},
+        ),
+        GraphSpec(
+            "semantic_encoder",
+            [IO("audio", ("batch", 1, ctx.hop)), IO("state", ("batch", ctx.semantic_state))],
+            [IO("features", ("batch", 1, S)), IO("semantic_embed", ("batch", 1, H)),
+             IO("new_state", ("batch", ctx.semantic_state))],
+            lambda c: wrappers.SemanticEncoderStep(net.semantic_tokenizer_encoder, net.semantic_connector),
+            [{"batch": 1}, {"batch": 2}],
+            _tol(1e-5, 1e-4, "features", "semantic_embed", "new_state"),
+            sample=_semantic_sample,
+            extra={"state_layout": ctx.semantic_layout},
+        ),
+        GraphSpec(
+            "acoustic_connector",
+            [IO("latent", ("batch", "frames", A))],
+            [IO("embeds", ("batch", "frames", H))],
+            lambda c: wrappers.Connector(net.multi_modal_projector),
+            [{"batch": 1, "frames": 4}, {"batch": 2, "frames": 1}],
+            _tol(1e-5, 1e-5, "embeds"),
+        ),
+        GraphSpec(
+            "semantic_connector",
+            [IO("features", ("batch", "frames", S))],
+            [IO("embeds", ("batch", "frames", H))],
+            lambda c: wrappers.Connector(net.semantic_connector),
+            [{"batch": 1, "frames": 4}, {"batch": 2, "frames": 1}],
+            _tol(1e-5, 1e-5, "embeds"),
+        ),
+        GraphSpec(
+            "diffusion_step",
+            [IO("sample", ("batch", A)), IO("timestep", ("batch",)), IO("pos_condition", ("batch", H)),
+             IO("neg_condition", ("batch", H)), IO("cfg_scale", (1,))],
+            [IO("guided", ("batch", A))],
+            lambda c: wrappers.DiffusionStep(net.diffusion_head),
+            [{"batch": 1}, {"batch": 4}],
+            _tol(1e-5, 1e-4, "guided"),
+            sample=_step_sample,
+        ),
+        GraphSpec(
+            "diffusion_sampler",
+            [IO("noise", ("batch", A)), IO("pos_condition", ("batch", H)), IO("neg_condition", ("batch", H)),
+             IO("cfg_scale", (1,))],
+            [IO("latent", ("batch", A)), IO("acoustic_embed", ("batch", H))],
+            lambda c: wrappers.DiffusionSampler(net.diffusion_head, net.multi_modal_projector, c.coefficients),
+            [{"batch": 1}, {"batch": 3}],
+            _tol(1e-4, 1e-3, "latent", "acoustic_embed"),
+            sample=_sampler_sample,
+            extra={"steps": ctx.steps},
+        ),
+    ]
+
+
+def sample_inputs(spec: GraphSpec, ctx: ExportContext, dims: dict, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    if spec.sample is not None:
+        return spec.sample(ctx, dims, gen)
+    return {io.name: torch.randn(spec.concrete(io, dims), generator=gen) for io in spec.inputs}

@@ -1,0 +1,250 @@
+"""Torch modules with the exact I/O contract of each exported graph (see docs/ENGINE_DIR.md).
+
+They reuse transformers' VibeVoice submodules (projections, norms, MLPs, conv stacks, diffusion head)
+and only re-wire them: explicit KV-cache tensors and position ids for the LM, explicit flattened
+convolution states for the streaming tokenizers, an unrolled DPM-Solver++ loop for the sampler.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TextEmbed(nn.Module):
+    def __init__(self, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.embed = embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class LMStep(nn.Module):
+    """Qwen2 decoder over new positions, with the cache of earlier positions as one input tensor.
+
+    past_kv [L, 2, B, KV, past, D] -> new_kv [L, 2, B, KV, seq, D]: the graph returns only the keys and
+    values of the new positions; the caller owns the cache. The attention mask covers past + seq slots
+    and is combined with causality, so masked (padding, dropped or reset) slots get exactly zero weight.
+    Outputs the last position's final-normed hidden state and the logits of the 4 control tokens only.
+    """
+
+    def __init__(self, language_model, lm_head_weight: torch.Tensor, control_ids: list[int]):
+        super().__init__()
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        self._rope = apply_rotary_pos_emb
+        self.layers = language_model.layers
+        self.norm = language_model.norm
+        self.rotary = language_model.rotary_emb
+        cfg = language_model.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.control_weight = nn.Parameter(lm_head_weight.detach()[control_ids].clone(), requires_grad=False)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_kv):
+        bsz, seq, _ = inputs_embeds.shape
+        past = past_kv.shape[4]
+        cos, sin = self.rotary(inputs_embeds, position_ids)
+        q_pos = torch.arange(seq, device=inputs_embeds.device) + past
+        k_pos = torch.arange(past + seq, device=inputs_embeds.device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+        neg = torch.finfo(torch.float32).min
+        bias = torch.where(allowed, torch.zeros((), dtype=torch.float32), torch.full((), neg, dtype=torch.float32))
+        groups = self.num_heads // self.num_kv
+        hidden = inputs_embeds
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(bsz, seq, self.num_kv, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(bsz, seq, self.num_kv, self.head_dim).transpose(1, 2)
+            q, k = self._rope(q, k, cos, sin)
+            new_keys.append(k)
+            new_values.append(v)
+            keys = torch.cat([past_kv[i, 0], k], dim=2)
+            values = torch.cat([past_kv[i, 1], v], dim=2)
+            if groups > 1:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + bias
+            probs = torch.softmax(scores, dim=-1)
+            out = torch.matmul(probs, values).transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
+            hidden = residual + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = self.norm(hidden)
+        last = hidden[:, -1, :]
+        logits = torch.matmul(last, self.control_weight.t())
+        new_kv = torch.stack([torch.stack(new_keys, 0), torch.stack(new_values, 0)], 1)
+        return last, logits, new_kv
+
+
+class AcousticEncoder(nn.Module):
+    def __init__(self, audio_tower, projector, scale, bias):
+        super().__init__()
+        self.encoder = audio_tower.encoder
+        self.projector = projector
+        self.register_buffer("scale", scale.detach().reshape(()).clone())
+        self.register_buffer("bias", bias.detach().reshape(()).clone())
+
+    def forward(self, audio):
+        mean = self.encoder(audio).latents
+        return mean, self.projector((mean + self.bias) * self.scale)
+
+
+# --- streaming convolution states -----------------------------------------------------------
+
+def conv_state_layout(stack: nn.Module) -> list[dict]:
+    """Every causal (transposed) convolution of a tokenizer stack with the context it carries."""
+    layout = []
+    for name, module in stack.named_modules():
+        if hasattr(module, "left_pad") and hasattr(module, "cache_key"):
+            layout.append({"name": name, "channels": int(module.in_channels), "length": int(module.left_pad),
+                           "module": module})
+    return layout
+
+
+class _ExplicitStateCache:
+    """Duck-types transformers' padding cache: states come in as tensors and go out as tensors."""
+
+    def __init__(self, states: dict[int, torch.Tensor]):
+        self.states = states
+        self.new: dict[int, torch.Tensor] = {}
+
+    def update(self, hidden_states, cache_key, conv_module):
+        key = id(conv_module)
+        pad = conv_module.left_pad
+        if pad == 0:
+            self.new[key] = hidden_states[:, :, :0]
+            return hidden_states
+        full = torch.cat([self.states[key], hidden_states], dim=-1)
+        self.new[key] = full[:, :, -pad:]
+        return full
+
+
+class _StreamingStack(nn.Module):
+    def __init__(self, stack: nn.Module):
+        super().__init__()
+        self.stack = stack
+        self.layout = [{k: v for k, v in e.items() if k != "module"} for e in conv_state_layout(stack)]
+        self._modules_in_order = [e["module"] for e in conv_state_layout(stack)]
+        self.state_size = sum(e["channels"] * e["length"] for e in self.layout)
+
+    def _split(self, state):
+        states, offset = {}, 0
+        for entry, module in zip(self.layout, self._modules_in_order):
+            size = entry["channels"] * entry["length"]
+            states[id(module)] = state[:, offset:offset + size].reshape(-1, entry["channels"], entry["length"])
+            offset += size
+        return states
+
+    def _join(self, cache: _ExplicitStateCache, batch):
+        parts = [cache.new[id(m)].reshape(batch, -1) for m in self._modules_in_order]
+        return torch.cat(parts, dim=1)
+
+    def run(self, hidden, state):
+        cache = _ExplicitStateCache(self._split(state))
+        out = self.stack(hidden, padding_cache=cache)
+        return out, self._join(cache, hidden.shape[0])
+
+
+class AcousticDecoderStep(_StreamingStack):
+    """One latent frame (diffusion space) + conv state -> hop samples + new state."""
+
+    def __init__(self, audio_tower, scale, bias):
+        super().__init__(audio_tower.decoder)
+        self.register_buffer("scale", scale.detach().reshape(()).clone())
+        self.register_buffer("bias", bias.detach().reshape(()).clone())
+
+    def forward(self, latent, state):
+        z = latent / self.scale - self.bias
+        out, new_state = self.run(z.permute(0, 2, 1), state)
+        return out.audio, new_state
+
+
+class SemanticEncoderStep(_StreamingStack):
+    """hop samples + conv state -> semantic features, their LM embedding, new state."""
+
+    def __init__(self, semantic_encoder, connector):
+        super().__init__(semantic_encoder)
+        self.connector = connector
+
+    def forward(self, audio, state):
+        out, new_state = self.run(audio, state)
+        features = out.latents
+        return features, self.connector(features), new_state
+
+
+class Connector(nn.Module):
+    def __init__(self, projector):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, x):
+        return self.projector(x)
+
+
+# --- diffusion -----------------------------------------------------------------------------------
+
+def _cfg(velocity, cfg_scale):
+    pair = velocity.reshape(2, -1, velocity.shape[-1])
+    pos, neg = pair[0], pair[1]
+    return neg + cfg_scale * (pos - neg)
+
+
+class DiffusionStep(nn.Module):
+    """One head evaluation of [positive; negative] conditions, combined with classifier-free guidance."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, sample, timestep, pos_condition, neg_condition, cfg_scale):
+        x = torch.cat([sample, sample], 0)
+        t = torch.cat([timestep, timestep], 0)
+        c = torch.cat([pos_condition, neg_condition], 0)
+        return _cfg(self.head(x, t, c), cfg_scale)
+
+
+class DiffusionSampler(nn.Module):
+    """The whole N-step DPM-Solver++ loop with CFG: noise + conditions -> latent (+ its LM embedding).
+
+    The condition projection is computed once; each step's timestep embedding is a constant.
+    """
+
+    def __init__(self, head, projector, coefficients: dict):
+        super().__init__()
+        self.head = head
+        self.projector = projector
+        self.coef = coefficients
+        with torch.no_grad():
+            t = torch.tensor(coefficients["timesteps"], dtype=torch.float32)
+            temb = head.timestep_proj(head.timestep_embedding(t))
+        self.register_buffer("t_embed", temb.detach().clone())
+
+    def _velocity(self, x, cond, k):
+        condition = cond + self.t_embed[k]
+        hidden = self.head.noisy_images_proj(torch.cat([x, x], 0))
+        for layer in self.head.layers:
+            hidden = layer(hidden, condition)
+        return self.head.final_layer(hidden, condition)
+
+    def forward(self, noise, pos_condition, neg_condition, cfg_scale):
+        cond = self.head.cond_proj(torch.cat([pos_condition, neg_condition], 0))
+        x = noise
+        prev_x0 = None
+        c = self.coef
+        for k in range(len(c["timesteps"])):
+            v = _cfg(self._velocity(x, cond, k), cfg_scale)
+            x0 = c["alpha"][k] * x - c["sigma"][k] * v
+            new_x = c["d0"][k] * x0
+            if c["ratio"][k] != 0.0:
+                new_x = c["ratio"][k] * x + new_x
+            if c["d1"][k] != 0.0:
+                new_x = new_x + c["d1"][k] * (x0 - prev_x0)
+            prev_x0 = x0
+            x = new_x
+        return x, self.projector(x)
