@@ -1,0 +1,61 @@
+"""Shared test fixtures: the shared reference checkpoint and ENGINE_DIRs exported once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
+FIXTURE = SHARED / "fixtures" / "vibevoice-tiny-original"
+REFERENCE = SHARED / "reference"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared reference material not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return _need(FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _need(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def fixture_reference(fixture_dir):
+    """(reference.json dict, reference_outputs as numpy arrays)."""
+    from safetensors.numpy import load_file
+
+    return (json.loads((fixture_dir / "reference.json").read_text()),
+            load_file(str(fixture_dir / "reference_outputs.safetensors")))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(fixture_dir, tmp_path_factory) -> Path:
+    """The shared fixture exported (fp32, validated) once per test session."""
+    from vv_export.checkpoint import load_checkpoint
+    from vv_export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    export_onnx(load_checkpoint(str(fixture_dir)), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_engine_dir(tmp_path_factory) -> Path:
+    """The README demo's tiny random model exported once per session."""
+    from vv_export.checkpoint import tiny_random_model
+    from vv_export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("engines") / "random"
+    export_onnx(tiny_random_model(seed=0), out, progress=False)
+    return out
