@@ -1,0 +1,147 @@
+"""Voice prompt loading (exactly the original processor's normalisation) and atomic wav output."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RuntimeInputError
+
+SAMPLE_RATE = 24000
+HOP = 3200
+TARGET_DB_FS = -25.0
+EPS = 1e-6
+
+
+def normalize(wav: np.ndarray) -> np.ndarray:
+    """RMS to -25 dBFS, then scale down if the peak exceeds 1 (the original AudioNormalizer, float32)."""
+    wav = np.asarray(wav, dtype=np.float32)
+    rms = np.sqrt(np.mean(wav ** 2))
+    wav = wav * (10 ** (TARGET_DB_FS / 20) / (rms + EPS))
+    peak = np.max(np.abs(wav))
+    if peak > 1.0:
+        wav = wav / (peak + EPS)
+    return wav.astype(np.float32, copy=False)
+
+
+def to_mono(data: np.ndarray) -> np.ndarray:
+    """soundfile gives [frames] or [frames, channels]; channels are averaged."""
+    if data.ndim == 2:
+        data = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    return np.asarray(data, dtype=np.float32)
+
+
+def resample(wav: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    if rate == target:
+        return wav.astype(np.float32, copy=False)
+    import soxr
+
+    return soxr.resample(wav, rate, target, quality="HQ").astype(np.float32, copy=False)
+
+
+def read_audio(path: str | Path) -> np.ndarray:
+    """Any format soundfile reads -> mono float32 at 24 kHz (not normalised)."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise RuntimeInputError(f"voice file {path}: not found")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        detail = " ".join(str(exc).split())
+        raise RuntimeInputError(f"voice file {path}: unreadable audio ({detail})") from exc
+    wav = to_mono(data)
+    if wav.size == 0:
+        raise RuntimeInputError(f"voice file {path}: contains no audio samples")
+    if not np.all(np.isfinite(wav)):
+        raise RuntimeInputError(f"voice file {path}: contains non-finite samples")
+    return resample(wav, rate)
+
+
+def prepare_voice(voice: str | Path | np.ndarray, label: str = "voice") -> tuple[np.ndarray, int]:
+    """Voice file path or 24 kHz array -> (normalised audio zero-padded to a multiple of HOP, frames).
+
+    frames = ceil(unpadded length / HOP): the number of placeholder tokens in the prompt.
+    """
+    if isinstance(voice, (str, Path)):
+        wav = read_audio(voice)
+    else:
+        wav = to_mono(np.asarray(voice, dtype=np.float32))
+        if wav.size == 0:
+            raise RuntimeInputError(f"{label}: contains no audio samples")
+    wav = normalize(wav)
+    frames = math.ceil(wav.shape[0] / HOP)
+    padded = np.zeros(frames * HOP, dtype=np.float32)
+    padded[: wav.shape[0]] = wav
+    return padded, frames
+
+
+class WavWriter:
+    """Writes a mono wav chunk by chunk into a temp file beside `path`, renamed onto it by commit().
+
+    abort() (or leaving a `with` block on an exception) removes the temp file: no partial output.
+    """
+
+    def __init__(self, path: str | Path, sample_rate: int = SAMPLE_RATE, subtype: str = "FLOAT"):
+        import soundfile as sf
+
+        self.path = Path(path)
+        self.samples = 0
+        parent = self.path.parent
+        if self.path.is_dir():
+            raise RuntimeInputError(f"output {self.path}: is a directory")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+            os.close(fd)
+        except OSError as exc:
+            raise RuntimeInputError(f"output {self.path}: cannot write there ({exc.strerror or exc})") from exc
+        self.tmp = Path(tmp)
+        try:
+            self._file = sf.SoundFile(str(self.tmp), "w", samplerate=sample_rate, channels=1,
+                                      format="WAV", subtype=subtype)
+        except Exception as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise RuntimeInputError(f"output {self.path}: cannot write there ({exc})") from exc
+
+    def write(self, chunk: np.ndarray) -> None:
+        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        self._file.write(chunk)
+        self.samples += chunk.shape[0]
+
+    def commit(self) -> Path:
+        self._file.close()
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise RuntimeInputError(f"output {self.path}: cannot write there ({exc.strerror or exc})") from exc
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, subtype: str = "FLOAT") -> Path:
+    """Write a whole signal atomically (temp file + rename)."""
+    with WavWriter(path, sample_rate, subtype) as writer:
+        writer.write(audio)
+    return writer.path

@@ -1,0 +1,132 @@
+"""Graph execution backends behind one interface.
+
+A backend runs the graphs of an ENGINE_DIR by name:
+
+    backend.run(graph_name, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
+    backend.close()
+
+`OrtBackend` uses ONNX Runtime (CUDA when available, else CPU). `TrtBackend`
+(`vv_runtime.trt_backend`, imported lazily) runs TensorRT engines behind the same interface; its
+constructor `TrtBackend(engine_dir, manifest)` raises when the engines are absent or do not match
+this ENGINE_DIR, which `select_backend` turns into a fallback (`auto`) or a one-line error (`trt`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RuntimeInputError
+from .manifest import REQUIRED_GRAPHS, io_names
+
+BACKENDS = ("auto", "ort", "trt")
+
+
+class Backend:
+    name = "base"
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return self.name
+
+
+class OrtBackend(Backend):
+    """One onnxruntime.InferenceSession per graph; the loop's graphs are opened and checked at load."""
+
+    name = "ort"
+
+    def __init__(self, engine_dir: str | Path, manifest: dict, providers: list[str] | None = None,
+                 threads: int | None = None, graphs: tuple[str, ...] = REQUIRED_GRAPHS):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                         if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"])
+        self.providers = providers
+        self.threads = threads
+        self.sessions: dict[str, object] = {}
+        self._outputs: dict[str, list[str]] = {}
+        for graph in graphs:
+            self._session(graph)
+
+    def _session(self, graph: str):
+        session = self.sessions.get(graph)
+        if session is not None:
+            return session
+        if graph not in self.manifest["graphs"]:
+            raise RuntimeInputError(f"ENGINE_DIR: graph {graph!r} is not in the manifest")
+        entry = self.manifest["graphs"][graph]
+        path = self.engine_dir / entry.get("file", f"{graph}.onnx")
+        opts = self._ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+            opts.inter_op_num_threads = 1
+        try:
+            session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise RuntimeInputError(f"{path}: onnxruntime cannot load it ({detail})") from exc
+        want_in, want_out = io_names(self.manifest, graph)
+        got_in = [i.name for i in session.get_inputs()]
+        got_out = [o.name for o in session.get_outputs()]
+        if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
+            raise RuntimeInputError(f"{path}: I/O names {got_in} -> {got_out} differ from the manifest's "
+                                    f"{want_in} -> {want_out}")
+        self.sessions[graph] = session
+        self._outputs[graph] = got_out
+        return session
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._session(graph)
+        names = self._outputs[graph]
+        values = session.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
+        return dict(zip(names, values))
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+    def describe(self) -> str:
+        return "ort[" + ",".join(p.replace("ExecutionProvider", "") for p in self.providers) + "]"
+
+
+def select_backend(engine_dir: str | Path, manifest: dict, name: str = "auto", threads: int | None = None,
+                   notice=None) -> Backend:
+    """`ort`, `trt` or `auto` (TensorRT when the manifest lists engines and they load, else ORT).
+
+    `notice(text)` receives the one-line reason when `auto` falls back to ORT (default: stderr).
+    """
+    if name not in BACKENDS:
+        raise RuntimeInputError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if notice is None:
+        def notice(text: str) -> None:
+            print(f"note: {text}", file=sys.stderr)
+    if name == "ort":
+        return OrtBackend(engine_dir, manifest, threads=threads)
+    engines = (manifest.get("trt") or {}).get("engines")
+    if not engines:
+        if name == "trt":
+            raise RuntimeInputError(f"--backend trt: {engine_dir} has no TensorRT engines "
+                                    f"(run `vv-export trt --engine-dir {engine_dir}`)")
+        return OrtBackend(engine_dir, manifest, threads=threads)
+    try:
+        from . import trt_backend  # noqa: PLC0415 (TensorRT is optional)
+
+        return trt_backend.TrtBackend(engine_dir, manifest)
+    except Exception as exc:  # ImportError (no tensorrt / no GPU), mismatched or stale engines
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if name == "trt":
+            raise RuntimeInputError(f"--backend trt: TensorRT unavailable ({reason})") from exc
+        notice(f"TensorRT unavailable ({reason}); using ONNX Runtime")
+        return OrtBackend(engine_dir, manifest, threads=threads)

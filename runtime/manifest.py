@@ -1,0 +1,83 @@
+"""Load and validate ENGINE_DIR/manifest.json (the contract in docs/ENGINE_DIR.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import RuntimeInputError
+
+FORMAT = "vibevoice-trt/engine-dir"
+FORMAT_VERSION = 1
+
+# Graphs the generation loop runs; the others listed in a manifest must exist but are optional here.
+REQUIRED_GRAPHS = ("text_embed", "lm", "acoustic_encoder", "acoustic_decoder", "semantic_encoder",
+                   "diffusion_sampler")
+CONTROL_TOKENS = ("speech_start", "speech_end", "speech_diffusion", "eos")
+
+
+def load_manifest(engine_dir: str | Path) -> dict:
+    """Read ENGINE_DIR/manifest.json, check its format, version, graph files and token table."""
+    engine_dir = Path(engine_dir)
+    if not engine_dir.is_dir():
+        raise RuntimeInputError(f"--engine-dir {engine_dir}: not a directory")
+    path = engine_dir / "manifest.json"
+    if not path.is_file():
+        raise RuntimeInputError(f"{path}: missing (not an ENGINE_DIR written by `vv-export onnx`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RuntimeInputError(f"{path}: unreadable manifest ({_one_line(exc)})") from exc
+    if not isinstance(manifest, dict):
+        raise RuntimeInputError(f"{path}: not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise RuntimeInputError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RuntimeInputError(f"{path}: unsupported format_version {manifest.get('format_version')!r} "
+                                f"(this runtime reads version {FORMAT_VERSION})")
+    for key in ("model", "tokens", "control_tokens", "prompt", "graphs"):
+        if key not in manifest:
+            raise RuntimeInputError(f"{path}: missing field {key!r}")
+    graphs = manifest["graphs"]
+    for name in REQUIRED_GRAPHS:
+        if name not in graphs:
+            raise RuntimeInputError(f"{path}: graph {name!r} not listed")
+    for name, graph in graphs.items():
+        files = [graph.get("file", f"{name}.onnx")] + list(graph.get("external_data") or [])
+        for file in files:
+            if not (engine_dir / file).is_file():
+                raise RuntimeInputError(f"{engine_dir / file}: graph file of {name!r} is missing")
+        for side in ("inputs", "outputs"):
+            if not isinstance(graph.get(side), list):
+                raise RuntimeInputError(f"{path}: graph {name!r} has no {side} list")
+    if list(manifest["control_tokens"]) != list(CONTROL_TOKENS):
+        raise RuntimeInputError(f"{path}: control_tokens {manifest['control_tokens']!r} "
+                                f"(expected {list(CONTROL_TOKENS)!r})")
+    for name in CONTROL_TOKENS + ("pad",):
+        if not isinstance(manifest["tokens"].get(name), int):
+            raise RuntimeInputError(f"{path}: tokens.{name} missing")
+    tokenizer = engine_dir / manifest.get("tokenizer", "tokenizer.json")
+    if not tokenizer.is_file():
+        raise RuntimeInputError(f"{tokenizer}: tokenizer file is missing")
+    return manifest
+
+
+def io_names(manifest: dict, graph: str) -> tuple[list[str], list[str]]:
+    g = manifest["graphs"][graph]
+    return [i["name"] for i in g["inputs"]], [o["name"] for o in g["outputs"]]
+
+
+def state_size(manifest: dict, graph: str) -> int:
+    """Length of the flattened streaming state of acoustic_decoder / semantic_encoder."""
+    g = manifest["graphs"][graph]
+    for spec in g["inputs"]:
+        if spec["name"] == "state" and isinstance(spec["shape"][-1], int):
+            return int(spec["shape"][-1])
+    layout = g.get("state_layout")
+    if layout is None:
+        raise RuntimeInputError(f"manifest: graph {graph!r} gives no state size")
+    return int(sum(e["channels"] * e["length"] for e in layout))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
