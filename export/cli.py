@@ -42,8 +42,9 @@ def onnx_cmd(model, out, tokenizer, dtype, diffusion_steps, validate, force, see
     """Split the model into ONNX graphs, validate them and write a self-describing ENGINE_DIR."""
     try:
         from .checkpoint import load_checkpoint, tiny_random_model
-        from .onnx_export import export_onnx
+        from .onnx_export import check_out_path, export_onnx
 
+        check_out_path(out, force)  # fail before the (long) model load
         if model is None:
             click.echo(f"no --model given: exporting a tiny randomly initialised VibeVoice (seed {seed})", err=True)
             loaded = tiny_random_model(seed=seed)

@@ -7,3 +7,7 @@ class ExportError(Exception):
 
 class ValidationError(ExportError):
     """An exported graph disagrees with PyTorch beyond its stated tolerance."""
+
+
+class TrtUnavailable(ExportError):
+    """TensorRT engines cannot be built or run here: TensorRT is not installed, or there is no CUDA GPU."""

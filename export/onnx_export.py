@@ -252,13 +252,21 @@ def _manifest(ctx: ExportContext, specs: list[GraphSpec], entries: dict, dtype: 
     }
 
 
-def _writable_parent(out: Path) -> Path:
-    parent = out.resolve().parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True)
-        except OSError as exc:
-            raise ExportError(f"--out {out}: cannot create its parent directory ({exc.strerror})") from exc
+def check_out_path(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse an --out that exists (without --force) or whose parent cannot be written; returns the parent."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ExportError(f"--out {out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory")
+    parent = out.absolute().parent
+    blocker = next((p for p in [parent, *parent.parents] if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ExportError(f"--out {out}: {blocker} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot create {parent} ({exc.strerror})") from exc
     if not os.access(parent, os.W_OK):
         raise ExportError(f"--out {out}: directory {parent} is not writable")
     return parent
@@ -273,11 +281,7 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ExportError(f"--dtype {dtype}: expected fp32, fp16 or bf16")
     out = Path(out)
-    if out.exists() and not force:
-        raise ExportError(f"--out {out} already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a directory")
-    parent = _writable_parent(out)
+    parent = check_out_path(out, force)
     round_weights_(loaded.model, dtype)
     ctx = ExportContext(loaded, diffusion_steps=diffusion_steps)
     specs = build_specs(ctx)
