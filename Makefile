@@ -7,7 +7,7 @@ BIN      = $(VENV)/bin
 MODEL   ?=
 ENGINES ?= engines/$(if $(MODEL),model,tiny-random)
 SCRIPT  ?= examples/podcast.txt
-VOICE   ?= examples/voice.wav
+VOICES  ?= examples/voice_a.wav examples/voice_b.wav
 OUT     ?= out/demo.wav
 
 .PHONY: setup demo test test-slow test-gpu bench bench-export bench-gpu check-accuracy trt clean
@@ -24,7 +24,7 @@ setup: $(BIN)/vv-run
 
 demo: setup
 	$(BIN)/vv-export onnx $(if $(MODEL),--model $(MODEL)) --out $(ENGINES) --force
-	$(BIN)/vv-run --engine-dir $(ENGINES) --script $(SCRIPT) --voice $(VOICE) --out $(OUT)
+	$(BIN)/vv-run --engine-dir $(ENGINES) --script $(SCRIPT) $(foreach v,$(VOICES),--voice $(v)) --out $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
