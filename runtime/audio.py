@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -97,17 +97,18 @@ class WavWriter:
             raise RuntimeInputError(f"output {self.path}: is a directory")
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
-            os.close(fd)
+            # a fresh name created exclusively, with the umask's usual permissions (mkstemp's are 0600)
+            self.tmp = parent / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
+            handle = open(self.tmp, "xb")
         except OSError as exc:
             raise RuntimeInputError(f"output {self.path}: cannot write there ({exc.strerror or exc})") from exc
-        self.tmp = Path(tmp)
         try:
-            self._file = sf.SoundFile(str(self.tmp), "w", samplerate=sample_rate, channels=1,
-                                      format="WAV", subtype=subtype)
+            self._file = sf.SoundFile(handle, "w", samplerate=sample_rate, channels=1, format="WAV",
+                                      subtype=subtype, closefd=True)
         except Exception as exc:
+            handle.close()
             self.tmp.unlink(missing_ok=True)
-            raise RuntimeInputError(f"output {self.path}: cannot write there ({exc})") from exc
+            raise RuntimeInputError(f"output {self.path}: cannot write there ({' '.join(str(exc).split())})") from exc
 
     def write(self, chunk: np.ndarray) -> None:
         chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
