@@ -1,0 +1,523 @@
+"""TensorRT backend: runs the engines `vv-export trt` recorded in manifest.json behind the Backend interface.
+
+    backend = TrtBackend(engine_dir, manifest)
+    outputs = backend.run("lm", {"inputs_embeds": ..., ...})   # numpy in, numpy out
+    backend.close()
+
+At load, every engine listed under ``manifest["trt"]["engines"]`` is checked (file present, built from
+this ENGINE_DIR's ONNX graph, with the running TensorRT version, for this GPU's compute capability),
+deserialized, and its I/O tensor names are checked against the manifest's graph I/O; each problem is
+one line naming both sides.
+
+Execution: one CUDA stream; torch CUDA tensors are the device buffers, allocated once per binding at
+the largest shape of the engine's profiles (bindings whose maximum exceeds ``buffer_budget_bytes``,
+e.g. the LM's KV cache at full context, grow on demand instead); ``set_input_shape`` and
+``set_tensor_address`` by name, ``execute_async_v3``. An engine with several optimisation profiles (the
+LM: prefill, decode) switches with ``set_optimization_profile_async`` to the profile that contains the
+call's shapes and whose opt shape is nearest. The per-frame graphs (diffusion_sampler,
+acoustic_decoder, semantic_encoder) are replayed as CUDA graphs: one execution context per input shape
+(sharing one activation buffer), captured on first use after a warm-up run, keyed by shape.
+
+torch and tensorrt are imported here only, when the backend is constructed (or when
+``trt_engines_match`` is asked), never by the other runtime modules.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .backend import Backend
+from .errors import RuntimeInputError
+from .manifest import REQUIRED_GRAPHS
+
+# Graphs called once per audio frame at a fixed shape: replayed as CUDA graphs.
+CUDA_GRAPH_GRAPHS = ("diffusion_sampler", "acoustic_decoder", "semantic_encoder")
+# A binding whose largest profile shape needs more than this is allocated as needed (then grown by
+# GROWTH) instead of at its maximum.
+BUFFER_BUDGET_BYTES = 256 << 20
+GROWTH = 1.5
+
+
+class TrtBackendError(RuntimeInputError):
+    """TensorRT engines that cannot run here (absent, stale, other TensorRT or GPU), in one line."""
+
+
+# --- environment --------------------------------------------------------------------------------
+
+def _import_trt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TrtBackendError("TensorRT is not installed (pip install 'vibevoice-trt[gpu]')") from exc
+    except Exception as exc:
+        raise TrtBackendError(f"TensorRT cannot be imported ({_one_line(exc)})") from exc
+    return trt
+
+
+def _import_torch_cuda(device: int = 0):
+    try:
+        import torch
+    except ImportError as exc:
+        raise TrtBackendError("PyTorch is not installed (the TensorRT backend uses its CUDA tensors)") from exc
+    if not torch.cuda.is_available() or torch.cuda.device_count() <= device:
+        raise TrtBackendError("no CUDA GPU is visible to PyTorch (a CPU-only torch build, or no GPU): "
+                              "the TensorRT backend needs one")
+    return torch
+
+
+def _compute_capability(torch, device: int = 0) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def _engines(manifest: dict) -> dict:
+    return ((manifest.get("trt") or {}).get("engines")) or {}
+
+
+def _static_checks(engine_dir: Path, manifest: dict, graphs) -> None:
+    """Checks that need neither TensorRT nor a GPU: engines listed, files present, from this ONNX."""
+    records = _engines(manifest)
+    if not records:
+        raise TrtBackendError(f"{engine_dir} has no TensorRT engines (run `vv-export trt --engine-dir {engine_dir}`)")
+    for graph in graphs:
+        if graph not in records:
+            raise TrtBackendError(f"no TensorRT engine for graph {graph!r} in {engine_dir} "
+                                  f"(run `vv-export trt --engine-dir {engine_dir}`)")
+    for graph, rec in records.items():
+        if graph not in manifest["graphs"]:
+            raise TrtBackendError(f"TensorRT engine for {graph!r}, which the manifest does not list")
+        path = engine_dir / rec.get("file", "")
+        if not rec.get("file") or not path.is_file():
+            raise TrtBackendError(f"{path}: TensorRT engine of {graph!r} is missing "
+                                  f"(run `vv-export trt --engine-dir {engine_dir}`)")
+        onnx_sha = manifest["graphs"][graph].get("sha256")
+        if onnx_sha and rec.get("onnx_sha256") != onnx_sha:
+            raise TrtBackendError(f"TensorRT engine of {graph!r} was built from another ONNX graph "
+                                  f"({str(rec.get('onnx_sha256'))[:12]} vs {onnx_sha[:12]}): rebuild with "
+                                  f"`vv-export trt --engine-dir {engine_dir}`")
+
+
+def _version_checks(engine_dir: Path, manifest: dict, trt_version: str, cc: str) -> None:
+    for graph, rec in _engines(manifest).items():
+        built_v, built_cc = rec.get("trt_version"), rec.get("compute_capability")
+        if built_v != trt_version or built_cc != cc:
+            raise TrtBackendError(f"TensorRT engine of {graph!r} was built with TensorRT {built_v} for {built_cc}; "
+                                  f"this machine has TensorRT {trt_version} on {cc}: rebuild with "
+                                  f"`vv-export trt --engine-dir {engine_dir}`")
+
+
+def trt_engines_match(engine_dir, manifest: dict, graphs=REQUIRED_GRAPHS) -> tuple[bool, str]:
+    """(True, description) when the recorded engines can run here, else (False, one-line reason).
+
+    Cheap (no engine is deserialized) and never raises: for `select_backend(..., "auto")`.
+    """
+    engine_dir = Path(engine_dir)
+    try:
+        _static_checks(engine_dir, manifest, graphs)
+        trt = _import_trt()
+        torch = _import_torch_cuda()
+        version, cc = str(trt.__version__), _compute_capability(torch)
+        _version_checks(engine_dir, manifest, version, cc)
+    except TrtBackendError as exc:
+        return False, str(exc)
+    except Exception as exc:  # anything unexpected is a reason to fall back, not a crash
+        return False, _one_line(exc)
+    plan = (manifest.get("trt") or {}).get("plan", "?")
+    return True, f"TensorRT {version} engines for {cc} (plan {plan})"
+
+
+# --- one engine ---------------------------------------------------------------------------------
+
+class _Buffer:
+    """A flat device tensor of one binding; grows (never shrinks) up to the binding's maximum."""
+
+    def __init__(self, torch, device, dtype, max_elems: int, budget_bytes: int):
+        self.torch, self.device, self.dtype = torch, device, dtype
+        self.max_elems = max(1, int(max_elems))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        initial = self.max_elems if self.max_elems * itemsize <= budget_bytes else 1
+        self.tensor = torch.empty(initial, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.tensor.numel()
+
+    def ensure(self, elems: int) -> bool:
+        """Make room for `elems` elements; True when the buffer moved (its address changed)."""
+        if elems <= self.capacity:
+            return False
+        new = min(self.max_elems, max(elems, int(self.capacity * GROWTH)))
+        new = max(new, elems)  # a shape beyond the recorded maximum still runs (TensorRT then rejects it)
+        self.tensor = None
+        self.tensor = self.torch.empty(new, dtype=self.dtype, device=self.device)
+        return True
+
+    def view(self, shape):
+        n = math.prod(shape)
+        return self.tensor[:n].view(tuple(shape))
+
+    @property
+    def ptr(self) -> int:
+        return self.tensor.data_ptr()
+
+
+class _Engine:
+    def __init__(self, owner: "TrtBackend", graph: str, engine, record: dict, entry: dict):
+        trt, torch = owner.trt, owner.torch
+        self.owner, self.graph, self.engine, self.record = owner, graph, engine, record
+        self.inputs = [i["name"] for i in entry["inputs"]]
+        self.outputs = [o["name"] for o in entry["outputs"]]
+        self._check_io(entry)
+        self.torch_dtypes = {n: owner.torch_dtype(engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
+        self.np_dtypes = {n: np.dtype(str(self.torch_dtypes[n]).replace("torch.", "")) for n in self.inputs}
+        self.num_profiles = int(engine.num_optimization_profiles)
+        names = [p.get("name", f"profile{i}") for i, p in enumerate(record.get("profiles") or [])]
+        self.profile_names = names + [f"profile{i}" for i in range(len(names), self.num_profiles)]
+        # (min, opt, max) per input per profile, as recorded in the engine itself
+        self.profiles = []
+        for p in range(self.num_profiles):
+            shapes = {}
+            for name in self.inputs:
+                lo, opt, hi = engine.get_tensor_profile_shape(name, p)
+                shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+            self.profiles.append(shapes)
+        self.use_graphs = owner.cuda_graphs and graph in CUDA_GRAPH_GRAPHS and self.num_profiles == 1
+        self.context, _ = owner.create_context(engine, multi_profile=self.num_profiles > 1)
+        self.current_profile = 0
+        self.max_elems = self._max_elements()
+        self.buffers = {n: _Buffer(torch, owner.device, self.torch_dtypes[n], self.max_elems[n], owner.buffer_budget)
+                        for n in self.inputs + self.outputs}
+        self.graph_contexts: dict = {}  # shape key -> (context, CUDAGraph | None)
+        self.scratch = None  # shared activation memory of the per-shape contexts
+
+    def _check_io(self, entry: dict) -> None:
+        trt = self.owner.trt
+        got_in, got_out = [], []
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            (got_in if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else got_out).append(name)
+        if sorted(got_in) != sorted(self.inputs) or sorted(got_out) != sorted(self.outputs):
+            raise TrtBackendError(f"{self.record.get('file')}: engine I/O {got_in} -> {got_out} differs from the "
+                                  f"manifest's {self.inputs} -> {self.outputs} for graph {self.graph!r}")
+        want = {io["name"]: io.get("dtype") for io in entry["inputs"] + entry["outputs"]}
+        for name, dtype in want.items():
+            got = self.owner.np_name(self.engine.get_tensor_dtype(name))
+            if dtype and got != dtype:
+                raise TrtBackendError(f"{self.record.get('file')}: tensor {name!r} is {got} in the engine, "
+                                      f"{dtype} in the manifest")
+
+    def _max_elements(self) -> dict:
+        """Largest element count of every binding over the profiles (outputs through shape inference)."""
+        out = {n: 1 for n in self.inputs + self.outputs}
+        stream = self.owner.stream.cuda_stream
+        for p, shapes in enumerate(self.profiles):
+            if self.num_profiles > 1:
+                self.context.set_optimization_profile_async(p, stream)
+            for name in self.inputs:
+                hi = shapes[name][2]
+                out[name] = max(out[name], math.prod(hi))
+                self.context.set_input_shape(name, hi)
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                if shape and all(d >= 0 for d in shape):
+                    out[name] = max(out[name], math.prod(shape))
+        if self.num_profiles > 1:
+            self.context.set_optimization_profile_async(0, stream)
+            self.owner.stream.synchronize()
+        return out
+
+    def pick_profile(self, shapes: dict) -> int:
+        best, best_cost = None, None
+        for p, prof in enumerate(self.profiles):
+            ok = all(len(shapes[n]) == len(prof[n][0]) and
+                     all(a <= s <= b for a, s, b in zip(prof[n][0], shapes[n], prof[n][2])) for n in self.inputs)
+            if not ok:
+                continue
+            cost = sum(abs(math.log1p(s) - math.log1p(o)) for n in self.inputs for s, o in zip(shapes[n], prof[n][1]))
+            if best is None or cost < best_cost:
+                best, best_cost = p, cost
+        if best is None:
+            ranges = "; ".join(
+                f"{self.profile_names[p]}: " + ", ".join(f"{n} {list(prof[n][0])}..{list(prof[n][2])}" for n in self.inputs)
+                for p, prof in enumerate(self.profiles))
+            got = ", ".join(f"{n} {list(shapes[n])}" for n in self.inputs)
+            raise TrtBackendError(f"{self.graph}: shapes {got} lie outside every optimisation profile of its engine "
+                                  f"({ranges}); rebuild with a plan that covers them")
+        return best
+
+    # --- execution ------------------------------------------------------------------------------
+
+    def run(self, feeds: dict) -> dict:
+        torch = self.owner.torch
+        missing = [n for n in self.inputs if n not in feeds]
+        extra = [n for n in feeds if n not in self.inputs]
+        if missing or extra:
+            raise TrtBackendError(f"{self.graph}: feeds {sorted(feeds)} do not match its inputs {self.inputs}")
+        arrays = {}
+        for name in self.inputs:
+            arr = np.ascontiguousarray(feeds[name], dtype=self.np_dtypes[name])
+            if not arr.flags.writeable:
+                arr = arr.copy()
+            arrays[name] = arr
+        shapes = {n: tuple(int(d) for d in a.shape) for n, a in arrays.items()}
+        profile = self.pick_profile(shapes)
+        with torch.cuda.device(self.owner.device), torch.cuda.stream(self.owner.stream):
+            moved = False
+            for name, arr in arrays.items():
+                moved |= self.buffers[name].ensure(arr.size)
+                if arr.size:
+                    self.buffers[name].view(arr.shape).copy_(torch.from_numpy(arr), non_blocking=False)
+            if self.use_graphs:
+                out_shapes = self._run_graph(shapes, moved)
+            else:
+                out_shapes = self._run_plain(profile, shapes)
+            results = {}
+            for name in self.outputs:
+                shape = out_shapes[name]
+                results[name] = self.buffers[name].view(shape).cpu().numpy() if math.prod(shape) else \
+                    np.zeros(shape, dtype=str(self.torch_dtypes[name]).replace("torch.", ""))
+        return results
+
+    def _bind(self, context, shapes: dict) -> dict:
+        """Set input shapes and every tensor address on `context`; the output shapes."""
+        for name in self.inputs:
+            if not context.set_input_shape(name, shapes[name]):
+                raise TrtBackendError(f"{self.graph}: TensorRT rejects input {name!r} of shape {list(shapes[name])}")
+        out_shapes = {}
+        for name in self.outputs:
+            shape = tuple(context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise TrtBackendError(f"{self.graph}: TensorRT cannot infer the shape of output {name!r}")
+            out_shapes[name] = shape
+            if self.buffers[name].ensure(math.prod(shape)):
+                self._drop_graphs()
+        for name in self.inputs + self.outputs:
+            context.set_tensor_address(name, self.buffers[name].ptr)
+        return out_shapes
+
+    def _execute(self, context) -> None:
+        if not context.execute_async_v3(self.owner.stream.cuda_stream):
+            raise TrtBackendError(f"{self.graph}: TensorRT execution failed (see the TensorRT messages above)")
+
+    def _run_plain(self, profile: int, shapes: dict) -> dict:
+        if profile != self.current_profile:
+            if not self.context.set_optimization_profile_async(profile, self.owner.stream.cuda_stream):
+                raise TrtBackendError(f"{self.graph}: cannot switch to profile {self.profile_names[profile]}")
+            self.current_profile = profile
+        out_shapes = self._bind(self.context, shapes)
+        self._execute(self.context)
+        return out_shapes
+
+    def _drop_graphs(self) -> None:
+        self.graph_contexts.clear()
+
+    def _run_graph(self, shapes: dict, moved: bool) -> dict:
+        """Replay the CUDA graph of these shapes; on first use: own context, warm-up run, capture."""
+        torch = self.owner.torch
+        if moved:
+            self._drop_graphs()
+        key = tuple(shapes[n] for n in self.inputs)
+        slot = self.graph_contexts.get(key)
+        if slot is not None:
+            context, cuda_graph, out_shapes = slot
+            if cuda_graph is not None:
+                cuda_graph.replay()
+            else:
+                self._execute(context)
+            return out_shapes
+        context = self._graph_context()
+        out_shapes = self._bind(context, shapes)
+        self._execute(context)  # warm-up at this shape (and this call's result)
+        cuda_graph = None
+        try:
+            stream = self.owner.stream
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                if not context.execute_async_v3(stream.cuda_stream):
+                    raise RuntimeError("execute_async_v3 refused to run under stream capture")
+            cuda_graph = graph
+        except Exception as exc:  # a layer TensorRT cannot capture: run this shape without a graph
+            self.owner.note(f"{self.graph}: CUDA graph capture failed at {list(key)} ({_one_line(exc)}); "
+                            "running without it")
+            with _suppress():
+                torch.cuda.synchronize(self.owner.device)
+        self.graph_contexts[key] = (context, cuda_graph, out_shapes)
+        return out_shapes
+
+    def _graph_context(self):
+        """A new execution context sharing one activation buffer with the other per-shape contexts."""
+        owner = self.owner
+        context, user_managed = owner.create_context(self.engine, user_managed=True)
+        if user_managed:
+            size = _device_memory_size(self.engine)
+            if self.scratch is None or self.scratch.numel() < size:
+                self.scratch = owner.torch.empty(max(size, 1), dtype=owner.torch.uint8, device=owner.device)
+            _set_device_memory(context, self.scratch.data_ptr(), self.scratch.numel())
+        return context
+
+    def close(self) -> None:
+        self.graph_contexts.clear()
+        self.context = None
+        self.buffers.clear()
+        self.scratch = None
+        self.engine = None
+
+
+def _device_memory_size(engine) -> int:
+    for attr in ("device_memory_size_v2", "device_memory_size"):
+        size = getattr(engine, attr, None)
+        if size is not None:
+            return int(size)
+    return 0
+
+
+def _set_device_memory(context, ptr: int, size: int) -> None:
+    setter = getattr(context, "set_device_memory", None)
+    if setter is not None:
+        setter(ptr, size)
+    else:
+        context.device_memory = ptr
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+# --- the backend --------------------------------------------------------------------------------
+
+class TrtBackend(Backend):
+    """Runs the graphs of an ENGINE_DIR on their TensorRT engines (same interface as OrtBackend)."""
+
+    name = "trt"
+
+    def __init__(self, engine_dir, manifest: dict, graphs=None, device: int = 0, cuda_graphs: bool = True,
+                 buffer_budget_bytes: int = BUFFER_BUDGET_BYTES, notice=None):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        records = _engines(manifest)
+        wanted = list(graphs) if graphs is not None else list(records)
+        _static_checks(self.engine_dir, manifest, list(graphs) if graphs is not None else
+                       [g for g in REQUIRED_GRAPHS if g in manifest["graphs"]])
+        self.trt = _import_trt()
+        self.torch = _import_torch_cuda(device)
+        self.device = self.torch.device("cuda", device)
+        self.trt_version = str(self.trt.__version__)
+        self.compute_capability = _compute_capability(self.torch, device)
+        _version_checks(self.engine_dir, manifest, self.trt_version, self.compute_capability)
+        self.cuda_graphs = cuda_graphs
+        self.buffer_budget = int(buffer_budget_bytes)
+        self._notice = notice
+        self._dtype_map = self._dtypes()
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.trt.init_libnvinfer_plugins(self.logger, "")
+        self.runtime = self.trt.Runtime(self.logger)
+        with self.torch.cuda.device(self.device):
+            self.stream = self.torch.cuda.Stream(self.device)
+        self.engines: dict[str, _Engine] = {}
+        try:
+            with self.torch.cuda.device(self.device):
+                for graph in wanted:
+                    self.engines[graph] = self._load(graph, records[graph])
+        except BaseException:
+            self.close()
+            raise
+
+    def _dtypes(self) -> dict:
+        trt, torch = self.trt, self.torch
+        pairs = [("float32", torch.float32, "float32"), ("float16", torch.float16, "float16"),
+                 ("int32", torch.int32, "int32"), ("int64", torch.int64, "int64"), ("int8", torch.int8, "int8"),
+                 ("uint8", torch.uint8, "uint8"), ("bool", torch.bool, "bool"),
+                 ("bfloat16", torch.bfloat16, "bfloat16")]
+        table = {}
+        for attr, tdtype, npname in pairs:
+            tdt = getattr(trt, attr, None)
+            if tdt is not None:
+                table[tdt] = (tdtype, npname)
+        return table
+
+    def torch_dtype(self, trt_dtype):
+        try:
+            return self._dtype_map[trt_dtype][0]
+        except KeyError:
+            raise TrtBackendError(f"TensorRT tensor type {trt_dtype} is not supported at the graph boundary") from None
+
+    def np_name(self, trt_dtype) -> str:
+        entry = self._dtype_map.get(trt_dtype)
+        return entry[1] if entry else str(trt_dtype)
+
+    def note(self, text: str) -> None:
+        if self._notice is not None:
+            self._notice(text)
+
+    def create_context(self, engine, multi_profile: bool = False, user_managed: bool = False):
+        """(execution context, whether its activation memory is user managed).
+
+        USER_MANAGED memory where asked (and available); ON_PROFILE_CHANGE for an engine with several
+        profiles (the LM's prefill and decode need different activation memory); else STATIC."""
+        trt = self.trt
+        strategies = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        name = "USER_MANAGED" if user_managed else ("ON_PROFILE_CHANGE" if multi_profile else None)
+        context = None
+        if strategies is not None and name is not None and hasattr(strategies, name):
+            strategy = getattr(strategies, name)
+            try:
+                context = engine.create_execution_context(strategy)
+            except TypeError:
+                make_rc = getattr(engine, "create_runtime_config", None)
+                if make_rc is not None:
+                    rc = make_rc()
+                    rc.set_execution_context_allocation_strategy(strategy)
+                    context = engine.create_execution_context(rc)
+        managed = context is not None and user_managed
+        if context is None:
+            context = engine.create_execution_context()
+        if context is None:
+            raise TrtBackendError("TensorRT could not create an execution context (out of GPU memory?)")
+        return context, managed
+
+    def _load(self, graph: str, record: dict) -> _Engine:
+        path = self.engine_dir / record["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise TrtBackendError(f"{path}: unreadable ({_one_line(exc)})") from exc
+        engine = self.runtime.deserialize_cuda_engine(data)
+        del data
+        if engine is None:
+            raise TrtBackendError(f"{path}: TensorRT {self.trt_version} cannot deserialize it (corrupt, or built by "
+                                  f"another version): rebuild with `vv-export trt --engine-dir {self.engine_dir}`")
+        return _Engine(self, graph, engine, record, self.manifest["graphs"][graph])
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        engine = self.engines.get(graph)
+        if engine is None:
+            raise TrtBackendError(f"no TensorRT engine loaded for graph {graph!r}")
+        return engine.run(feeds)
+
+    def close(self) -> None:
+        engines = getattr(self, "engines", {})
+        for engine in engines.values():
+            engine.close()
+        engines.clear()
+        self.runtime = None
+        torch = getattr(self, "torch", None)
+        if torch is not None and getattr(self, "stream", None) is not None:
+            with _suppress():
+                self.stream.synchronize()
+        self.stream = None
+
+    def describe(self) -> str:
+        precisions = ",".join(f"{g}:{e.record.get('precision')}" for g, e in self.engines.items())
+        return f"trt[TensorRT {self.trt_version} {self.compute_capability}; {precisions}]"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
