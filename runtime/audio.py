@@ -101,7 +101,9 @@ class WavWriter:
             self.tmp = parent / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
             handle = open(self.tmp, "xb")
         except OSError as exc:
-            raise RuntimeInputError(f"output {self.path}: cannot write there ({exc.strerror or exc})") from exc
+            blocker = next((p for p in reversed(self.path.parents) if p.exists() and not p.is_dir()), None)
+            reason = f"{blocker} is not a directory" if blocker is not None else (exc.strerror or str(exc))
+            raise RuntimeInputError(f"output {self.path}: cannot write there ({reason})") from exc
         try:
             self._file = sf.SoundFile(handle, "w", samplerate=sample_rate, channels=1, format="WAV",
                                       subtype=subtype, closefd=True)

@@ -108,7 +108,10 @@ def main(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
 def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, stream, batch_file, backend, threads,
          pcm16) -> dict:
     from .audio import WavWriter
-    from .pipeline import Pipeline
+    from .backend import select_backend
+    from .manifest import load_manifest
+    from .pipeline import Pipeline, check_context, prepare_rows
+    from .prompt import PromptBuilder
 
     if (script is None) == (batch_file is None):
         raise RuntimeInputError("give exactly one of --script and --batch-file")
@@ -127,15 +130,20 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
         seed = secrets.randbelow(2 ** 31)
 
     started = time.perf_counter()
-    pipeline = Pipeline.from_engine_dir(engine_dir, backend=backend, threads=threads)
-    rows = pipeline.prepare(scripts, list(voices))
-    loaded = time.perf_counter()
+    # inputs first (cheap, no graph loaded), then the output files, then the graphs
+    manifest = load_manifest(engine_dir)
+    rows = prepare_rows(PromptBuilder.from_manifest(engine_dir, manifest), scripts, list(voices))
+    check_context(rows, int(manifest["model"]["max_position_embeddings"]))
+    sample_rate = int(manifest["model"].get("sample_rate", 24000))
 
     writers = []
     progress = None
+    pipeline = None
     try:
         for path in outputs:
-            writers.append(WavWriter(path, pipeline.sample_rate, "PCM_16" if pcm16 else "FLOAT"))
+            writers.append(WavWriter(path, sample_rate, "PCM_16" if pcm16 else "FLOAT"))
+        pipeline = Pipeline(engine_dir, manifest, select_backend(engine_dir, manifest, backend, threads=threads))
+        loaded = time.perf_counter()
 
         def on_step(step, total):
             nonlocal progress
@@ -172,7 +180,8 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
             progress.close()
         for writer in writers:
             writer.abort()
-        pipeline.close()
+        if pipeline is not None:
+            pipeline.close()
 
     rate = pipeline.sample_rate
     files = []

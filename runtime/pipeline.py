@@ -45,8 +45,6 @@ from .manifest import CONTROL_TOKENS, load_manifest, state_size
 from .prompt import Prompt, PromptBuilder
 from .script import read_script
 
-Voice = "str | Path | np.ndarray"
-
 
 class RowNoise:
     """Noise keyed by (batch row, frame of that row): `fn(row, frame) -> [A]`.
@@ -75,6 +73,47 @@ class Result:
     frames: list[int]              # audio frames per row
     steps: int                     # LM steps run
     rows: list[PreparedRow] = field(default_factory=list)
+
+
+def prepare_rows(prompts: PromptBuilder, scripts: str | Sequence[str], voices=None) -> list[PreparedRow]:
+    """Scripts (text or .txt paths) and voices (a list shared by all scripts, or one list per script)
+    -> prompt rows with their normalised voices. Needs no graph: inputs can be checked before loading."""
+    if isinstance(scripts, str):
+        scripts = [scripts]
+    if not scripts:
+        raise RuntimeInputError("no script given")
+    if voices is None or len(voices) == 0:
+        per_row = [[] for _ in scripts]
+    elif isinstance(voices[0], (list, tuple)):
+        if len(voices) != len(scripts):
+            raise RuntimeInputError(f"{len(scripts)} scripts but {len(voices)} voice lists")
+        per_row = [list(v) for v in voices]
+    else:
+        per_row = [list(voices) for _ in scripts]
+    loaded: dict[object, tuple[np.ndarray, int]] = {}
+    rows = []
+    for script, row_voices in zip(scripts, per_row):
+        parsed = read_script(script)
+        prepared = []
+        for j, voice in enumerate(row_voices):
+            key = str(voice) if isinstance(voice, (str, Path)) else id(voice)
+            if key not in loaded:
+                loaded[key] = prepare_voice(voice, label=f"voice {j}")
+            prepared.append(loaded[key])
+        prompt = prompts.build(parsed, [frames for _, frames in prepared])
+        used = [audio for audio, _ in prepared[: len(prompt.voice_frames)]]
+        rows.append(PreparedRow(parsed, prompt, used))
+    return rows
+
+
+def check_context(rows: list[PreparedRow], max_positions: int) -> None:
+    """Every prompt must leave the model's context room for at least one step."""
+    for i, row in enumerate(rows):
+        n = len(row.prompt.input_ids)
+        if n >= max_positions:
+            which = f"script {i}: " if len(rows) > 1 else ""
+            raise RuntimeInputError(f"{which}prompt is {n} tokens, longer than the model's context of "
+                                    f"{max_positions} positions")
 
 
 class Pipeline:
@@ -115,40 +154,9 @@ class Pipeline:
 
     def prepare(self, scripts: str | Sequence[str], voices=None) -> list[PreparedRow]:
         """Scripts (text or .txt paths) and voices (shared list, or one list per script) -> rows."""
-        if isinstance(scripts, str):
-            scripts = [scripts]
-        if not scripts:
-            raise RuntimeInputError("no script given")
-        if voices is None or len(voices) == 0:
-            per_row = [[] for _ in scripts]
-        elif isinstance(voices[0], (list, tuple)):
-            if len(voices) != len(scripts):
-                raise RuntimeInputError(f"{len(scripts)} scripts but {len(voices)} voice lists")
-            per_row = [list(v) for v in voices]
-        else:
-            per_row = [list(voices) for _ in scripts]
-        loaded: dict[object, tuple[np.ndarray, int]] = {}
-        rows = []
-        for script, row_voices in zip(scripts, per_row):
-            parsed = read_script(script)
-            prepared = []
-            for j, voice in enumerate(row_voices):
-                key = str(voice) if isinstance(voice, (str, Path)) else id(voice)
-                if key not in loaded:
-                    loaded[key] = prepare_voice(voice, label=f"voice {j}")
-                prepared.append(loaded[key])
-            prompt = self.prompts.build(parsed, [frames for _, frames in prepared])
-            used = [audio for audio, _ in prepared[: len(prompt.voice_frames)]]
-            rows.append(PreparedRow(parsed, prompt, used))
+        rows = prepare_rows(self.prompts, scripts, voices)
+        check_context(rows, self.max_positions)
         return rows
-
-    def _check_length(self, rows: list[PreparedRow]) -> None:
-        for i, row in enumerate(rows):
-            n = len(row.prompt.input_ids)
-            if n >= self.max_positions:
-                which = f"script {i}: " if len(rows) > 1 else ""
-                raise RuntimeInputError(f"{which}prompt is {n} tokens, longer than the model's context of "
-                                        f"{self.max_positions} positions")
 
     def control_embeds(self) -> np.ndarray:
         """Embeddings of the 4 control tokens [4, H], computed once."""
@@ -180,7 +188,7 @@ class Pipeline:
         """
         rows = scripts if scripts and isinstance(scripts, list) and isinstance(scripts[0], PreparedRow) \
             else self.prepare(scripts, voices)
-        self._check_length(rows)
+        check_context(rows, self.max_positions)
         gen = self._loop(rows, self.default_cfg_scale if cfg_scale is None else float(cfg_scale),
                          max_new_frames, noise, seed, on_step)
         if stream:
