@@ -6,9 +6,10 @@ A backend runs the graphs of an ENGINE_DIR by name:
     backend.close()
 
 `OrtBackend` uses ONNX Runtime (CUDA when available, else CPU). `TrtBackend`
-(`vv_runtime.trt_backend`, imported lazily) runs TensorRT engines behind the same interface; its
-constructor `TrtBackend(engine_dir, manifest)` raises when the engines are absent or do not match
-this ENGINE_DIR, which `select_backend` turns into a fallback (`auto`) or a one-line error (`trt`).
+(`vv_runtime.trt_backend`, imported lazily) runs TensorRT engines behind the same interface:
+`trt_backend.trt_engines_match(engine_dir, manifest) -> (ok, reason)` is asked first (cheap), then
+the constructor `TrtBackend(engine_dir, manifest)` raises when the engines cannot run; `select_backend`
+turns either into a fallback with a one-line notice (`auto`) or a one-line error (`trt`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,11 @@ def select_backend(engine_dir: str | Path, manifest: dict, name: str = "auto", t
     try:
         from . import trt_backend  # noqa: PLC0415 (TensorRT is optional)
 
+        match = getattr(trt_backend, "trt_engines_match", None)
+        if match is not None:  # cheap check first: no engine deserialized
+            ok, reason = match(engine_dir, manifest)
+            if not ok:
+                raise RuntimeInputError(reason)
         return trt_backend.TrtBackend(engine_dir, manifest)
     except Exception as exc:  # ImportError (no tensorrt / no GPU), mismatched or stale engines
         reason = " ".join(str(exc).split()) or type(exc).__name__

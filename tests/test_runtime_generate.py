@@ -349,3 +349,20 @@ def test_runtime_imports_neither_torch_nor_exporter(tiny_engine_dir):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_select_backend_asks_engine_match_first(tiny_engine_dir, monkeypatch):
+    manifest = {**load_manifest(tiny_engine_dir), "trt": {"engines": {"lm": {"file": "trt/lm.plan"}}}}
+    built = []
+    fake = types.ModuleType("vv_runtime.trt_backend")
+    fake.trt_engines_match = lambda engine_dir, manifest: (False, "engines built for sm_90, this GPU is sm_80")
+    fake.TrtBackend = lambda *args, **kwargs: built.append(args)
+    monkeypatch.setitem(sys.modules, "vv_runtime.trt_backend", fake)
+    import vv_runtime
+
+    monkeypatch.setattr(vv_runtime, "trt_backend", fake, raising=False)
+    notices = []
+    assert isinstance(select_backend(tiny_engine_dir, manifest, "auto", notice=notices.append), OrtBackend)
+    assert built == [] and "sm_80" in notices[0]
+    with pytest.raises(RuntimeInputError, match="TensorRT unavailable .*sm_80"):
+        select_backend(tiny_engine_dir, manifest, "trt")
