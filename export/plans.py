@@ -48,6 +48,10 @@ _BUILDER_DEFAULTS = {
     "precision_constraints": "obey",
 }
 _TYPINGS = ("auto", "weak", "strong")
+# ONNX op types a plan may keep in fp32 (vv_export.trt_build maps each to its TensorRT layers)
+KEEP_FP32_OPS = ("Pow", "Div", "Mul", "Add", "Sub", "ReduceMean", "ReduceSum", "Sqrt", "Reciprocal", "Exp", "Log",
+                 "Sin", "Cos", "RMSNormalization", "LayerNormalization", "Softmax", "MatMul", "Gemm", "Conv",
+                 "ConvTranspose")
 _CONSTRAINTS = ("obey", "prefer", "none")
 # Manifest constants usable in plan expressions: name -> manifest["model"] key
 _MODEL_CONSTANTS = {"hop": "hop_length", "sample_rate": "sample_rate", "hidden_size": "hidden_size",
@@ -314,6 +318,9 @@ def _builder(raw: dict | None, base: dict, where: str) -> dict:
         if not isinstance(out[key], list) or not all(isinstance(x, str) for x in out[key]):
             raise PlanError(f"{where}: {key} must be a list of strings")
         out[key] = list(out[key])
+    for op in out["keep_fp32"]:
+        if op not in KEEP_FP32_OPS:
+            raise PlanError(f"{where}: keep_fp32: unknown op type {op!r} (known: {', '.join(KEEP_FP32_OPS)})")
     return out
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ExportError, TrtUnavailable
-from .plans import PRECISIONS, GraphPlan, Plan, resolve_plan
+from .plans import KEEP_FP32_OPS, PRECISIONS, GraphPlan, Plan, resolve_plan
 
 TRT_DIR = "trt"
 TIMING_CACHE = "timing.cache"
@@ -73,6 +73,7 @@ FP32_LAYER_MATCH = {
     "Conv": ("CONVOLUTION", None),
     "ConvTranspose": ("DECONVOLUTION", None),
 }
+assert set(FP32_LAYER_MATCH) == set(KEEP_FP32_OPS)
 
 
 # --- environment --------------------------------------------------------------------------------
