@@ -27,6 +27,14 @@ row says through its own attention-mask row which slots it attends to.
 
 The loop runs at most min(max_length - S, 2 S) steps (max_length = the model's context, or S plus
 `max_new_frames`); a row also finishes at step min(max_length - len_i, 2 len_i), without diffusion.
+
+Relation to the original: it runs the negative branch only at steps where some row diffuses and
+removes the slot of rows that did not by shifting their cache and mask. Masking the slot here is the
+same computation (a masked slot gets exactly zero attention weight, positions count kept slots only),
+and batch 1 (the shared fixture) is token-exact. In batches the original has an off-by-one in that
+shift (the mask is shifted but not the cache when the row's correction index is one below the cache
+length, so the row loses the slot it kept instead of the one it should drop); the runtime does not
+reproduce it, so a batched row equals the row generated alone (tests/test_runtime_generate.py).
 """
 
 from __future__ import annotations
