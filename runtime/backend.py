@@ -10,6 +10,11 @@ A backend runs the graphs of an ENGINE_DIR by name:
 `trt_backend.trt_engines_match(engine_dir, manifest) -> (ok, reason)` is asked first (cheap), then
 the constructor `TrtBackend(engine_dir, manifest)` raises when the engines cannot run; `select_backend`
 turns either into a fallback with a one-line notice (`auto`) or a one-line error (`trt`).
+
+The LM's key/value cache is owned by the caller (docs/ENGINE_DIR.md); the loop keeps it in the object
+`backend.kv_cache(shape)` returns (default: `HostKVCache`, numpy). A backend that keeps tensors on a
+device can return its own cache whose `past(n)` its `run` accepts as `past_kv` and whose `write` accepts
+the `new_kv` its `run` returns, so that the cache never travels through host memory.
 """
 
 from __future__ import annotations
@@ -25,11 +30,37 @@ from .manifest import REQUIRED_GRAPHS, io_names
 BACKENDS = ("auto", "ort", "trt")
 
 
+class HostKVCache:
+    """The LM cache [L, 2, rows, KV, capacity, D] in host memory, preallocated once.
+
+    Slots are written in place; `past(n)` is the first n slots as the `past_kv` feed (a copy: the
+    graph takes a contiguous [L, 2, rows, KV, n, D] tensor).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype=np.float32):
+        self.data = np.zeros(shape, dtype=dtype)
+
+    def write(self, rows: slice, start: int, new_kv) -> None:
+        """new_kv [L, 2, rows, KV, seq, D] (or rows broadcast from 1) into slots start..start+seq-1."""
+        new_kv = np.asarray(new_kv)
+        self.data[:, :, rows, :, start:start + new_kv.shape[4]] = new_kv
+
+    def zero(self, row: int, start: int, stop: int) -> None:
+        self.data[:, :, row, :, start:stop] = 0.0
+
+    def past(self, n: int) -> np.ndarray:
+        return np.ascontiguousarray(self.data[:, :, :, :, :n])
+
+
 class Backend:
     name = "base"
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def kv_cache(self, shape: tuple[int, ...]) -> HostKVCache:
+        """A preallocated LM cache of `shape` ([L, 2, rows, KV, capacity, D]) for the loop."""
+        return HostKVCache(shape)
 
     def close(self) -> None:
         pass

@@ -271,21 +271,22 @@ class Pipeline:
         positions[attn == 0] = 1
 
         ctrl = self.control_embeds()
-        kv = np.zeros((L, 2, R, KV, capacity, D), dtype=np.float32)
+        kv = self.backend.kv_cache((L, 2, R, KV, capacity, D))
         mask = np.zeros((R, capacity), dtype=np.int64)
 
         # 2. step 0: positive rows over the prompt; negative rows over [speech_start] at position 0
         out = run("lm", {"inputs_embeds": embeds, "attention_mask": attn, "position_ids": positions,
                          "past_kv": np.zeros((L, 2, B, KV, 0, D), dtype=np.float32)})
-        kv[:, :, :B, :, :S] = out["new_kv"]
+        kv.write(slice(0, B), 0, out["new_kv"])
         for b in range(B):
-            kv[:, :, b, :, : S - lens[b]] = 0.0  # padding: never attended; keep it clean
+            if lens[b] < S:
+                kv.zero(b, 0, S - lens[b])  # padding: never attended; keep it clean
         mask[:B, :S] = attn
         neg = run("lm", {"inputs_embeds": ctrl[i_start][None, None, :],
                          "attention_mask": np.ones((1, 1), dtype=np.int64),
                          "position_ids": np.zeros((1, 1), dtype=np.int64),
                          "past_kv": np.zeros((L, 2, 1, KV, 0, D), dtype=np.float32)})
-        kv[:, :, B:, :, S - 1] = neg["new_kv"][:, :, 0:1, :, 0]
+        kv.write(slice(B, R), S - 1, neg["new_kv"])  # one row, broadcast to the B negative rows
         mask[B:, S - 1] = 1
         hidden = np.concatenate([out["hidden"], np.repeat(neg["hidden"], B, axis=0)], axis=0)
         logits = out["control_logits"]
@@ -314,8 +315,8 @@ class Pipeline:
                 position_ids[:B, 0] = pos_next
                 position_ids[B:, 0] = neg_pos
                 out = run("lm", {"inputs_embeds": next_embed, "attention_mask": mask[:, : slot + 1],
-                                 "position_ids": position_ids, "past_kv": kv[:, :, :, :, :slot]})
-                kv[:, :, :, :, slot] = out["new_kv"][:, :, :, :, 0]
+                                 "position_ids": position_ids, "past_kv": kv.past(slot)})
+                kv.write(slice(0, R), slot, out["new_kv"])
                 hidden = out["hidden"]
                 logits = out["control_logits"][:B]
                 pos_next += 1
