@@ -18,6 +18,11 @@ call's shapes and whose opt shape is nearest. The per-frame graphs (diffusion_sa
 acoustic_decoder, semantic_encoder) are replayed as CUDA graphs: one execution context per input shape
 (sharing one activation buffer), captured on first use after a warm-up run, keyed by shape.
 
+The LM cache stays on the GPU: ``kv_cache(shape)`` returns a ``DeviceKVCache`` whose ``past(n)`` is a
+CUDA tensor that ``run`` binds directly as ``past_kv`` (no host round trip); given such a device feed,
+``run("lm", ...)`` returns ``new_kv`` as a CUDA tensor, which the cache's ``write`` takes. Every other
+output is numpy, and numpy feeds give numpy outputs (the accuracy checks, any other caller).
+
 torch and tensorrt are imported here only, when the backend is constructed (or when
 ``trt_engines_match`` is asked), never by the other runtime modules.
 """
@@ -35,6 +40,8 @@ from .manifest import REQUIRED_GRAPHS
 
 # Graphs called once per audio frame at a fixed shape: replayed as CUDA graphs.
 CUDA_GRAPH_GRAPHS = ("diffusion_sampler", "acoustic_decoder", "semantic_encoder")
+# Outputs returned as CUDA tensors when the call was given a CUDA tensor (the device-resident LM cache).
+DEVICE_OUTPUTS = {("lm", "new_kv")}
 # A binding whose largest profile shape needs more than this is allocated as needed (then grown by
 # GROWTH) instead of at its maximum.
 BUFFER_BUDGET_BYTES = 256 << 20
@@ -256,33 +263,54 @@ class _Engine:
         extra = [n for n in feeds if n not in self.inputs]
         if missing or extra:
             raise TrtBackendError(f"{self.graph}: feeds {sorted(feeds)} do not match its inputs {self.inputs}")
-        arrays = {}
+        arrays, device_feeds = {}, {}
         for name in self.inputs:
-            arr = np.ascontiguousarray(feeds[name], dtype=self.np_dtypes[name])
+            value = feeds[name]
+            if isinstance(value, torch.Tensor):
+                if value.device != self.owner.device:
+                    raise TrtBackendError(f"{self.graph}: input {name!r} is on {value.device}, the engines on "
+                                          f"{self.owner.device}")
+                device_feeds[name] = value.to(self.torch_dtypes[name]).contiguous()
+                continue
+            arr = np.ascontiguousarray(value, dtype=self.np_dtypes[name])
             if not arr.flags.writeable:
                 arr = arr.copy()
             arrays[name] = arr
-        shapes = {n: tuple(int(d) for d in a.shape) for n, a in arrays.items()}
+        shapes = {n: tuple(int(d) for d in a.shape) for n, a in {**arrays, **device_feeds}.items()}
         profile = self.pick_profile(shapes)
         with torch.cuda.device(self.owner.device), torch.cuda.stream(self.owner.stream):
             moved = False
+            direct = {}
             for name, arr in arrays.items():
                 moved |= self.buffers[name].ensure(arr.size)
                 if arr.size:
                     self.buffers[name].view(arr.shape).copy_(torch.from_numpy(arr), non_blocking=False)
+            for name, tensor in device_feeds.items():
+                if not self.use_graphs and tensor.numel():
+                    direct[name] = tensor  # bound as it is: no copy
+                else:  # CUDA graphs need fixed addresses: copy into the binding's buffer
+                    moved |= self.buffers[name].ensure(tensor.numel())
+                    if tensor.numel():
+                        self.buffers[name].view(tensor.shape).copy_(tensor)
             if self.use_graphs:
                 out_shapes = self._run_graph(shapes, moved)
             else:
-                out_shapes = self._run_plain(profile, shapes)
+                out_shapes = self._run_plain(profile, shapes, direct)
             results = {}
             for name in self.outputs:
                 shape = out_shapes[name]
-                results[name] = self.buffers[name].view(shape).cpu().numpy() if math.prod(shape) else \
-                    np.zeros(shape, dtype=str(self.torch_dtypes[name]).replace("torch.", ""))
+                view = self.buffers[name].view(shape)
+                if device_feeds and (self.graph, name) in DEVICE_OUTPUTS:
+                    results[name] = view.clone()
+                elif math.prod(shape):
+                    results[name] = view.cpu().numpy()
+                else:
+                    results[name] = np.zeros(shape, dtype=str(self.torch_dtypes[name]).replace("torch.", ""))
         return results
 
-    def _bind(self, context, shapes: dict) -> dict:
-        """Set input shapes and every tensor address on `context`; the output shapes."""
+    def _bind(self, context, shapes: dict, direct: dict | None = None) -> dict:
+        """Set input shapes and every tensor address on `context` (`direct`: inputs bound at their own
+        device memory); the output shapes."""
         for name in self.inputs:
             if not context.set_input_shape(name, shapes[name]):
                 raise TrtBackendError(f"{self.graph}: TensorRT rejects input {name!r} of shape {list(shapes[name])}")
@@ -295,19 +323,20 @@ class _Engine:
             if self.buffers[name].ensure(math.prod(shape)):
                 self._drop_graphs()
         for name in self.inputs + self.outputs:
-            context.set_tensor_address(name, self.buffers[name].ptr)
+            tensor = (direct or {}).get(name)
+            context.set_tensor_address(name, tensor.data_ptr() if tensor is not None else self.buffers[name].ptr)
         return out_shapes
 
     def _execute(self, context) -> None:
         if not context.execute_async_v3(self.owner.stream.cuda_stream):
             raise TrtBackendError(f"{self.graph}: TensorRT execution failed (see the TensorRT messages above)")
 
-    def _run_plain(self, profile: int, shapes: dict) -> dict:
+    def _run_plain(self, profile: int, shapes: dict, direct: dict | None = None) -> dict:
         if profile != self.current_profile:
             if not self.context.set_optimization_profile_async(profile, self.owner.stream.cuda_stream):
                 raise TrtBackendError(f"{self.graph}: cannot switch to profile {self.profile_names[profile]}")
             self.current_profile = profile
-        out_shapes = self._bind(self.context, shapes)
+        out_shapes = self._bind(self.context, shapes, direct)
         self._execute(self.context)
         return out_shapes
 
@@ -391,6 +420,62 @@ class _suppress:
         return True
 
 
+# --- the LM cache on the GPU ---------------------------------------------------------------------
+
+class DeviceKVCache:
+    """The LM cache [L, 2, rows, KV, capacity, D] as one CUDA tensor (same interface as HostKVCache).
+
+    Every operation runs on the backend's stream, in order with the engines.
+    """
+
+    def __init__(self, backend: "TrtBackend", shape: tuple[int, ...]):
+        self.backend = backend
+        torch = backend.torch
+        with torch.cuda.device(backend.device), torch.cuda.stream(backend.stream):
+            self.data = torch.zeros(tuple(int(d) for d in shape), dtype=torch.float32, device=backend.device)
+
+    def _ctx(self):
+        torch = self.backend.torch
+        return _Both(torch.cuda.device(self.backend.device), torch.cuda.stream(self.backend.stream))
+
+    def write(self, rows: slice, start: int, new_kv) -> None:
+        """new_kv [L, 2, rows, KV, seq, D] (a CUDA tensor from `run`, or numpy; rows may broadcast from 1)."""
+        torch = self.backend.torch
+        with self._ctx():
+            if not isinstance(new_kv, torch.Tensor):
+                new_kv = torch.from_numpy(np.ascontiguousarray(new_kv, dtype=np.float32))
+            new_kv = new_kv.to(device=self.backend.device, dtype=torch.float32)
+            self.data[:, :, rows, :, start:start + new_kv.shape[4]] = new_kv
+
+    def zero(self, row: int, start: int, stop: int) -> None:
+        with self._ctx():
+            self.data[:, :, row, :, start:stop] = 0.0
+
+    def past(self, n: int):
+        """The first n slots, contiguous, on the GPU: `run` binds it as `past_kv` without a copy."""
+        with self._ctx():
+            return self.data[:, :, :, :, :n].contiguous()
+
+    def numpy(self) -> np.ndarray:
+        with self._ctx():
+            return self.data.cpu().numpy()
+
+
+class _Both:
+    def __init__(self, *managers):
+        self.managers = managers
+
+    def __enter__(self):
+        for m in self.managers:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self.managers):
+            m.__exit__(*exc)
+        return False
+
+
 # --- the backend --------------------------------------------------------------------------------
 
 class TrtBackend(Backend):
@@ -399,7 +484,7 @@ class TrtBackend(Backend):
     name = "trt"
 
     def __init__(self, engine_dir, manifest: dict, graphs=None, device: int = 0, cuda_graphs: bool = True,
-                 buffer_budget_bytes: int = BUFFER_BUDGET_BYTES, notice=None):
+                 buffer_budget_bytes: int = BUFFER_BUDGET_BYTES, notice=None, device_kv_cache: bool = True):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         records = _engines(manifest)
@@ -413,6 +498,7 @@ class TrtBackend(Backend):
         self.compute_capability = _compute_capability(self.torch, device)
         _version_checks(self.engine_dir, manifest, self.trt_version, self.compute_capability)
         self.cuda_graphs = cuda_graphs
+        self.device_kv_cache = device_kv_cache
         self.buffer_budget = int(buffer_budget_bytes)
         self._notice = notice
         self._dtype_map = self._dtypes()
@@ -495,6 +581,12 @@ class TrtBackend(Backend):
             raise TrtBackendError(f"{path}: TensorRT {self.trt_version} cannot deserialize it (corrupt, or built by "
                                   f"another version): rebuild with `vv-export trt --engine-dir {self.engine_dir}`")
         return _Engine(self, graph, engine, record, self.manifest["graphs"][graph])
+
+    def kv_cache(self, shape: tuple[int, ...]) -> DeviceKVCache:
+        """The LM cache on the GPU (see DeviceKVCache): decode steps never copy it through the host."""
+        if not self.device_kv_cache:
+            return super().kv_cache(shape)
+        return DeviceKVCache(self, shape)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         engine = self.engines.get(graph)

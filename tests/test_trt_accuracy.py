@@ -243,3 +243,27 @@ def test_fixture_generation(precision, built, fixture_reference, results):
         drift = entry["audio"]
         assert drift["length"] == drift["reference_length"]
         assert drift["max_abs_error"] <= FP32_AUDIO_RTOL_OF_PEAK * drift["peak"], drift
+
+
+def test_device_cache_matches_host_cache(built, fixture_reference):
+    """The LM cache kept on the GPU gives the very tokens and audio of the host cache (fp32 engines)."""
+    from vv_runtime.pipeline import Pipeline
+    from vv_runtime.trt_backend import DeviceKVCache, TrtBackend
+
+    meta, ref = fixture_reference
+    gen = meta["generate"]
+    out, manifest, backend, _ = built("fp32")
+    host_backend = TrtBackend(out, manifest, device_kv_cache=False)
+    try:
+        outputs = []
+        for b in (backend, host_backend):
+            pipe = Pipeline(out, manifest, b)
+            rows = pipe.prepare(gen["script"], [ref["generate.voice_wav_raw"]])
+            outputs.append(pipe.generate(rows, cfg_scale=gen["cfg_scale"], max_new_frames=gen["max_new_tokens"],
+                                         noise=ref["generate.noise"]))
+        assert isinstance(backend.kv_cache((1, 2, 2, 1, 4, 1)), DeviceKVCache)
+        device, host = outputs
+        assert device.tokens == host.tokens
+        np.testing.assert_allclose(device.audio[0], host.audio[0], rtol=0, atol=1e-6)
+    finally:
+        host_backend.close()

@@ -155,3 +155,33 @@ def test_buffers_allocate_at_max_or_grow():
     assert v.shape == (10, 5) and v.data_ptr() == small.ptr
     empty = trt_backend._Buffer(torch, "cpu", torch.int64, max_elems=0, budget_bytes=1)
     assert empty.capacity == 1 and empty.view((2, 0)).numel() == 0
+
+
+def test_device_kv_cache_behaves_like_the_host_cache(monkeypatch):
+    """DeviceKVCache's indexing (rows broadcast, slots, zeroing, past) equals HostKVCache's, here on CPU tensors."""
+    import contextlib
+    import types
+
+    import numpy as np
+
+    torch = pytest.importorskip("torch")
+    from vv_runtime.backend import HostKVCache
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    fake = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None)
+    shape = (2, 2, 4, 2, 6, 3)  # L, 2, rows (2 positive + 2 negative), KV, capacity, D
+    dev, host = trt_backend.DeviceKVCache(fake, shape), HostKVCache(shape)
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((2, 2, 2, 2, 4, 3)).astype(np.float32)
+    neg = rng.standard_normal((2, 2, 1, 2, 1, 3)).astype(np.float32)
+    step = rng.standard_normal((2, 2, 4, 2, 1, 3)).astype(np.float32)
+    for cache, as_input in ((host, lambda a: a), (dev, torch.from_numpy)):
+        cache.write(slice(0, 2), 0, as_input(prompt))
+        cache.zero(1, 0, 2)
+        cache.write(slice(2, 4), 3, as_input(neg))      # one row broadcast to both negative rows
+        cache.write(slice(0, 4), 4, as_input(step))
+    np.testing.assert_array_equal(dev.numpy(), host.data)
+    past = dev.past(5)
+    assert past.is_contiguous() and tuple(past.shape) == (2, 2, 4, 2, 5, 3)
+    np.testing.assert_array_equal(past.numpy(), host.past(5))
