@@ -74,6 +74,9 @@ FP32_LAYER_MATCH = {
     "ConvTranspose": ("DECONVOLUTION", None),
 }
 assert set(FP32_LAYER_MATCH) == set(KEEP_FP32_OPS)
+# Layers a name pattern (keep_fp32_names) may pin to fp32: arithmetic, not data movement or shape logic.
+_COMPUTE_LAYERS = {"ELEMENTWISE", "UNARY", "REDUCE", "NORMALIZATION", "SOFTMAX", "MATRIX_MULTIPLY", "CONVOLUTION",
+                   "DECONVOLUTION", "ACTIVATION", "SCALE"}
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -345,14 +348,15 @@ def _mark_fp32_layers(trt, network, keep_ops: list[str], keep_names: list[str]) 
     marked = 0
     for index in range(network.num_layers):
         layer = network.get_layer(index)
-        hit = any(fnmatch.fnmatchcase(layer.name, pat) for pat in keep_names)
         type_name = getattr(layer.type, "name", str(layer.type))
+        hit = type_name in _COMPUTE_LAYERS and any(fnmatch.fnmatchcase(layer.name, pat) for pat in keep_names)
         if not hit and type_name in wanted:
             ops = wanted[type_name]
             if None in ops:
                 hit = True
-            elif layer.type in classes:
-                layer.__class__ = classes[layer.type]
+            else:
+                if layer.type in classes:
+                    layer.__class__ = classes[layer.type]  # ILayer -> IElementWiseLayer etc., to read .op
                 op = getattr(layer, "op", None)
                 hit = op is not None and getattr(op, "name", str(op)) in ops
         if not hit:
@@ -434,6 +438,9 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
         load_timing_cache=io.BytesIO(timing_cache) if timing_cache else None,
     )
     config = config_loader(builder, network)
+    if cache_path is not None and timing_cache and config.get_timing_cache() is None:
+        # the shared cache is from another TensorRT version or GPU: start empty (the merge replaces it)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     engine = EngineBytesFromNetwork((builder, network, parser), config=config)()
     if engine is None:
         raise ExportError(f"graph {gp.graph}: TensorRT could not build an engine (see the messages above)")

@@ -313,3 +313,56 @@ def test_timing_cache_merge(tmp_path):
     trt_build._merge_timing_cache(path, _Config({"c"}), print)  # another build's tactics
     assert path.read_bytes() == b"a,b,c"
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- fp32 layers in weak typing --------------------------------------------------------------------
+
+def test_keep_fp32_marks_the_norm_statistics(monkeypatch):
+    """keep_fp32 op types and name globs become layer precisions + output types (float layers only)."""
+    from types import SimpleNamespace as NS
+
+    from polygraphy.backend.trt import util as trt_util
+
+    monkeypatch.setattr(trt_util, "get_layer_class_mapping", lambda: {})
+    class DType:  # hashable, like tensorrt.DataType
+        def __init__(self, name):
+            self.name = name
+
+    f32, f16, i64 = DType("FLOAT"), DType("HALF"), DType("INT64")
+    trt = NS(float32=f32, float16=f16, bfloat16=DType("BF16"))
+
+    class Layer:
+        def __init__(self, name, type_name, op=None, in_dtype=f16, out_dtype=f16):
+            self.name, self.type, self.op = name, NS(name=type_name), NS(name=op) if op else None
+            self.inputs, self.outputs = [NS(dtype=in_dtype)], [NS(dtype=out_dtype)]
+            self.precision, self.output_types = None, {}
+
+        num_inputs = property(lambda self: len(self.inputs))
+        num_outputs = property(lambda self: len(self.outputs))
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
+
+        def set_output_type(self, i, dtype):
+            self.output_types[i] = dtype
+
+    layers = [
+        Layer("/layers.0/input_layernorm/Pow", "ELEMENTWISE", "POW"),
+        Layer("/layers.0/input_layernorm/ReduceMean", "REDUCE"),
+        Layer("/layers.0/input_layernorm/Sqrt", "UNARY", "SQRT"),
+        Layer("/layers.0/input_layernorm/Div", "ELEMENTWISE", "DIV"),       # by name
+        Layer("/layers.0/input_layernorm/Shape", "SHAPE", out_dtype=i64),   # shape logic: never
+        Layer("/layers.0/mlp/Mul", "ELEMENTWISE", "PROD"),                  # not a norm: stays
+        Layer("/layers.0/self_attn/Exp", "UNARY", "EXP"),                   # op not kept
+        Layer("/pos/ReduceMean", "REDUCE", in_dtype=i64, out_dtype=i64),    # integer arithmetic: never
+    ]
+    network = NS(num_layers=len(layers), get_layer=lambda i: layers[i])
+    marked = trt_build._mark_fp32_layers(trt, network, ["Pow", "ReduceMean", "Sqrt"], ["*norm*"])
+    assert marked == 4
+    for layer in layers:
+        pinned = layer.precision is f32
+        assert pinned == (layer.name.startswith("/layers.0/input_layernorm/") and layer.type.name != "SHAPE"), layer.name
+        assert layer.output_types == ({0: f32} if pinned else {})
