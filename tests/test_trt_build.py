@@ -333,7 +333,7 @@ def test_keep_fp32_marks_the_norm_statistics(monkeypatch):
 
     class Layer:
         def __init__(self, name, type_name, op=None, in_dtype=f16, out_dtype=f16):
-            self.name, self.type, self.op = name, NS(name=type_name), NS(name=op) if op else None
+            self.name, self.type, self.op = name, DType(type_name), DType(op) if op else None
             self.inputs, self.outputs = [NS(dtype=in_dtype)], [NS(dtype=out_dtype)]
             self.precision, self.output_types = None, {}
 
