@@ -320,13 +320,35 @@ def random_model(original_config: dict, seed: int = 0, tokenizer_json: str | Non
                        tokenizer_json=tokenizer_json)
 
 
+def _favour_speech(loaded: LoadedModel, seed: int, strength: float = 5.0) -> None:
+    """Point the (untied) speech_diffusion row of lm_head along the mean final hidden state.
+
+    A random LM picks one control token almost always (often speech_start, so a demo would stay silent).
+    Text positions all project positively on that mean direction, fed-back speech frames about half
+    the time: the demo model then speaks frames and sometimes ends, starts or stops a speech segment,
+    exercising every path of the loop. Only lm_head changes; the input embeddings stay as they were.
+    """
+    import torch
+
+    net = loaded.model
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, net.config.text_config.vocab_size, (4, 64), generator=gen)
+    with torch.no_grad():
+        hidden = net.model.language_model(input_ids=ids).last_hidden_state.reshape(-1, net.config.text_config.hidden_size)
+        direction = hidden.mean(0)
+        net.lm_head.weight[loaded.token_ids["speech_diffusion"]] = strength * direction / direction.norm()
+
+
 def tiny_random_model(seed: int = 0) -> LoadedModel:
     """The README demo's model: the real architecture at toy width, random weights, byte-level tokenizer."""
     tokenizer_json = byte_level_tokenizer_json()
     vocab = json.loads(tokenizer_json)
     size = len(vocab["model"]["vocab"]) + len(vocab["added_tokens"])
-    return random_model(tiny_original_config(size), seed=seed, tokenizer_json=tokenizer_json,
-                        source=f"random-tiny(seed={seed})")
+    config = tiny_original_config(size)
+    config["decoder_config"]["tie_word_embeddings"] = False  # an untied head, like the 7B
+    loaded = random_model(config, seed=seed, tokenizer_json=tokenizer_json, source=f"random-tiny(seed={seed})")
+    _favour_speech(loaded, seed)
+    return loaded
 
 
 def default_threads() -> int:
