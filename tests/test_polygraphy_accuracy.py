@@ -88,3 +88,20 @@ def test_criterion_is_atol_plus_rtol_of_peak():
     assert not compare_outputs("g", shape, ref, tol).passed
     nan = [{"y": np.array([np.nan, 0.0], dtype=np.float32)}]
     assert not compare_outputs("g", nan, ref, tol).passed
+
+
+@pytest.mark.parametrize("graph", ["lm", "acoustic_decoder"])
+def test_backend_runner_matches_onnxrt(graph, tiny_engine_dir, manifest, onnxrt_runs):
+    """The polygraphy runner over a runtime backend, which the GPU check wraps around TrtBackend, here around
+    the ORT backend: its outputs are ONNX Runtime's."""
+    from vv_export.trt_build import run_backend
+    from vv_runtime.backend import OrtBackend
+
+    feeds, ort_outputs, _ = onnxrt_runs[graph]
+    backend = OrtBackend(tiny_engine_dir, manifest, providers=["CPUExecutionProvider"])
+    try:
+        got = run_backend(backend, manifest, graph, feeds, name="ort-backend")
+    finally:
+        backend.close()
+    report = compare_outputs(graph, got, ort_outputs, {"": {"atol": 1e-6, "rtol": 1e-5}}, "ort-backend", "onnxrt")
+    assert report.passed, "; ".join(report.failures())
