@@ -490,6 +490,9 @@ def build_engines(engine_dir, plan: str = "default", precision: str | None = Non
     engine_dir = Path(engine_dir)
     manifest, resolved = resolve_for_engine_dir(engine_dir, plan, precision, graphs)
     env = trt_environment()
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING  # TensorRT's warnings and errors; our progress lines
     if int(env.compute_capability[2:]) < 80:
         bf16 = [g for g, gp in resolved.graphs.items() if gp.precision == "bf16"]
         if bf16:

@@ -83,6 +83,7 @@ def results():
 @pytest.fixture(scope="module")
 def built(torch_cuda, tiny_engine_dir, tmp_path_factory, results):
     """precision -> (ENGINE_DIR copy with engines of that precision, its manifest, a TrtBackend)."""
+    from vv_export.errors import ExportError
     from vv_export.trt_build import build_engines
     from vv_runtime.manifest import load_manifest
     from vv_runtime.trt_backend import TrtBackend
@@ -99,7 +100,12 @@ def built(torch_cuda, tiny_engine_dir, tmp_path_factory, results):
             out = tmp_path_factory.mktemp(f"trt-{precision}") / "tiny"
             shutil.copytree(tiny_engine_dir, out)
             start = time.time()
-            summary = build_engines(out, plan=PLAN, precision=precision, progress=print)
+            try:
+                summary = build_engines(out, plan=PLAN, precision=precision, progress=print)
+            except ExportError as exc:
+                if "ModelOpt AutoCast" in str(exc):  # TensorRT 11+ without nvidia-modelopt
+                    pytest.skip(str(exc))
+                raise
             results["trt_version"] = summary["trt_version"]
             results.setdefault("build_seconds", {})[precision] = round(time.time() - start, 1)
             manifest = load_manifest(out)
