@@ -522,8 +522,8 @@ def build_engines(engine_dir, plan: str = "default", precision: str | None = Non
             result["engines"][graph] = {**record, "status": "up to date"}
             continue
         target = engine_dir / expected["file"]
-        if target.is_file() and not force:
-            # built by an earlier run that stopped before recording it: the name says it all
+        if target.is_file() and not force and record is None:
+            # built by an earlier run that stopped before recording it (the rename is atomic: complete)
             new = {**expected, "size_bytes": target.stat().st_size, "built": None}
             _record(engine_dir, graph, new, resolved, record)
             progress(f"{tag}: found {expected['file']}, recorded")

@@ -366,3 +366,14 @@ def test_keep_fp32_marks_the_norm_statistics(monkeypatch):
         pinned = layer.precision is f32
         assert pinned == (layer.name.startswith("/layers.0/input_layernorm/") and layer.type.name != "SHAPE"), layer.name
         assert layer.output_types == ({0: f32} if pinned else {})
+
+
+def test_changed_weights_rebuild_even_under_the_same_name(engine_dir, monkeypatch):
+    """The name holds the ONNX file's hash; weights in external data are checked through the record."""
+    stub = _Stub(monkeypatch)
+    build_engines(engine_dir, graphs=["text_embed"], progress=lambda line: None)
+    update_manifest(engine_dir, lambda m: m["source"].update(weights_sha256="0" * 64))
+    stub.built.clear()
+    lines = []
+    build_engines(engine_dir, graphs=["text_embed"], progress=lines.append)
+    assert stub.built == [("text_embed", "fp32")] and any("weights_sha256 changed" in ln for ln in lines)
