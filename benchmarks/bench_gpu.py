@@ -141,6 +141,26 @@ def timed(fn, repeats: int, warmup: int = 3, sync=None) -> dict:
             "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))] * 1e3, "runs": repeats}
 
 
+class ForcedDiffusion:
+    """Backend wrapper: the LM's control logits always pick speech_diffusion (a fixed number of frames)."""
+
+    def __init__(self, backend, diffusion_column: int):
+        self.backend = backend
+        self.column = diffusion_column
+
+    def run(self, graph, feeds):
+        out = self.backend.run(graph, feeds)
+        if graph == "lm":
+            out = dict(out)
+            logits = np.array(out["control_logits"], dtype=np.float32, copy=True)
+            logits[:, self.column] = np.abs(logits).max() + 1e4
+            out["control_logits"] = logits
+        return out
+
+    def __getattr__(self, name):  # kv_cache, close, describe, ...
+        return getattr(self.backend, name)
+
+
 # --- phases ---------------------------------------------------------------------------------------
 
 def export_model(config: Path, engine_dir: Path, dtype: str, log) -> dict:
@@ -236,8 +256,6 @@ def bench_torch(config: Path, manifest: dict, batches, prompt: int, context: int
 
 def bench_generate(name: str, engine_dir: Path, manifest: dict, backend, batches, frames: int, log) -> dict:
     """Pipeline.generate, every step forced to speech_diffusion, B copies of the demo script."""
-    from bench_runtime import ForcedDiffusion
-
     from vv_runtime.pipeline import Pipeline
 
     script = (REPO / "examples" / "podcast.txt").read_text() if (REPO / "examples" / "podcast.txt").exists() \
