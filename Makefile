@@ -48,7 +48,7 @@ check-accuracy: setup
 	$(BIN)/python -m pytest -m gpu -q tests/test_trt_accuracy.py
 
 trt: setup
-	$(BIN)/vv-export trt --engine-dir $(ENGINES)
+	$(BIN)/vv-export trt --engine-dir $(ENGINES) $(if $(PLAN),--plan $(PLAN)) $(if $(PRECISION),--precision $(PRECISION))
 
 clean:
 	rm -rf engines out .pytest_cache
