@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ExportError, TrtUnavailable
+from .onnx_export import sha256_file
 from .plans import KEEP_FP32_OPS, PRECISIONS, GraphPlan, Plan, resolve_plan
 
 TRT_DIR = "trt"
@@ -451,14 +452,6 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
 
 # --- the command --------------------------------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_onnx(engine_dir: Path, graph: str, entry: dict) -> Path:
     path = engine_dir / entry.get("file", f"{graph}.onnx")
     if not path.is_file():
@@ -466,7 +459,7 @@ def _check_onnx(engine_dir: Path, graph: str, entry: dict) -> Path:
     for name in entry.get("external_data") or []:
         if not (engine_dir / name).is_file():
             raise ExportError(f"{engine_dir / name}: external data of {graph!r} is missing")
-    if entry.get("sha256") and _sha256_file(path) != entry["sha256"]:
+    if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
         raise ExportError(f"{path}: changed since export (sha256 differs from the manifest); re-export the ENGINE_DIR")
     return path
 
