@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fnmatch
-import hashlib
 import io
 import json
 import os
