@@ -25,7 +25,8 @@ Runs per model:
   DPM-Solver loop, the acoustic decoder and the semantic encoder.
 
 Figures (median over `--repeats` timed runs after one warm-up run):
-- seconds_per_frame: steady state, (time of the last chunk - time of the first chunk) / (frames - 1);
+- seconds_per_frame: steady state, (time of the last chunk - time of the first chunk) / (frames - 1)
+  (in natural runs this includes the steps between frames that make no audio);
 - time_to_first_audio_s: from the generate call (prompt given, voice not yet encoded) to the first chunk;
 - wall_s and rtf: whole call / audio seconds (frames * hop / 24 kHz); rtf < 1 is faster than real time;
 - cpu_s: process CPU time (user + system) of the call, less sensitive than wall time to other work on
