@@ -79,13 +79,13 @@ def mid_config(vocab_size: int) -> dict:
     return cfg
 
 
-MID_DESCRIPTION = ("random weights; Qwen2 hidden 512, 8 layers (8 heads, 2 KV heads), intermediate 1536; "
+MID_DESCRIPTION = ("random weights (perturbed like the tiny random models); Qwen2 hidden 512, 8 layers (8 heads, 2 KV heads), intermediate 1536; "
                    "acoustic/semantic tokenizers 8 filters, depths 3-3-3-3-3-3-8, latents 64/128; "
                    "diffusion head hidden 512, 4 layers")
 
 
 def load_model(name: str):
-    from vv_export.checkpoint import byte_level_tokenizer_json, load_checkpoint, random_model
+    from vv_export.checkpoint import byte_level_tokenizer_json, load_checkpoint, perturb_, random_model
 
     if name == "tiny":
         return load_checkpoint(str(FIXTURE))
@@ -93,7 +93,11 @@ def load_model(name: str):
         tok = byte_level_tokenizer_json()
         vocab = json.loads(tok)
         size = len(vocab["model"]["vocab"]) + len(vocab["added_tokens"])
-        return random_model(mid_config(size), seed=0, tokenizer_json=tok, source="random-mid(seed=0)")
+        loaded = random_model(mid_config(size), seed=0, tokenizer_json=tok, source="random-mid(seed=0)")
+        # as the tiny random models: move every weight off its initial value (layer scales 1e-6, zero biases)
+        # so that activations and audio have realistic magnitudes (no denormals, every path matters)
+        perturb_(loaded.model, seed=0)
+        return loaded
     raise ValueError(name)
 
 
