@@ -102,6 +102,7 @@ class OrtBackend(Backend):
         path = self.engine_dir / entry.get("file", f"{graph}.onnx")
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         threads = self.threads
         if not threads and entry.get("weight_bytes", 0) < SMALL_GRAPH_BYTES:
             threads = 1  # small graphs: thread hand-offs cost more than they save (6x on the tiny model)
