@@ -30,26 +30,48 @@ from .manifest import REQUIRED_GRAPHS, io_names
 BACKENDS = ("auto", "ort", "trt")
 
 
-class HostKVCache:
-    """The LM cache [L, 2, rows, KV, capacity, D] in host memory, preallocated once.
+def bucket_slots(n: int, max_slots: int, minimum: int = 64) -> int:
+    """Cache slots to hold n: the next power of two (at least `minimum`), capped at `max_slots`."""
+    if n > max_slots:
+        raise RuntimeInputError(f"the LM cache needs {n} slots but holds at most {max_slots}")
+    return min(max_slots, max(minimum, 1 << max(n - 1, 0).bit_length()))
 
-    Slots are written in place; `past(n)` is the first n slots as the `past_kv` feed (a copy: the
-    graph takes a contiguous [L, 2, rows, KV, n, D] tensor).
+
+class HostKVCache:
+    """The LM cache [L, 2, rows, KV, slots, D] in host memory, grown by powers of two up to shape[4].
+
+    `past(n)` hands the whole buffer (at least n + 1 slots) to the graph as `past_kv`, without a copy;
+    the caller masks slots n and above. The buffer is reallocated only when it must grow (a handful
+    of times per generation), so decode steps never copy the cache, and the decode shapes come in a
+    few buckets (fixed shapes for engines and CUDA graphs).
     """
 
     def __init__(self, shape: tuple[int, ...], dtype=np.float32):
-        self.data = np.zeros(shape, dtype=dtype)
+        self.shape = tuple(int(d) for d in shape)
+        self.data = np.zeros(self._with_slots(bucket_slots(1, self.shape[4])), dtype=dtype)
+
+    def _with_slots(self, slots: int) -> tuple[int, ...]:
+        return self.shape[:4] + (slots,) + self.shape[5:]
+
+    def reserve(self, n: int) -> None:
+        if n > self.data.shape[4]:
+            grown = np.zeros(self._with_slots(bucket_slots(n, self.shape[4])), dtype=self.data.dtype)
+            grown[:, :, :, :, : self.data.shape[4]] = self.data
+            self.data = grown
 
     def write(self, rows: slice, start: int, new_kv) -> None:
         """new_kv [L, 2, rows, KV, seq, D] (or rows broadcast from 1) into slots start..start+seq-1."""
         new_kv = np.asarray(new_kv)
+        self.reserve(start + new_kv.shape[4])
         self.data[:, :, rows, :, start:start + new_kv.shape[4]] = new_kv
 
     def zero(self, row: int, start: int, stop: int) -> None:
         self.data[:, :, row, :, start:stop] = 0.0
 
     def past(self, n: int) -> np.ndarray:
-        return np.ascontiguousarray(self.data[:, :, :, :, :n])
+        """The whole buffer, at least n + 1 slots; slots n and above must be masked by the caller."""
+        self.reserve(n + 1)
+        return self.data
 
 
 class Backend:

@@ -273,6 +273,7 @@ class Pipeline:
         ctrl = self.control_embeds()
         kv = self.backend.kv_cache((L, 2, R, KV, capacity, D))
         mask = np.zeros((R, capacity), dtype=np.int64)
+        feed_mask = np.zeros((R, 0), dtype=np.int64)
 
         # 2. step 0: positive rows over the prompt; negative rows over [speech_start] at position 0
         out = run("lm", {"inputs_embeds": embeds, "attention_mask": attn, "position_ids": positions,
@@ -310,13 +311,20 @@ class Pipeline:
                 break
             slot = S - 1 + step
             if step > 0:
-                # 5. one decode call over all 2B rows; the new slot is attended by every row
-                mask[:, slot] = 1
+                # 5. one decode call over all 2B rows; the new input is attended by every row. The cache
+                # buffer goes in whole (slots >= slot masked) and the new key/value lands in `slot`.
                 position_ids[:B, 0] = pos_next
                 position_ids[B:, 0] = neg_pos
-                out = run("lm", {"inputs_embeds": next_embed, "attention_mask": mask[:, : slot + 1],
-                                 "position_ids": position_ids, "past_kv": kv.past(slot)})
+                past = kv.past(slot)
+                slots = past.shape[4]
+                if feed_mask.shape[1] != slots + 1:
+                    feed_mask = np.zeros((R, slots + 1), dtype=np.int64)
+                    feed_mask[:, slots] = 1
+                feed_mask[:, :slots] = mask[:, :slots]
+                out = run("lm", {"inputs_embeds": next_embed, "attention_mask": feed_mask,
+                                 "position_ids": position_ids, "past_kv": past})
                 kv.write(slice(0, R), slot, out["new_kv"])
+                mask[:, slot] = 1
                 hidden = out["hidden"]
                 logits = out["control_logits"][:B]
                 pos_next += 1

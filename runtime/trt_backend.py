@@ -18,8 +18,9 @@ call's shapes and whose opt shape is nearest. The per-frame graphs (diffusion_sa
 acoustic_decoder, semantic_encoder) are replayed as CUDA graphs: one execution context per input shape
 (sharing one activation buffer), captured on first use after a warm-up run, keyed by shape.
 
-The LM cache stays on the GPU: ``kv_cache(shape)`` returns a ``DeviceKVCache`` whose ``past(n)`` is a
-CUDA tensor that ``run`` binds directly as ``past_kv`` (no host round trip); given such a device feed,
+The LM cache stays on the GPU: ``kv_cache(shape)`` returns a ``DeviceKVCache`` whose ``past(n)`` is the
+whole (power-of-two bucketed) CUDA buffer that ``run`` binds directly as ``past_kv`` (no copy, no host
+round trip, a few decode shapes, each replayable); given such a device feed,
 ``run("lm", ...)`` returns ``new_kv`` as a CUDA tensor, which the cache's ``write`` takes. Every other
 output is numpy, and numpy feeds give numpy outputs (the accuracy checks, any other caller).
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, bucket_slots
 from .errors import RuntimeInputError
 from .manifest import REQUIRED_GRAPHS
 
@@ -423,24 +424,39 @@ class _suppress:
 # --- the LM cache on the GPU ---------------------------------------------------------------------
 
 class DeviceKVCache:
-    """The LM cache [L, 2, rows, KV, capacity, D] as one CUDA tensor (same interface as HostKVCache).
+    """The LM cache [L, 2, rows, KV, slots, D] as one CUDA tensor, grown like HostKVCache (powers of two).
 
-    Every operation runs on the backend's stream, in order with the engines.
+    `past(n)` is the whole buffer, bound as `past_kv` without a copy; decode shapes come in a few
+    buckets, so each bucket's engine context and CUDA graph are reused. Every operation runs on the
+    backend's stream, in order with the engines.
     """
 
     def __init__(self, backend: "TrtBackend", shape: tuple[int, ...]):
         self.backend = backend
-        torch = backend.torch
-        with torch.cuda.device(backend.device), torch.cuda.stream(backend.stream):
-            self.data = torch.zeros(tuple(int(d) for d in shape), dtype=torch.float32, device=backend.device)
+        self.shape = tuple(int(d) for d in shape)
+        self.data = self._zeros(bucket_slots(1, self.shape[4]))
+
+    def _zeros(self, slots: int):
+        torch = self.backend.torch
+        with self._ctx():
+            return torch.zeros(self.shape[:4] + (slots,) + self.shape[5:], dtype=torch.float32,
+                               device=self.backend.device)
 
     def _ctx(self):
         torch = self.backend.torch
         return _Both(torch.cuda.device(self.backend.device), torch.cuda.stream(self.backend.stream))
 
+    def reserve(self, n: int) -> None:
+        if n > self.data.shape[4]:
+            grown = self._zeros(bucket_slots(n, self.shape[4]))
+            with self._ctx():
+                grown[:, :, :, :, : self.data.shape[4]] = self.data
+            self.data = grown
+
     def write(self, rows: slice, start: int, new_kv) -> None:
         """new_kv [L, 2, rows, KV, seq, D] (a CUDA tensor from `run`, or numpy; rows may broadcast from 1)."""
         torch = self.backend.torch
+        self.reserve(start + int(new_kv.shape[4]))
         with self._ctx():
             if not isinstance(new_kv, torch.Tensor):
                 new_kv = torch.from_numpy(np.ascontiguousarray(new_kv, dtype=np.float32))
@@ -452,9 +468,9 @@ class DeviceKVCache:
             self.data[:, :, row, :, start:stop] = 0.0
 
     def past(self, n: int):
-        """The first n slots, contiguous, on the GPU: `run` binds it as `past_kv` without a copy."""
-        with self._ctx():
-            return self.data[:, :, :, :, :n].contiguous()
+        """The whole buffer (at least n + 1 slots, on the GPU); slots n and above are masked by the caller."""
+        self.reserve(n + 1)
+        return self.data
 
     def numpy(self) -> np.ndarray:
         with self._ctx():
