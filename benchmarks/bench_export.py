@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -32,6 +31,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import feeds_for, machine_info, versions, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
@@ -82,44 +84,6 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def machine_info() -> dict:
-    info = {"platform": platform.system(), "machine": platform.machine(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count()}
-    if hasattr(os, "getloadavg"):
-        info["load_average_1min"] = round(os.getloadavg()[0], 2)  # other work on the machine while measuring
-    try:
-        info["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    info["ram_gb"] = round(int(line.split()[1]) / 1e6, 2)
-    except OSError:
-        pass
-    return info
-
-
-def versions() -> dict:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    import vv_export
-
-    return {"vibevoice_trt": vv_export.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
-            "numpy": numpy.__version__}
 
 
 # --- phase 1: export ----------------------------------------------------------------------------
@@ -177,33 +141,8 @@ def export_phase(config_path: Path, engine_dir: Path, dtype: str, validate: bool
 
 def small_feeds(manifest: dict, graph: str, seed: int = 0) -> dict:
     """A small input for `graph` from the manifest's I/O alone (no torch)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
     hop = int(manifest["model"]["hop_length"])
-    dims = dict(SMALL_DIMS, samples=SMALL_DIMS["frames"] * hop)
-    feeds = {}
-    for io in manifest["graphs"][graph]["inputs"]:
-        shape = [dims[d] if isinstance(d, str) else int(d) for d in io["shape"]]
-        name = io["name"]
-        if io["dtype"] == "int64":
-            if name == "input_ids":
-                value = rng.integers(0, int(manifest["model"]["vocab_size"]), size=shape)
-            elif name == "attention_mask":
-                value = np.ones(shape)
-            elif name == "position_ids":
-                value = np.broadcast_to(np.arange(shape[-1]) + dims["past"], shape)
-            else:
-                value = np.zeros(shape)
-            feeds[name] = np.ascontiguousarray(value, dtype=np.int64)
-        elif name == "timestep":
-            feeds[name] = np.full(shape, 500.0, dtype=np.float32)
-        elif name == "cfg_scale":
-            feeds[name] = np.full(shape, 1.3, dtype=np.float32)
-        else:
-            scale = 0.1 if name in ("audio", "state") else 1.0
-            feeds[name] = (rng.standard_normal(shape) * scale).astype(np.float32)
-    return feeds
+    return feeds_for(manifest, graph, dict(SMALL_DIMS, samples=SMALL_DIMS["frames"] * hop), seed)
 
 
 def file_sizes(engine_dir: Path, entry: dict) -> dict:
@@ -314,11 +253,7 @@ def run_benchmark(out_dir: Path | None = None, *, config: Path = DEFAULT_CONFIG,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if out_dir is not None:
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = out_dir / (RESULT_NAME + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            os.replace(tmp, out_dir / RESULT_NAME)
+            write_result(out_dir, RESULT_NAME, result)
         return result
     finally:
         if scratch is not None and not keep:

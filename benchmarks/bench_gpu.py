@@ -38,8 +38,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
@@ -49,6 +47,7 @@ SAMPLE_RATE = 24000
 FRAME_GRAPHS = ("diffusion_sampler", "acoustic_decoder", "semantic_encoder")
 
 sys.path.insert(0, str(HERE))
+from common import ForcedDiffusion, feeds_for, machine_info, versions, write_result  # noqa: E402
 
 
 class Unavailable(Exception):
@@ -83,33 +82,6 @@ def one_line(exc: BaseException) -> str:
 
 # --- inputs ---------------------------------------------------------------------------------------
 
-def feeds_for(manifest: dict, graph: str, dims: dict, seed: int = 0) -> dict:
-    """Host inputs of `graph` at the named `dims`, built from the manifest alone."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for io in manifest["graphs"][graph]["inputs"]:
-        shape = [dims[d] if isinstance(d, str) else int(d) for d in io["shape"]]
-        name = io["name"]
-        if io["dtype"] == "int64":
-            if name == "input_ids":
-                value = rng.integers(0, int(manifest["model"]["vocab_size"]), size=shape)
-            elif name == "attention_mask":
-                value = np.ones(shape)
-            elif name == "position_ids":
-                value = np.broadcast_to(np.arange(shape[-1]) + dims.get("past", 0), shape)
-            else:
-                value = np.zeros(shape)
-            feeds[name] = np.ascontiguousarray(value, dtype=np.int64)
-        elif name == "timestep":
-            feeds[name] = np.full(shape, 500.0, dtype=np.float32)
-        elif name == "cfg_scale":
-            feeds[name] = np.full(shape, 1.3, dtype=np.float32)
-        else:
-            scale = {"audio": 0.1, "state": 0.1, "past_kv": 0.5}.get(name, 1.0)
-            feeds[name] = (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
-    return feeds
-
-
 def cases(manifest: dict, batch: int, prompt: int, context: int) -> dict:
     """name -> (graph, dims) of the calls timed at one request batch size."""
     hop = int(manifest["model"]["hop_length"])
@@ -139,26 +111,6 @@ def timed(fn, repeats: int, warmup: int = 3, sync=None) -> dict:
     times.sort()
     return {"median_ms": statistics.median(times) * 1e3, "min_ms": times[0] * 1e3,
             "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))] * 1e3, "runs": repeats}
-
-
-class ForcedDiffusion:
-    """Backend wrapper: the LM's control logits always pick speech_diffusion (a fixed number of frames)."""
-
-    def __init__(self, backend, diffusion_column: int):
-        self.backend = backend
-        self.column = diffusion_column
-
-    def run(self, graph, feeds):
-        out = self.backend.run(graph, feeds)
-        if graph == "lm":
-            out = dict(out)
-            logits = np.array(out["control_logits"], dtype=np.float32, copy=True)
-            logits[:, self.column] = np.abs(logits).max() + 1e4
-            out["control_logits"] = logits
-        return out
-
-    def __getattr__(self, name):  # kv_cache, close, describe, ...
-        return getattr(self.backend, name)
 
 
 # --- phases ---------------------------------------------------------------------------------------
@@ -313,7 +265,6 @@ def speedups(table: dict, fast: str, slow: str) -> dict:
 
 
 def run(args, log=print) -> tuple[dict, bool]:
-    from bench_export import machine_info, versions
 
     env = preflight()
     result = {"benchmark": "bench_gpu", "environment": env, "machine": machine_info(), "versions": versions(),
@@ -423,11 +374,7 @@ def main(argv=None) -> int:
         print(f"bench_gpu: failed: {one_line(exc)}", file=sys.stderr)
         return 1
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        tmp = args.out / (RESULT_NAME + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.out / RESULT_NAME)
-        print(f"wrote {args.out / RESULT_NAME}")
+        print(f"wrote {write_result(args.out, RESULT_NAME, result)}")
     for b in map(str, args.batches):
         cols = []
         for name, table in result["latency"].items():

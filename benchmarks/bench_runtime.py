@@ -59,7 +59,7 @@ RESULT_NAME = "bench_runtime_cpu.json"
 SAMPLE_RATE = 24000
 
 sys.path.insert(0, str(HERE))
-from bench_export import machine_info, versions  # noqa: E402
+from common import ForcedDiffusion, machine_info, versions, write_result  # noqa: E402
 from torch_reference import TorchReference  # noqa: E402
 
 
@@ -108,26 +108,6 @@ def fixture_inputs():
     ref = json.loads((FIXTURE / "reference.json").read_text())
     tensors = load_file(str(FIXTURE / "reference_outputs.safetensors"))
     return ref["generate"]["script"], np.asarray(tensors["generate.voice_wav_raw"], dtype=np.float32), ref, tensors
-
-
-class ForcedDiffusion:
-    """Backend wrapper: the LM's control logits always pick speech_diffusion (the benchmark's forced mode)."""
-
-    def __init__(self, backend, diffusion_column: int):
-        self.backend = backend
-        self.column = diffusion_column
-
-    def run(self, graph, feeds):
-        out = self.backend.run(graph, feeds)
-        if graph == "lm":
-            out = dict(out)
-            logits = np.array(out["control_logits"], dtype=np.float32, copy=True)
-            logits[:, self.column] = np.abs(logits).max() + 1e4
-            out["control_logits"] = logits
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
 
 
 def _cpu_s() -> float:
@@ -324,11 +304,7 @@ def run_benchmark(out_dir: Path | None = None, *, models=("tiny", "mid"), thread
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp_path = out_dir / (RESULT_NAME + ".tmp")
-        tmp_path.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_path, out_dir / RESULT_NAME)
+        write_result(out_dir, RESULT_NAME, result)
     return result
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ExportError
-from .layout import (ORIGINAL, TRANSFORMERS, detect_layout, diffusion_settings, map_state_dict_names,
+from .layout import (ORIGINAL, detect_layout, diffusion_settings, map_state_dict_names,
                      original_config_to_transformers)
 
 SPECIAL_TOKENS = {

@@ -133,13 +133,6 @@ def _audio_sample(ctx, dims, gen):
     return {"audio": torch.randn(dims["batch"], 1, dims["frames"] * ctx.hop, generator=gen) * 0.1}
 
 
-def _state_sample(size):
-    def sample(ctx, dims, gen):
-        return None  # filled by _stream_sample
-
-    return sample
-
-
 def _decoder_sample(ctx, dims, gen):
     return {"latent": torch.randn(dims["batch"], 1, ctx.acoustic_dim, generator=gen),
             "state": torch.randn(dims["batch"], ctx.decoder_state, generator=gen) * 0.1}

@@ -230,7 +230,6 @@ class Pipeline:
         B = len(rows)
         R = 2 * B
         H, L, KV, D = self.hidden, self.layers, self.kv_heads, self.head_dim
-        eos = self.tokens["eos"]
         i_start, i_end, i_diff, i_eos = (self.idx[n] for n in CONTROL_TOKENS)
         draw = self._noise_source(noise, seed)
 

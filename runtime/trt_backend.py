@@ -174,7 +174,7 @@ class _Buffer:
 
 class _Engine:
     def __init__(self, owner: "TrtBackend", graph: str, engine, record: dict, entry: dict):
-        trt, torch = owner.trt, owner.torch
+        torch = owner.torch
         self.owner, self.graph, self.engine, self.record = owner, graph, engine, record
         self.inputs = [i["name"] for i in entry["inputs"]]
         self.outputs = [o["name"] for o in entry["outputs"]]
