@@ -85,12 +85,16 @@ class WavWriter:
     """Writes a mono wav chunk by chunk into a temp file beside `path`, renamed onto it by commit().
 
     abort() (or leaving a `with` block on an exception) removes the temp file: no partial output.
+    With `live=True` (vv-run --stream) the chunks go straight to `path`, a growing file a player can
+    follow while it is written; abort() removes it just the same.
     """
 
-    def __init__(self, path: str | Path, sample_rate: int = SAMPLE_RATE, subtype: str = "FLOAT"):
+    def __init__(self, path: str | Path, sample_rate: int = SAMPLE_RATE, subtype: str = "FLOAT",
+                 live: bool = False):
         import soundfile as sf
 
         self.path = Path(path)
+        self.live = live
         self.samples = 0
         parent = self.path.parent
         if self.path.is_dir():
@@ -98,8 +102,8 @@ class WavWriter:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             # a fresh name created exclusively, with the umask's usual permissions (mkstemp's are 0600)
-            self.tmp = parent / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
-            handle = open(self.tmp, "xb")
+            self.tmp = self.path if live else parent / f".{self.path.name}.{secrets.token_hex(6)}.tmp"
+            handle = open(self.tmp, "wb" if live else "xb")
         except OSError as exc:
             blocker = next((p for p in reversed(self.path.parents) if p.exists() and not p.is_dir()), None)
             reason = f"{blocker} is not a directory" if blocker is not None else (exc.strerror or str(exc))
@@ -116,9 +120,13 @@ class WavWriter:
         chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
         self._file.write(chunk)
         self.samples += chunk.shape[0]
+        if self.live:
+            self._file.flush()
 
     def commit(self) -> Path:
         self._file.close()
+        if self.live:
+            return self.path
         try:
             os.replace(self.tmp, self.path)
         except OSError as exc:

@@ -75,7 +75,9 @@ def read_batch_file(path: Path) -> list[str]:
 @click.option("--seed", type=int, default=None, help="Seed of the diffusion noise [default: random, reported].")
 @click.option("--max-new-frames", type=click.IntRange(min=1), default=None,
               help="Cap on generation steps (each makes at most one 3200-sample frame per script).")
-@click.option("--stream", is_flag=True, help="Write audio frames as they are produced.")
+@click.option("--stream", is_flag=True,
+              help="Write audio frames to OUT as they are produced (a growing file a player can follow; "
+                   "removed if the run fails).")
 @click.option("--batch-file", type=click.Path(), default=None, metavar="FILE",
               help="Generate several scripts together: one .txt script path per line; writes OUT_0.wav, "
                    "OUT_1.wav, ... (the --voice files serve every script).")
@@ -141,7 +143,7 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
     pipeline = None
     try:
         for path in outputs:
-            writers.append(WavWriter(path, sample_rate, "PCM_16" if pcm16 else "FLOAT"))
+            writers.append(WavWriter(path, sample_rate, "PCM_16" if pcm16 else "FLOAT", live=stream))
         pipeline = Pipeline(engine_dir, manifest, select_backend(engine_dir, manifest, backend, threads=threads))
         loaded = time.perf_counter()
 

@@ -63,6 +63,22 @@ def test_empty_wav_is_rejected(tmp_path):
         prepare_voice(str(path))
 
 
+def test_live_wav_writer_grows_the_output_and_removes_it_on_failure(tmp_path):
+    out = tmp_path / "live.wav"
+    writer = WavWriter(out, live=True)
+    writer.write(np.ones(3200, dtype=np.float32) * 0.1)
+    first = out.stat().st_size
+    writer.write(np.ones(3200, dtype=np.float32) * 0.1)
+    assert out.stat().st_size >= first + 3200 * 4  # a listener sees the frames as they come
+    writer.commit()
+    assert sf.read(out, dtype="float32")[0].shape == (6400,)
+    with pytest.raises(ValueError):
+        with WavWriter(out, live=True) as failing:
+            failing.write(np.ones(10, dtype=np.float32))
+            raise ValueError("boom")
+    assert not out.exists()
+
+
 def test_wav_writer_is_atomic(tmp_path):
     out = tmp_path / "sub" / "out.wav"
     with pytest.raises(ValueError):
