@@ -5,6 +5,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
 MODEL   ?=
+TOKENIZER ?=
 ENGINES ?= engines/$(if $(MODEL),model,tiny-random)
 SCRIPT  ?= examples/podcast.txt
 VOICES  ?= examples/voice_a.wav examples/voice_b.wav
@@ -23,7 +24,7 @@ $(BIN)/vv-run: pyproject.toml
 setup: $(BIN)/vv-run
 
 demo: setup
-	$(BIN)/vv-export onnx $(if $(MODEL),--model $(MODEL)) --out $(ENGINES) --force
+	$(BIN)/vv-export onnx $(if $(MODEL),--model $(MODEL)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) --out $(ENGINES) --force
 	$(BIN)/vv-run --engine-dir $(ENGINES) --script $(SCRIPT) $(foreach v,$(VOICES),--voice $(v)) --out $(OUT)
 
 test: setup
