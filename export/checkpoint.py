@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -350,6 +349,3 @@ def tiny_random_model(seed: int = 0) -> LoadedModel:
     _favour_speech(loaded, seed)
     return loaded
 
-
-def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)

@@ -77,7 +77,6 @@ def _store_weights_as(model_proto, dtype: str) -> None:
     """
     if dtype == "fp32":
         return
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     target = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.BFLOAT16
@@ -103,12 +102,12 @@ def _store_weights_as(model_proto, dtype: str) -> None:
         graph.initializer.append(stored)
         graph.node.insert(0, helper.make_node("Cast", [stored.name], [init.name], to=TensorProto.FLOAT,
                                                name=init.name + "__cast"))
-    onnx.checker.check_model(model_proto) if model_proto.ByteSize() < (1 << 31) - 1 else None
 
 
 @contextlib.contextmanager
 def _exportable_ops():
     """Decompose ops the TorchScript ONNX exporter lacks (aten::rms_norm in the diffusion head's final layer)."""
+    import torch
     import torch.nn.functional as F
 
     original = F.rms_norm
@@ -116,12 +115,9 @@ def _exportable_ops():
     def rms_norm(x, normalized_shape, weight=None, eps=None):
         eps = 1e-6 if eps is None else eps
         dims = tuple(range(-len(normalized_shape), 0))
-        y = x * torch_rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
         return y * weight if weight is not None else y
 
-    import torch
-
-    torch_rsqrt = torch.rsqrt
     F.rms_norm = rms_norm
     try:
         yield
