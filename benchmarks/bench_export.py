@@ -33,11 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import feeds_for, machine_info, versions, write_result  # noqa: E402
+from common import FULL_SIZE_CONFIG, feeds_for, load_average, provenance, write_result  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
-DEFAULT_CONFIG = SHARED / "reference" / "vibevoice-1.5b-original-config.json"
+DEFAULT_CONFIG = FULL_SIZE_CONFIG
 RESULT_NAME = "export_full_size.json"
 
 # dimension values of the small input each graph is run on once
@@ -215,7 +213,7 @@ def run_benchmark(out_dir: Path | None = None, *, config: Path = DEFAULT_CONFIG,
         scratch = Path(tempfile.mkdtemp(prefix="vv-bench-export-"))
         engine_dir = scratch / "full-size"
     engine_dir = Path(engine_dir)
-    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     common = ["--engine-dir", str(engine_dir)] + (["--threads", str(threads)] if threads else [])
     try:
         export = _child("export", ["--config", str(config), "--dtype", dtype,
@@ -248,9 +246,7 @@ def run_benchmark(out_dir: Path | None = None, *, config: Path = DEFAULT_CONFIG,
             "engine_dir_bytes": total_bytes,
             "graphs": graphs,
             "all_graphs_ran": all(g["ort"]["outputs_finite"] for g in graphs.values()),
-            "machine": {**machine_info(), "load_average_1min_before": load_before},
-            "versions": versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **provenance(load_average_1min_before=load_before),
         }
         if out_dir is not None:
             write_result(out_dir, RESULT_NAME, result)

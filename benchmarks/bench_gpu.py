@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -39,15 +38,14 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
-DEFAULT_CONFIG = SHARED / "reference" / "vibevoice-1.5b-original-config.json"
+sys.path.insert(0, str(HERE))
+from common import (REPO, FULL_SIZE_CONFIG, ForcedDiffusion, feeds_for, machine_info, versions,  # noqa: E402
+                    write_result)
+
+DEFAULT_CONFIG = FULL_SIZE_CONFIG
 RESULT_NAME = "bench_gpu.json"
 SAMPLE_RATE = 24000
 FRAME_GRAPHS = ("diffusion_sampler", "acoustic_decoder", "semantic_encoder")
-
-sys.path.insert(0, str(HERE))
-from common import ForcedDiffusion, feeds_for, machine_info, versions, write_result  # noqa: E402
 
 
 class Unavailable(Exception):

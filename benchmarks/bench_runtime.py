@@ -52,15 +52,13 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
+sys.path.insert(0, str(HERE))
+from common import SHARED, ForcedDiffusion, load_average, provenance, write_result  # noqa: E402
+from torch_reference import TorchReference  # noqa: E402
+
 FIXTURE = SHARED / "fixtures" / "vibevoice-tiny-original"
 RESULT_NAME = "bench_runtime_cpu.json"
 SAMPLE_RATE = 24000
-
-sys.path.insert(0, str(HERE))
-from common import ForcedDiffusion, machine_info, versions, write_result  # noqa: E402
-from torch_reference import TorchReference  # noqa: E402
 
 
 def mid_config(vocab_size: int) -> dict:
@@ -272,7 +270,7 @@ def run_benchmark(out_dir: Path | None = None, *, models=("tiny", "mid"), thread
                   frames: int = 24, repeats: int = 5, log=print) -> dict:
     cores = os.cpu_count() or 1
     thread_counts = list(thread_counts or sorted({1, cores}))
-    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     results = {}
     with tempfile.TemporaryDirectory(prefix="vv-bench-runtime-") as tmp:
         for name in models:
@@ -299,9 +297,7 @@ def run_benchmark(out_dir: Path | None = None, *, models=("tiny", "mid"), thread
         "goal_tiny_speedup_per_frame_same_threads": same_threads,
         "goal_met": bool(same_threads) and all((v or 0) >= 3.0 for v in same_threads.values()),
         "models": results,
-        "machine": {**machine_info(), "load_average_1min_before": load_before},
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **provenance(load_average_1min_before=load_before),
     }
     if out_dir is not None:
         write_result(out_dir, RESULT_NAME, result)

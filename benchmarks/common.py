@@ -7,7 +7,24 @@ import os
 import platform
 from pathlib import Path
 
+import time
+
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
+FULL_SIZE_CONFIG = SHARED / "reference" / "vibevoice-1.5b-original-config.json"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (other work on the machine while measuring), where the OS has one."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def provenance(**machine_extra) -> dict:
+    """The machine, package versions and time of a result: the fields every result JSON ends with."""
+    return {"machine": {**machine_info(), **machine_extra}, "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def machine_info() -> dict:

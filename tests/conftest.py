@@ -14,6 +14,18 @@ FIXTURE = SHARED / "fixtures" / "vibevoice-tiny-original"
 REFERENCE = SHARED / "reference"
 
 
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py as module `name` (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared reference material not found at {path}")

@@ -6,25 +6,18 @@ The same code as `make bench-export` (benchmarks/bench_export.py). Needs about 1
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import json
 import os
-from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 MIN_RAM_GB = 20
 MIN_DISK_GB = 14
 
 
 def _bench_export():
-    spec = importlib.util.spec_from_file_location("bench_export", REPO / "benchmarks" / "bench_export.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_export")
 
 
 def _ram_gb() -> float:

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 pytest.importorskip("diffusers")
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _torch_reference():
-    spec = importlib.util.spec_from_file_location("torch_reference", REPO / "benchmarks" / "torch_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("torch_reference")
 
 
 @pytest.fixture(scope="module")
