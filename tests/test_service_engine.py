@@ -1,0 +1,237 @@
+"""vv_runtime.service_engine on the real tiny ENGINE_DIRs: voices, submit/stream, cancel, deadlines,
+queue limits, draining, and results equal to Pipeline.generate with the same seed."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from vv_runtime.errors import RuntimeInputError
+from vv_runtime.pipeline import Pipeline
+from vv_runtime.service_engine import (Cancelled, EngineStopped, QueueFull, SpeechEngine, SpeechRequest,
+                                      VoiceStore)
+
+SCRIPT = "Speaker 1: Hello world.\nSpeaker 1: This is a tiny test."
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_engine_dir):
+    pipe = Pipeline.from_engine_dir(tiny_engine_dir, backend="ort")
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture(scope="module")
+def voice_wav(fixture_reference):
+    _, ref = fixture_reference
+    return np.asarray(ref["generate.voice_wav_raw"], dtype=np.float32)
+
+
+@pytest.fixture()
+def engine(pipeline, voice_wav):
+    eng = SpeechEngine(pipeline, max_batch=4, max_queue=8)
+    eng.voices.add(voice_wav, name="alice")
+    eng.start()
+    yield eng
+    eng.stop(drain=False, timeout=60)
+
+
+def wav_bytes(audio: np.ndarray, rate: int = 24000) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, audio, rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+# --- voices -------------------------------------------------------------------------------------------
+
+def test_voice_store_encodes_once_and_lists(pipeline, voice_wav, tmp_path):
+    store = VoiceStore(pipeline)
+    vid = store.add(voice_wav, name="alice")
+    assert vid == "alice"
+    voice = store.get("alice")
+    rows = pipeline.prepare(SCRIPT, [voice_wav])
+    np.testing.assert_array_equal(voice.audio, rows[0].voices[0])  # exactly what vv-run feeds the encoder
+    assert voice.frames == rows[0].prompt.voice_frames[0]
+    np.testing.assert_array_equal(voice.embeds, pipeline.voice_embeds(rows[0].voices[0], voice.frames))
+    assert store.list() == [{"id": "alice", "name": "alice", "seconds": round(voice_wav.size / 24000, 3)}]
+
+    # bytes of a sound file at another rate: resampled to 24 kHz, id from the content
+    other = store.add(wav_bytes(voice_wav[::2].copy(), rate=12000))
+    assert other != "alice" and other == store.add(wav_bytes(voice_wav[::2].copy(), rate=12000))
+    assert abs(store.get(other).seconds - voice_wav.size / 24000) < 0.01
+
+    sf.write(tmp_path / "bob.wav", voice_wav, 24000)
+    sf.write(tmp_path / "carol.flac", voice_wav[:12000], 24000)
+    (tmp_path / "notes.txt").write_text("not a voice")
+    assert store.load_dir(tmp_path) == ["bob", "carol"]
+    assert {v["id"] for v in store.list()} == {"alice", other, "bob", "carol"}
+
+
+@pytest.mark.parametrize("audio,message", [
+    (b"", "empty upload"),
+    (b"RIFF0000WAVEjunk", "unreadable audio"),
+    (np.zeros(4800, np.float32), "silent"),
+    (np.zeros(0, np.float32), "no audio samples"),
+    (np.full(100, np.nan, np.float32), "non-finite"),
+    (np.ones((2, 2, 2), np.float32), "shape"),
+    (12, "expected a file path"),
+])
+def test_voice_store_bad_audio(pipeline, audio, message):
+    store = VoiceStore(pipeline)
+    with pytest.raises(RuntimeInputError, match=message) as info:
+        store.add(audio)
+    assert "\n" not in str(info.value)
+    assert store.list() == []
+
+
+def test_voice_store_limits_and_unknown(pipeline, voice_wav):
+    store = VoiceStore(pipeline, max_seconds=0.1)
+    with pytest.raises(RuntimeInputError, match="more than the limit of 0.1 s"):
+        store.add(voice_wav)
+    with pytest.raises(RuntimeInputError, match="unknown voice 'nobody'"):
+        store.get("nobody")
+    with pytest.raises(RuntimeInputError, match="voice name"):
+        store.add(voice_wav, name="../etc")
+
+
+# --- requests ---------------------------------------------------------------------------------------
+
+def test_submit_streams_the_same_as_generate(engine, pipeline, voice_wav):
+    handle = engine.submit(SpeechRequest(SCRIPT, voices=["alice"], seed=11, max_new_frames=40))
+    chunks = list(handle.chunks(timeout=60))
+    assert handle.done and handle.error is None
+    alone = pipeline.generate(SCRIPT, [voice_wav], seed=11, max_new_frames=40)
+    assert handle.tokens == alone.tokens[0]
+    assert handle.frames == len(chunks) == alone.frames[0] > 0
+    assert all(c.shape == (engine.hop,) and c.dtype == np.float32 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), alone.audio[0])
+    assert handle.first_audio_s is not None and handle.first_audio_s > 0
+    stats = engine.stats()
+    assert stats["requests_total"] == 1 and stats["frames_total"] == handle.frames
+    assert stats["audio_seconds_total"] == pytest.approx(handle.frames * engine.hop / engine.sample_rate)
+    assert stats["ttfa_seconds"] == [handle.first_audio_s]
+    assert stats["queue_depth"] == 0 and stats["active_requests"] == 0 and stats["errors"] == {}
+
+
+def test_plain_text_and_raw_voice(engine, pipeline, voice_wav):
+    handle = engine.submit(SpeechRequest("Hello world.\nThis is a tiny test.", voices=[voice_wav], seed=11,
+                                         max_new_frames=40))
+    audio = handle.audio(timeout=60)
+    alone = pipeline.generate(SCRIPT, [voice_wav], seed=11, max_new_frames=40)
+    assert handle.tokens == alone.tokens[0]
+    np.testing.assert_array_equal(audio, alone.audio[0])
+
+
+def test_concurrent_requests_all_complete(engine, pipeline, voice_wav):
+    requests = [SpeechRequest(SCRIPT, voices=["alice"], seed=s, max_new_frames=12) for s in range(3)]
+    handles = [None] * 3
+
+    def client(i):
+        handles[i] = engine.submit(requests[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for h, req in zip(handles, requests):
+        audio = h.audio(timeout=120)
+        alone = pipeline.generate(SCRIPT, [voice_wav], seed=req.seed, max_new_frames=12)
+        assert h.tokens == alone.tokens[0]
+        np.testing.assert_allclose(audio, alone.audio[0], rtol=0, atol=1e-4 * np.abs(alone.audio[0]).max())
+    assert len({h.id for h in handles}) == 3
+    assert engine.stats()["requests_total"] == 3
+
+
+@pytest.mark.parametrize("request_,message", [
+    (SpeechRequest("", voices=[]), "script is empty"),
+    (SpeechRequest("Speaker 1: a\nno prefix", voices=[]), "no 'Speaker N:' prefix"),
+    (SpeechRequest("Speaker 1: a\nSpeaker 2: b", voices=["alice"]), "2 speakers but 1 voices"),
+    (SpeechRequest("Speaker 1: a", voices=["nobody"]), "unknown voice"),
+    (SpeechRequest("Speaker 1: a", voices=[np.zeros(0, np.float32)]), "no audio samples"),
+    (SpeechRequest("Speaker 1: " + "hello world " * 3000, voices=[]), "longer than the model's context"),
+    (SpeechRequest("Speaker 1: a", max_new_frames=0), "max_new_frames"),
+    (SpeechRequest("Speaker 1: a", seed=-1), "seed"),
+    (SpeechRequest("Speaker 1: a", cfg_scale=float("nan")), "cfg_scale"),
+    (SpeechRequest("Speaker 1: a", timeout_s=0), "timeout_s"),
+    (SpeechRequest("/etc/passwd.txt", voices=[]), None),  # text, never a file to read
+])
+def test_bad_requests_refused_before_queueing(engine, request_, message):
+    if message is None:
+        handle = engine.submit(SpeechRequest(request_.script, max_new_frames=2, seed=0))
+        handle.audio(timeout=60)
+        return
+    with pytest.raises(RuntimeInputError, match=message) as info:
+        engine.submit(request_)
+    assert "\n" not in str(info.value)
+    stats = engine.stats()
+    assert stats["queue_depth"] == 0 and stats["requests_total"] == 0
+
+
+def test_cancel_and_timeout(engine, pipeline):
+    long = SpeechRequest(SCRIPT, voices=["alice"], seed=1, max_new_frames=60)
+    handle = engine.submit(long)
+    it = handle.chunks(timeout=60)
+    next(it)
+    handle.cancel()
+    with pytest.raises(Cancelled):
+        for _ in it:
+            pass
+    assert handle.done and isinstance(handle.error, Cancelled)
+    assert handle.frames < 30
+
+    slow = engine.submit(SpeechRequest(SCRIPT, voices=["alice"], seed=1, max_new_frames=60, timeout_s=0.05))
+    with pytest.raises(TimeoutError, match="timeout"):
+        slow.audio(timeout=60)
+    ok = engine.submit(SpeechRequest(SCRIPT, voices=["alice"], seed=2, max_new_frames=5))
+    ok.audio(timeout=60)
+    assert ok.error is None and len(ok.tokens) == 5  # the engine goes on
+    errors = engine.stats()["errors"]
+    assert errors == {"cancelled": 1, "timeout": 1}
+
+
+def _wait_for(predicate, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_queue_full_and_drain(pipeline):
+    eng = SpeechEngine(pipeline, max_batch=1, max_queue=1)
+    with pytest.raises(EngineStopped):
+        eng.submit(SpeechRequest("Speaker 1: a"))  # not started
+    eng.start()
+    try:
+        first = eng.submit(SpeechRequest(SCRIPT, seed=3, max_new_frames=40))
+        assert _wait_for(lambda: eng.stats()["active_requests"] == 1)
+        second = eng.submit(SpeechRequest(SCRIPT, seed=4, max_new_frames=40))
+        with pytest.raises(QueueFull):
+            eng.submit(SpeechRequest(SCRIPT, seed=5, max_new_frames=40))
+        eng.stop(drain=True, timeout=120)
+        assert not eng.accepting
+        with pytest.raises(EngineStopped):
+            eng.submit(SpeechRequest("Speaker 1: a"))
+        for h in (first, second):  # both finished, none cut
+            assert h.done and h.error is None and h.tokens
+    finally:
+        eng.stop(drain=False, timeout=60)
+
+
+def test_stop_without_drain_cancels(pipeline):
+    eng = SpeechEngine(pipeline, max_batch=1, max_queue=4).start()
+    running = eng.submit(SpeechRequest(SCRIPT, seed=3, max_new_frames=60))
+    queued = eng.submit(SpeechRequest(SCRIPT, seed=4, max_new_frames=60))
+    assert _wait_for(lambda: running.frames > 0 or running.done)
+    eng.stop(drain=False, timeout=60)
+    assert running.done and queued.done
+    assert isinstance(queued.error, (Cancelled, EngineStopped))
+    with pytest.raises((Cancelled, EngineStopped)):
+        queued.audio(timeout=1)
