@@ -7,7 +7,6 @@ so an interrupted or failed export leaves nothing at --out.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine_dir import FORMAT, FORMAT_VERSION, ROLES, sha256_file
 from .errors import ExportError, ValidationError
 from .specs import CONTROL_TOKENS, DIMS, ExportContext, GraphSpec, build_specs, sample_inputs
 
-FORMAT = "vibevoice-trt/engine-dir"
-FORMAT_VERSION = 1
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weight bytes keep them in a side file (protobuf caps at 2 GB)
 
@@ -34,14 +32,6 @@ PROMPT = {
     "text_header": " Text input:\n",
     "output_header": " Speech output:\n",
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _versions() -> dict:
@@ -214,7 +204,9 @@ def _manifest(ctx: ExportContext, specs: list[GraphSpec], entries: dict, dtype: 
     tc = ctx.net.config.text_config
     graphs = {}
     for spec in specs:
-        graphs[spec.name] = {**entries[spec.name], **spec.manifest_entry()}
+        if spec.role not in ROLES:
+            raise ExportError(f"graph {spec.name}: role {spec.role!r} is not one of {', '.join(ROLES)}")
+        graphs[spec.name] = {**entries[spec.name], "role": spec.role, **spec.manifest_entry()}
         if validation is not None:
             graphs[spec.name]["validated_max_abs_error"] = validation[spec.name]
     return {

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from .errors import ExportError
 
-# Graphs of the ENGINE_DIR contract, in build order.
+# Graph names a plan may have sections for (the exporter's graphs); what is built is the manifest's graphs,
+# in the manifest's order.
 PLAN_GRAPHS = ("text_embed", "lm", "acoustic_encoder", "acoustic_decoder", "semantic_encoder",
                "acoustic_connector", "semantic_connector", "diffusion_step", "diffusion_sampler")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -410,12 +411,12 @@ def resolve_plan(plan: str | dict = "default", manifest: dict | None = None, pre
 
     plan_graphs = data.get("graphs") or {}
     for g in plan_graphs:
-        if g not in PLAN_GRAPHS:
+        if g not in PLAN_GRAPHS and g not in manifest_graphs:
             raise PlanError(f"{where0}: unknown graph {g!r} (the contract's graphs: {', '.join(PLAN_GRAPHS)})")
     for g in manifest_graphs:
         if g not in plan_graphs:
             raise PlanError(f"{where0}: no section [graphs.{g}] for the manifest's graph {g!r}")
-    selected = [g for g in PLAN_GRAPHS if g in manifest_graphs and g in plan_graphs]
+    selected = list(manifest_graphs)  # the manifest's graphs, in its (build) order
     if graphs is not None:
         for g in graphs:
             if g not in selected:

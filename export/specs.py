@@ -51,6 +51,9 @@ class GraphSpec:
     tolerance: dict  # output -> {"atol", "rtol"}
     sample: Callable | None = None  # (ctx, dims, generator) -> dict of tensors; default: random normal
     extra: dict = field(default_factory=dict)
+    # how the generation loop uses the graph (vv_export.engine_dir.ROLES): "loop" (called outside the
+    # per-frame path), "per-frame" (once per audio frame, CUDA-graph replayed), "auxiliary" (not called)
+    role: str = "auxiliary"
 
     def dynamic_axes(self) -> dict:
         axes = {}
@@ -173,6 +176,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             [{"batch": 1, "seq": 5}, {"batch": 3, "seq": 2}],
             _tol(0.0, 0.0, "inputs_embeds"),  # a gather: exact
             sample=_ids_sample,
+            role="loop",
         ),
         GraphSpec(
             "lm",
@@ -183,6 +187,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             [{"batch": 1, "seq": 6, "past": 0}, {"batch": 2, "seq": 1, "past": 7}, {"batch": 3, "seq": 3, "past": 5}],
             _tol(1e-5, 1e-4, "hidden", "control_logits", "new_kv"),
             sample=_lm_sample,
+            role="loop",
         ),
         GraphSpec(
             "acoustic_encoder",
@@ -192,6 +197,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             [{"batch": 1, "frames": 2}, {"batch": 2, "frames": 3}],
             _tol(1e-5, 1e-4, "latent_mean", "voice_embeds"),
             sample=_audio_sample,
+            role="loop",
         ),
         GraphSpec(
             "acoustic_decoder",
@@ -202,6 +208,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             _tol(1e-5, 1e-4, "audio", "new_state"),
             sample=_decoder_sample,
             extra={"state_layout": ctx.decoder_layout},
+            role="per-frame",
         ),
         GraphSpec(
             "semantic_encoder",
@@ -213,6 +220,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             _tol(1e-5, 1e-4, "features", "semantic_embed", "new_state"),
             sample=_semantic_sample,
             extra={"state_layout": ctx.semantic_layout},
+            role="per-frame",
         ),
         GraphSpec(
             "acoustic_connector",
@@ -221,6 +229,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             lambda c: wrappers.Connector(net.multi_modal_projector),
             [{"batch": 1, "frames": 4}, {"batch": 2, "frames": 1}],
             _tol(1e-5, 1e-5, "embeds"),
+            role="auxiliary",
         ),
         GraphSpec(
             "semantic_connector",
@@ -229,6 +238,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             lambda c: wrappers.Connector(net.semantic_connector),
             [{"batch": 1, "frames": 4}, {"batch": 2, "frames": 1}],
             _tol(1e-5, 1e-5, "embeds"),
+            role="auxiliary",
         ),
         GraphSpec(
             "diffusion_step",
@@ -239,6 +249,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             [{"batch": 1}, {"batch": 4}],
             _tol(1e-5, 1e-4, "guided"),
             sample=_step_sample,
+            role="auxiliary",
         ),
         GraphSpec(
             "diffusion_sampler",
@@ -250,6 +261,7 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             _tol(1e-4, 1e-3, "latent", "acoustic_embed"),
             sample=_sampler_sample,
             extra={"steps": ctx.steps},
+            role="per-frame",
         ),
     ]
 

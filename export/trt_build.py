@@ -20,9 +20,9 @@ Reduced precision (the plan's per-graph precision, or ``precision=`` for every g
   precision by ModelOpt AutoCast (the keep_fp32 op types stay fp32, I/O types kept) and built as a
   strongly typed network.
 
-The second half of this module holds the polygraphy accuracy helpers shared by the CPU tests (ONNX
-Runtime against the saved PyTorch outputs), the GPU accuracy check (TensorRT against ONNX Runtime)
-and the GPU benchmark.
+The manifest is read and written through ``vv_export.engine_dir`` (the exporter's one manifest module);
+the polygraphy accuracy helpers live in ``vv_export.accuracy``. Neither this module nor those import
+torch or the model code: `vv-export trt` runs where only TensorRT (and polygraphy) is installed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import contextlib
 import ctypes
 import fnmatch
 import io
-import json
 import os
 import re
 import shutil
@@ -41,14 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .engine_dir import ENGINE_FORMAT, TRT_DIR, atomic_write, file_lock, read_manifest, sha256_file, update_manifest
 from .errors import ExportError, TrtUnavailable
-from .onnx_export import sha256_file
 from .plans import KEEP_FP32_OPS, PRECISIONS, GraphPlan, Plan, resolve_plan
 
-TRT_DIR = "trt"
 TIMING_CACHE = "timing.cache"
 MIN_TRT_MAJOR = 10
-ENGINE_FORMAT = "vibevoice-trt/engine"
 
 # keep_fp32 ONNX op types -> the TensorRT layers they become (layer type, operation or None)
 FP32_LAYER_MATCH = {
@@ -91,14 +88,27 @@ class TrtEnv:
 
 
 def _cuda_device() -> tuple[str, int, int] | None:
-    """(name, major, minor) of CUDA device 0, or None: through torch, else the CUDA runtime library."""
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-            major, minor = torch.cuda.get_device_capability(0)
-            return torch.cuda.get_device_name(0), int(major), int(minor)
-    # torch may be a CPU build next to a pip-installed TensorRT: ask libcudart directly
+    """(name, major, minor) of CUDA device 0, or None: asked from the CUDA driver (libcuda), else the CUDA
+    runtime library. Never through torch: `vv-export trt` does not import it."""
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        count, device = ctypes.c_int(0), ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+            return None
+        if cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
+            return None
+        major, minor = ctypes.c_int(0), ctypes.c_int(0)
+        # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, ..._MINOR = 76
+        if (cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0
+                or cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0):
+            return None
+        name = ctypes.create_string_buffer(256)
+        if cuda.cuDeviceGetName(name, 256, device) != 0:
+            name.value = b"CUDA device 0"
+        return name.value.decode(errors="replace") or "CUDA device 0", major.value, minor.value
     for lib in ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "cudart64_12.dll"):
         try:
             cudart = ctypes.CDLL(lib)
@@ -208,58 +218,7 @@ def engine_is_current(engine_dir: Path, record: dict | None, expected: dict) -> 
     return True, "up to date"
 
 
-# --- manifest and files -------------------------------------------------------------------------
-
-def read_manifest(engine_dir: Path) -> dict:
-    path = Path(engine_dir) / "manifest.json"
-    if not Path(engine_dir).is_dir():
-        raise ExportError(f"--engine-dir {engine_dir}: not a directory")
-    if not path.is_file():
-        raise ExportError(f"{path}: missing (run `vv-export onnx --out {engine_dir}` first)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: unreadable manifest ({_one_line(exc)})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != "vibevoice-trt/engine-dir":
-        raise ExportError(f"{path}: not a vibevoice-trt ENGINE_DIR manifest")
-    if manifest.get("format_version") != 1:
-        raise ExportError(f"{path}: unsupported format_version {manifest.get('format_version')!r}")
-    if not isinstance(manifest.get("graphs"), dict):
-        raise ExportError(f"{path}: no graphs")
-    return manifest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _lock(path: Path, timeout: float = 600.0):
-    from filelock import FileLock
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path), timeout=timeout)
-
-
-def update_manifest(engine_dir: Path, update: Callable[[dict], None]) -> dict:
-    """Re-read manifest.json under a lock, apply `update(manifest)`, replace it atomically."""
-    engine_dir = Path(engine_dir)
-    with _lock(engine_dir / TRT_DIR / ".manifest.lock"):
-        manifest = read_manifest(engine_dir)
-        update(manifest)
-        _atomic_write(engine_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    return manifest
-
+# --- files -------------------------------------------------------------------------
 
 def _clean_stale_temp(trt_dir: Path) -> None:
     """Remove temporary files left by builds that were killed (their pid is gone)."""
@@ -305,7 +264,7 @@ def _merge_timing_cache(path: Path, config, progress) -> None:
         return
     if ours is None:
         return
-    with _lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock")):
         on_disk = _read_timing_cache(path)
         if on_disk:
             try:
@@ -315,7 +274,7 @@ def _merge_timing_cache(path: Path, config, progress) -> None:
             except Exception as exc:  # a cache from another TensorRT version / device: replace it
                 progress(f"  note: {path.name} not mergeable ({_one_line(exc)}); replacing it")
         data = ours.serialize()
-        _atomic_write(path, bytes(memoryview(data)))
+        atomic_write(path, bytes(memoryview(data)))
 
 
 # --- network construction -----------------------------------------------------------------------
@@ -534,7 +493,7 @@ def build_engines(engine_dir, plan: str = "default", precision: str | None = Non
             except Exception as exc:  # polygraphy / TensorRT failures: multi-line, keep the gist
                 raise ExportError(f"graph {graph}: TensorRT build failed ({_last_line(exc)})") from exc
             data = memoryview(engine)
-            _atomic_write(target, data)
+            atomic_write(target, data)
             size = data.nbytes
             del data, engine
         finally:
@@ -566,164 +525,6 @@ def _record(engine_dir: Path, graph: str, new: dict, resolved: Plan, old: dict |
                         (engine_dir / stale["file"]).unlink()
 
     update_manifest(engine_dir, update)
-
-
-# --- accuracy (polygraphy) ----------------------------------------------------------------------
-
-@dataclass
-class OutputError:
-    output: str
-    iteration: int
-    max_abs_error: float
-    allowed: float
-    peak: float
-    passed: bool
-
-
-@dataclass
-class AccuracyReport:
-    graph: str
-    test: str
-    reference: str
-    passed: bool
-    errors: list  # of OutputError
-
-    def worst(self) -> dict:
-        """output -> the largest error over the iterations, with its allowed bound."""
-        out: dict = {}
-        for e in self.errors:
-            w = out.get(e.output)
-            if w is None or e.max_abs_error - e.allowed > w["max_abs_error"] - w["allowed"]:
-                out[e.output] = {"max_abs_error": e.max_abs_error, "allowed": e.allowed, "iteration": e.iteration}
-        return out
-
-    def failures(self) -> list[str]:
-        return [f"{self.graph}.{e.output} (inputs #{e.iteration}): {self.test} vs {self.reference} max |error| "
-                f"{e.max_abs_error:.3g} > allowed {e.allowed:.3g}" for e in self.errors if not e.passed]
-
-    def to_json(self) -> dict:
-        return {"graph": self.graph, "test": self.test, "reference": self.reference, "passed": self.passed,
-                "worst": self.worst()}
-
-
-def quiet_polygraphy() -> None:
-    from polygraphy.logger import G_LOGGER
-
-    G_LOGGER.module_severity = G_LOGGER.ERROR
-
-
-def _simple_compare(atol: dict, rtol: dict):
-    from polygraphy.comparator import compare as pg_compare
-
-    cls = getattr(pg_compare, "SimpleCompareFunc", None)
-    if cls is not None:
-        return cls(atol=atol, rtol=rtol, check_error_stat="max", check_shapes=True)
-    return pg_compare.CompareFunc.simple(atol=atol, rtol=rtol, check_error_stat="max", check_shapes=True)
-
-
-def compare_outputs(graph: str, test_outputs: list[dict], reference_outputs: list[dict], tolerance: dict,
-                    test_name: str = "test", reference_name: str = "reference") -> AccuracyReport:
-    """Compare two runs through polygraphy's Comparator with per-output tolerances.
-
-    The criterion is the exporter's: ``max|test - ref| <= atol + rtol * max|ref|`` per output and per
-    iteration. Polygraphy's own relative check is per element, so each iteration is compared with a
-    SimpleCompareFunc whose absolute bound is atol + rtol * max|ref| (check_error_stat "max").
-    """
-    import numpy as np
-    from polygraphy.comparator import Comparator, RunResults
-    from polygraphy.comparator.struct import IterationResult
-
-    quiet_polygraphy()
-    if len(test_outputs) != len(reference_outputs):
-        raise ValueError(f"{graph}: {len(test_outputs)} test iterations vs {len(reference_outputs)} reference")
-    errors = []
-    passed = True
-    for i, (got, ref) in enumerate(zip(test_outputs, reference_outputs)):
-        atol, rtol = {}, {}
-        peaks = {}
-        for name, value in ref.items():
-            arr = np.asarray(value)
-            peak = float(np.max(np.abs(arr))) if arr.size else 0.0
-            tol = tolerance.get(name, tolerance.get("")) or {"atol": 0.0, "rtol": 0.0}
-            atol[name] = tol["atol"] + tol["rtol"] * peak
-            rtol[name] = 0.0
-            peaks[name] = peak
-        missing = [k for k in ref if k not in got]
-        if missing:
-            raise ValueError(f"{graph}: {test_name} produced no output {missing[0]!r}")
-        results = RunResults()
-        results.append((test_name, [IterationResult({k: np.asarray(got[k]) for k in ref}, runner_name=test_name)]))
-        results.append((reference_name, [IterationResult({k: np.asarray(v) for k, v in ref.items()},
-                                                         runner_name=reference_name)]))
-        accuracy = Comparator.compare_accuracy(results, compare_func=_simple_compare(atol, rtol))
-        verdicts = list(accuracy[0].values())[0][0] if len(accuracy) else {}
-        for name in ref:
-            a, b = np.asarray(got[name]), np.asarray(ref[name])
-            if a.shape != b.shape:
-                err = float("inf")
-            else:
-                err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if b.size else 0.0
-            ok = bool(verdicts.get(name, False)) and np.isfinite(err)
-            passed &= ok
-            errors.append(OutputError(name, i, err, atol[name], peaks[name], ok))
-    return AccuracyReport(graph, test_name, reference_name, passed, errors)
-
-
-def run_onnxrt(engine_dir, manifest: dict, graph: str, feeds_list: list[dict], providers=None,
-               name: str = "onnxrt") -> list[dict]:
-    """Run one graph of an ENGINE_DIR in ONNX Runtime through polygraphy (OnnxrtRunner + Comparator.run)."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator
-
-    quiet_polygraphy()
-    path = Path(engine_dir) / manifest["graphs"][graph].get("file", f"{graph}.onnx")
-    runner = OnnxrtRunner(SessionFromOnnx(str(path), providers=providers or ["cpu"]), name=name)
-    results = Comparator.run([runner], data_loader=list(feeds_list))
-    return [{k: v for k, v in it.items()} for it in results[0][1]]
-
-
-def make_backend_runner(backend, manifest: dict, graph: str, name: str):
-    """A polygraphy runner over any runtime backend (``backend.run(graph, feeds)``), e.g. TrtBackend."""
-    from collections import OrderedDict
-
-    import numpy as np
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
-
-    class BackendRunner(BaseRunner):
-        def __init__(self):
-            super().__init__(name=name, prefix="backend")
-
-        def get_input_metadata_impl(self):
-            meta = TensorMetadata()
-            for io_spec in manifest["graphs"][graph]["inputs"]:
-                shape = [d if isinstance(d, int) else None for d in io_spec["shape"]]
-                meta.add(io_spec["name"], np.dtype(io_spec["dtype"]), shape)
-            return meta
-
-        def infer_impl(self, feed_dict):
-            start = time.perf_counter()
-            out = backend.run(graph, dict(feed_dict))
-            self.inference_time = time.perf_counter() - start
-            return OrderedDict((k, np.array(v, copy=True)) for k, v in out.items())
-
-    return BackendRunner()
-
-
-def run_backend(backend, manifest: dict, graph: str, feeds_list: list[dict], name: str = "backend") -> list[dict]:
-    """Run one graph on a runtime backend through polygraphy's Comparator.run."""
-    from polygraphy.comparator import Comparator
-
-    quiet_polygraphy()
-    runner = make_backend_runner(backend, manifest, graph, name)
-    results = Comparator.run([runner], data_loader=list(feeds_list))
-    return [{k: v for k, v in it.items()} for it in results[0][1]]
-
-
-def reference_outputs(run_results) -> list[dict]:
-    """The iterations of the (single) runner of saved RunResults, as dicts of arrays."""
-    _, iterations = run_results[0]
-    return [{k: v for k, v in it.items()} for it in iterations]
 
 
 def _one_line(exc: BaseException) -> str:

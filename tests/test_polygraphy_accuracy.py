@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from vv_export.trt_build import compare_outputs, reference_outputs, run_onnxrt
+from vv_export.accuracy import compare_outputs, reference_outputs, run_onnxrt
 from vv_export.validation_data import REFERENCE_RUNNER, load_validation_data, validation_paths
 
 GRAPHS = ["text_embed", "lm", "acoustic_encoder", "acoustic_decoder", "semantic_encoder", "acoustic_connector",
@@ -94,7 +94,7 @@ def test_criterion_is_atol_plus_rtol_of_peak():
 def test_backend_runner_matches_onnxrt(graph, tiny_engine_dir, manifest, onnxrt_runs):
     """The polygraphy runner over a runtime backend, which the GPU check wraps around TrtBackend, here around
     the ORT backend: its outputs are ONNX Runtime's."""
-    from vv_export.trt_build import run_backend
+    from vv_export.accuracy import run_backend
     from vv_runtime.backend import OrtBackend
 
     feeds, ort_outputs, _ = onnxrt_runs[graph]

@@ -122,7 +122,7 @@ def built(torch_cuda, tiny_engine_dir, tmp_path_factory, results):
 @pytest.fixture(scope="module")
 def onnxrt(tiny_engine_dir):
     """graph -> (validation feeds, ONNX Runtime fp32 outputs, PyTorch outputs)."""
-    from vv_export.trt_build import reference_outputs, run_onnxrt
+    from vv_export.accuracy import reference_outputs, run_onnxrt
     from vv_export.validation_data import load_validation_data
 
     manifest = json.loads((tiny_engine_dir / "manifest.json").read_text())
@@ -143,7 +143,7 @@ def onnxrt(tiny_engine_dir):
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_engine_matches_onnxrt(graph, precision, built, onnxrt, results):
     from vv_export.plans import resolve_plan
-    from vv_export.trt_build import compare_outputs, run_backend
+    from vv_export.accuracy import compare_outputs, run_backend
 
     out, manifest, backend, _ = built(precision)
     feeds, ort_outputs, torch_outputs = onnxrt(graph)
@@ -173,7 +173,7 @@ def test_rebuild_is_a_no_op(built):
 
 def test_lm_switches_profiles(built, onnxrt):
     """prefill -> decode -> prefill on one context: each call still matches ONNX Runtime."""
-    from vv_export.trt_build import compare_outputs
+    from vv_export.accuracy import compare_outputs
 
     out, manifest, backend, _ = built("fp32")
     feeds, ort_outputs, _ = onnxrt("lm")

@@ -19,8 +19,8 @@ import pytest
 from vv_export import trt_build
 from vv_export.errors import ExportError, TrtUnavailable
 from vv_export.plans import PlanError, resolve_plan
-from vv_export.trt_build import (build_engines, engine_file_name, engine_is_current, expected_engine,
-                                 update_manifest)
+from vv_export.engine_dir import update_manifest
+from vv_export.trt_build import build_engines, engine_file_name, engine_is_current, expected_engine
 
 
 def _has_tensorrt() -> bool:
