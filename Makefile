@@ -11,7 +11,7 @@ SCRIPT  ?= examples/podcast.txt
 VOICES  ?= examples/voice_a.wav examples/voice_b.wav
 OUT     ?= out/demo.wav
 
-.PHONY: setup demo test test-slow test-gpu bench bench-export bench-gpu check-accuracy trt clean
+.PHONY: setup demo test test-slow test-gpu bench bench-export bench-gpu check-accuracy gpu-preflight gpu-setup trt clean
 
 $(BIN)/vv-run: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,8 +33,12 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q
 
-test-gpu: setup
-	$(BIN)/python -m pytest -m gpu -q
+# GPU jobs (docs/GPU.md). First an NVIDIA GPU is looked for with the system's python3 alone: without one
+# make stops within seconds with one line, having installed nothing. Then the pinned CUDA 12 stack of
+# requirements-gpu.txt goes into the venv (one TensorRT, a CUDA 12 torch, onnxruntime-gpu alone) and is
+# checked to see the GPU. VV_REQUIRE_GPU=1 makes pytest fail where a gpu test skipped or none ran.
+test-gpu: gpu-setup
+	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_runtime.py --out benchmarks/results
@@ -42,11 +46,33 @@ bench: setup
 bench-export: setup
 	$(BIN)/python benchmarks/bench_export.py --out benchmarks/results
 
-bench-gpu: setup
-	$(BIN)/python benchmarks/bench_gpu.py --out benchmarks/results
+bench-gpu: gpu-setup
+	$(BIN)/python benchmarks/bench_gpu.py --plan bench --out benchmarks/results
 
-check-accuracy: setup
-	$(BIN)/python -m pytest -m gpu -q tests/test_trt_accuracy.py
+check-accuracy: gpu-setup
+	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_trt_accuracy.py
+
+GPU_STAMP = $(VENV)/.gpu-stack
+GPU_JOB   = make $(or $(firstword $(filter test-gpu bench-gpu check-accuracy,$(MAKECMDGOALS))),gpu-setup)
+# $(call vv_one_line,COMMAND): print COMMAND's one line, or stop make with that line as its only message
+vv_one_line = $(eval _vv_out := $(shell $(1) 2>&1; echo "rc=$$?"))$(if $(filter rc=0,$(lastword $(_vv_out))),echo "$(filter-out rc=%,$(_vv_out))",$(error $(filter-out rc=%,$(_vv_out))))
+
+gpu-preflight:
+	@$(call vv_one_line,$(PY) tools/gpu_preflight.py --job "$(GPU_JOB)")
+
+$(GPU_STAMP): requirements-gpu.txt pyproject.toml | gpu-preflight
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# the CUDA 12 torch first: `pip install -e .[dev]` then keeps it
+	$(BIN)/pip install -q -r requirements-gpu.txt
+	$(BIN)/pip install -q -e ".[dev]"
+	@# .[dev] pulls in the CPU onnxruntime, which writes the same module as onnxruntime-gpu: keep one
+	$(BIN)/pip uninstall -q -y onnxruntime
+	$(BIN)/pip install -q --force-reinstall --no-deps "$$(grep -E '^onnxruntime-gpu' requirements-gpu.txt)"
+	touch $(BIN)/vv-run $@
+
+gpu-setup: $(GPU_STAMP)
+	@$(call vv_one_line,$(BIN)/python tools/gpu_preflight.py --stack --job "$(GPU_JOB)")
 
 trt: setup
 	$(BIN)/vv-export trt --engine-dir $(ENGINES) $(if $(PLAN),--plan $(PLAN)) $(if $(PRECISION),--precision $(PRECISION))

@@ -71,3 +71,38 @@ def random_engine_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "random"
     export_onnx(tiny_random_model(seed=0), out, progress=False)
     return out
+
+
+# --- VV_REQUIRE_GPU=1 (set by `make check-accuracy` / `make test-gpu`): a GPU run that cannot pass by skipping.
+# Any skip of a `gpu`-marked test becomes a failure, except a skip whose reason starts with "not applicable"
+# (e.g. bf16 on a GPU without bf16); the session fails when no gpu-marked test ran at all.
+
+_GPU_RAN = pytest.StashKey[int]()  # gpu-marked tests whose call phase ran (passed or failed)
+
+
+def _require_gpu() -> bool:
+    return os.environ.get("VV_REQUIRE_GPU", "").strip() not in ("", "0")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if not _require_gpu() or item.get_closest_marker("gpu") is None:
+        return
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if reason.startswith("Skipped: "):
+            reason = reason[len("Skipped: "):]
+        if not reason.startswith("not applicable"):
+            report.outcome = "failed"
+            report.longrepr = f"VV_REQUIRE_GPU=1: gpu test skipped instead of running ({reason})"
+    elif report.when == "call" and not report.skipped:
+        item.config.stash[_GPU_RAN] = item.config.stash.get(_GPU_RAN, 0) + 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _require_gpu() and session.config.stash.get(_GPU_RAN, 0) == 0:
+        print("\nVV_REQUIRE_GPU=1: no gpu-marked test ran", flush=True)
+        if exitstatus == 0:
+            session.exitstatus = 1
