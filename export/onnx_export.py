@@ -262,12 +262,22 @@ def check_out_path(out: str | os.PathLike, force: bool) -> Path:
 
 def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate: bool = True,
                 force: bool = False, diffusion_steps: int = 10, progress: bool = True,
-                threads: int | None = None) -> Path:
-    """Export every graph of `loaded` into the ENGINE_DIR `out` (atomically)."""
+                threads: int | None = None, quantize: str = "none", quantize_select: str = "measure") -> Path:
+    """Export every graph of `loaded` into the ENGINE_DIR `out` (atomically).
+
+    quantize int8|int4: weight quantization of each validated fp32 graph where it stays within its
+    tolerance and is faster (export/quantize.py; quantize_select="all" keeps it whatever its speed).
+    """
     from tqdm import tqdm
 
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ExportError(f"--dtype {dtype}: expected fp32, fp16 or bf16")
+    if quantize != "none":
+        from .quantize import check_mode, quantize_graph, record_in_manifest
+
+        check_mode(quantize)
+        if not validate or dtype != "fp32":
+            raise ExportError("--quantize needs an fp32, validated export (no --no-validate, --dtype fp32)")
     out = Path(out)
     parent = check_out_path(out, force)
     round_weights_(loaded.model, dtype)
@@ -275,7 +285,7 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
     specs = build_specs(ctx)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     try:
-        entries, validation = {}, {} if validate else None
+        entries, validation, quantized = {}, {} if validate else None, {}
         bar = tqdm(specs, desc="export", unit="graph", disable=not progress, file=sys.stderr)
         for spec in bar:
             bar.set_postfix_str(spec.name)
@@ -283,11 +293,18 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
             if validate:
                 bar.set_postfix_str(f"{spec.name}: validating")
                 validation[spec.name] = validate_graph(spec, ctx, work, threads)
+            if quantize != "none":
+                bar.set_postfix_str(f"{spec.name}: quantizing ({quantize})")
+                entries[spec.name], quantized[spec.name] = quantize_graph(spec, ctx, work, entries[spec.name],
+                                                                          quantize, threads=threads,
+                                                                          select=quantize_select)
         if loaded.tokenizer_json is not None:
             (work / "tokenizer.json").write_text(loaded.tokenizer_json)
         else:
             shutil.copyfile(loaded.tokenizer_file, work / "tokenizer.json")
         manifest = _manifest(ctx, specs, entries, dtype, validation)
+        if quantize != "none":
+            record_in_manifest(manifest, quantize, quantized)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))

@@ -1,0 +1,484 @@
+"""Weight quantization of the exported graphs for the CPU path (`vv-export onnx --quantize int8|int4`).
+
+Runs graph by graph inside `export_onnx`, after the fp32 graph was exported and validated against
+PyTorch; it uses ONNX Runtime's own tooling only:
+
+- MatMul weights (and Gemm weights, rewritten as MatMul + Add first) become `MatMulNBits`
+  (com.microsoft): block-wise, `BLOCK_SIZE` weights per block along K, symmetric, 8 or 4 bits, with
+  `accuracy_level` 4 (int8 activations, the VNNI/AMX int8 kernels; the fp32 activations are quantized
+  per block on the fly). The diffusion sampler's unrolled steps read every head weight through
+  `Identity` nodes of one shared initializer: those are bypassed before quantizing and the quantizer's
+  per-node copies are merged afterwards, so the 10 steps share one quantized copy (the graph's weight
+  bytes say so: `weight_bytes_after` of the sampler equals the step graph's).
+- The conv stacks (acoustic_encoder, acoustic_decoder, semantic_encoder) get a second candidate: their
+  MatMuls as above plus dynamic int8 `Conv` (`quantize_dynamic` -> ConvInteger). ~87 % of their
+  weights are the blocks' feed-forward MatMuls, the rest strided/depthwise convs and (decoder) ConvTranspose,
+  which ORT cannot quantize.
+
+Each candidate is validated on the very inputs the fp32 graph was validated on, against the saved
+PyTorch (fp32) outputs (ENGINE_DIR/validation), with the tolerance of `TOLERANCES` for its bit width,
+and timed against the fp32 graph in ONNX Runtime on this CPU at a per-frame shape (`TIMING_DIMS`),
+interleaved, median of several runs. With `select="measure"` (the CLI's) a candidate is kept only
+when it is within tolerance and at least `MIN_SPEEDUP` times faster than fp32; of several such, the
+fastest. Otherwise the graph stays fp32 and the manifest says why. `select="all"` keeps the first
+candidate within tolerance whatever its speed (tests: timings of tiny graphs say nothing).
+
+Tolerances (``max|quantized - torch| <= atol + rtol * max|torch|`` per output, as for fp32): the error
+is dominated by the weights' rounding, not by operator order. Symmetric block quantization rounds each
+weight to a step of max|block| / (2^(bits-1) - 1): int8 127 levels (step ~0.8 % of the block maximum;
+uniform rounding noise ~0.23 % of it rms), int4 7 levels (step ~14 %, rms ~4 %). Each MatMul output is
+a sum of K such products, so its relative error is about the weights' relative rms error (the noise adds
+in quadrature, like the signal); the int8 activations of accuracy_level 4 add about as much again.
+Through a stack of layers with residual connections the relative errors add roughly linearly in depth
+(~sqrt in the best case). Random weights (Gaussian blocks, the tiny models' few
+input channels) are a hard case for absmax blocks, and a single worst element is compared with the
+tensor's peak, so the measured figures are well above these rms estimates; the bounds are twice the
+worst error measured on the shared fixture, the tiny and the mid-size random models (listed at
+`TOLERANCES`, docs/QUANTIZATION.md). They bound what the quantized graph may do on the validation
+inputs; they say nothing about the quality of speech from real weights, which the user checks with
+`benchmarks/quant_report.py` on the checkpoint.
+Quantized outputs are compared with max-abs error over the tensor against its peak, so rtol is the
+worst element's error relative to the tensor's largest value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError
+
+MODES = {"int8": 8, "int4": 4}
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # int8 compute of the activations (MatMulNBits' fast CPU path)
+MIN_SPEEDUP = 1.05  # a quantized graph must be at least 5 % faster than fp32 to be kept (select="measure")
+CONV_GRAPHS = ("acoustic_encoder", "acoustic_decoder", "semantic_encoder")
+
+# graph -> [(label, dims)]: the shapes the graph is timed at; the first one decides (per-frame cost)
+TIMING_DIMS = {
+    "lm": [("decode", {"batch": 2, "seq": 1, "past": 255}), ("prefill", {"batch": 2, "seq": 128, "past": 0})],
+    "acoustic_encoder": [("prompt", {"batch": 1, "frames": 8})],
+    "acoustic_decoder": [("frame", {"batch": 1})],
+    "semantic_encoder": [("frame", {"batch": 1})],
+    "acoustic_connector": [("prompt", {"batch": 1, "frames": 8})],
+    "semantic_connector": [("prompt", {"batch": 1, "frames": 8})],
+    "diffusion_step": [("frame", {"batch": 1})],
+    "diffusion_sampler": [("frame", {"batch": 1})],
+}
+
+
+def _tol(atol: float, rtol: float) -> dict:
+    return {"atol": atol, "rtol": rtol}
+
+
+# bits -> graph -> tolerance for every output of the graph. Measured worst error / peak (int8 | int4, over
+# all outputs and validation shapes, accuracy_level 4) on the shared fixture, the tiny random and the
+# mid-size random model: lm .10/.014/.028 | .42/.19/.13 (control_logits worst), acoustic_encoder
+# .016/.008/.008 | .19/.08/.13, acoustic_decoder .05/.003/.001 | .41/.03/.01, semantic_encoder
+# .02/.011/.007 | .24/.12/.11, connectors .011 | .16, diffusion_step .030/.012/.016 | .21/.16/.15,
+# diffusion_sampler .032/.014/.008 | .28/.17/.13. Bounds: about twice the worst of them.
+TOLERANCES = {
+    8: {
+        "lm": _tol(1e-3, 0.2),
+        "acoustic_encoder": _tol(1e-4, 0.04),
+        "acoustic_decoder": _tol(1e-4, 0.1),
+        "semantic_encoder": _tol(1e-4, 0.05),
+        "acoustic_connector": _tol(1e-4, 0.03),
+        "semantic_connector": _tol(1e-4, 0.03),
+        "diffusion_step": _tol(1e-4, 0.06),
+        "diffusion_sampler": _tol(1e-4, 0.07),
+    },
+    4: {
+        "lm": _tol(1e-3, 0.8),
+        "acoustic_encoder": _tol(1e-4, 0.4),
+        "acoustic_decoder": _tol(1e-4, 0.8),
+        "semantic_encoder": _tol(1e-4, 0.5),
+        "acoustic_connector": _tol(1e-4, 0.3),
+        "semantic_connector": _tol(1e-4, 0.3),
+        "diffusion_step": _tol(1e-4, 0.45),
+        "diffusion_sampler": _tol(1e-4, 0.6),
+    },
+}
+
+
+def check_mode(mode: str) -> None:
+    if mode != "none" and mode not in MODES:
+        raise ExportError(f"--quantize {mode}: expected none, int8 or int4")
+
+
+def tolerance_for(graph: str, bits: int, outputs: list[str]) -> dict:
+    tol = TOLERANCES[bits].get(graph)
+    if tol is None:
+        raise ExportError(f"graph {graph}: no {bits}-bit quantization tolerance is stated")
+    return {o: dict(tol) for o in outputs}
+
+
+# --- graph rewrites --------------------------------------------------------------------------------
+
+def _initializer_bytes(init) -> int:
+    from onnx import numpy_helper
+
+    if init.raw_data:
+        return len(init.raw_data)
+    return int(numpy_helper.to_array(init).nbytes)
+
+
+def weight_bytes(model) -> int:
+    return sum(_initializer_bytes(i) for i in model.graph.initializer)
+
+
+def _bypass_weight_identities(graph) -> int:
+    """Consumers of `Identity(initializer)` read the initializer itself (shared weights stay shared)."""
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+        else:
+            keep.append(node)
+    if not alias:
+        return 0
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    graph.ClearField("node")
+    graph.node.extend(keep)
+    return len(alias)
+
+
+def _gemm_to_matmul(graph) -> int:
+    """Gemm(A, W, C) with a constant W (alpha 1, A not transposed) -> MatMul(A, W as [K, N]) (+ Add(beta*C))."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    made = {}
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or abs(attrs.get("alpha", 1.0) - 1.0) > 0):
+            nodes.append(node)
+            continue
+        w_name = node.input[1]
+        trans_b = attrs.get("transB", 0)
+        key = (w_name, trans_b)
+        if key not in made:
+            w = numpy_helper.to_array(inits[w_name])
+            if trans_b:
+                new_name = w_name + "__kn"
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), new_name))
+            else:
+                new_name = w_name
+            made[key] = new_name
+        has_bias = len(node.input) > 2 and node.input[2] and attrs.get("beta", 1.0) != 0
+        mm_out = node.output[0] + "__mm" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], made[key]], [mm_out], name=(node.name or w_name) + "__mm"))
+        if has_bias:
+            bias = node.input[2]
+            beta = attrs.get("beta", 1.0)
+            if beta != 1.0:
+                scaled = bias + "__beta"
+                if scaled not in inits:
+                    graph.initializer.append(helper.make_tensor(scaled, 1, [], [float(beta)]))
+                    inits[scaled] = None
+                nodes.append(helper.make_node("Mul", [bias, scaled], [bias + "__scaled_" + node.output[0]]))
+                bias = bias + "__scaled_" + node.output[0]
+            nodes.append(helper.make_node("Add", [mm_out, bias], [node.output[0]], name=(node.name or w_name) + "__bias"))
+        count += 1
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return count
+
+
+def _drop_unused_and_duplicate_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    seen, keep = set(), []
+    for init in graph.initializer:
+        if init.name in used and init.name not in seen:
+            seen.add(init.name)
+            keep.append(init)
+    if len(keep) != len(graph.initializer):
+        graph.ClearField("initializer")
+        graph.initializer.extend(keep)
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """ORT's quantization tools log every tensor at INFO (some through the root logger)."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def quantize_matmuls(model, bits: int):
+    """MatMulNBits for every MatMul with a constant weight; returns (model, nodes quantized)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                  MatMulNBitsQuantizer)
+
+    _bypass_weight_identities(model.graph)
+    _gemm_to_matmul(model.graph)
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                          bits=bits)
+    with _quiet_logging():
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+                                         accuracy_level=ACCURACY_LEVEL, algo_config=config)
+        quantizer.process()
+    out = quantizer.model.model
+    _drop_unused_and_duplicate_initializers(out.graph)
+    nodes = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
+    return out, nodes
+
+
+def quantize_convs(src: Path, dst: Path) -> int:
+    """Dynamic int8 Conv (ConvInteger) from the graph at src into dst; returns the Conv nodes quantized."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_logging():
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["Conv"], weight_type=QuantType.QUInt8,
+                         use_external_data_format=True)
+    model = onnx.load(str(dst), load_external_data=False)
+    return sum(1 for n in model.graph.node if n.op_type == "ConvInteger")
+
+
+# --- saving, validating, timing --------------------------------------------------------------------
+
+def save_graph(model, path: Path) -> list[str]:
+    """Save like the exporter: weights in a side file past EXTERNAL_DATA_BYTES; returns the file names."""
+    import onnx
+
+    from .onnx_export import EXTERNAL_DATA_BYTES
+
+    if weight_bytes(model) > EXTERNAL_DATA_BYTES:
+        data_name = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        files = [path.name, data_name]
+    else:
+        onnx.save_model(model, str(path))
+        files = [path.name]
+    onnx.checker.check_model(str(path))
+    return files
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def validate_quantized(name: str, path: Path, directory: Path, tolerance: dict, threads: int | None):
+    """Max error per output of the graph at `path` on the saved validation inputs vs the saved PyTorch outputs.
+
+    Returns (errors, first failure message or None).
+    """
+    from .onnx_export import _compare
+    from .errors import ValidationError
+    from .validation_data import REFERENCE_RUNNER, load_validation_data
+
+    feeds_list, results = load_validation_data(directory, name)
+    refs = dict(results)[REFERENCE_RUNNER]
+    session = _session(path, threads)
+    outputs = [o.name for o in session.get_outputs()]
+    worst = {o: 0.0 for o in outputs}
+    failure = None
+    for feeds, ref in zip(feeds_list, refs):
+        got = session.run(outputs, feeds)
+        for out_name, value in zip(outputs, got):
+            reference = np.asarray(ref[out_name])
+            diff = np.abs(value.astype(np.float64) - reference.astype(np.float64))
+            err = float(diff.max()) if diff.size else 0.0
+            worst[out_name] = max(worst[out_name], err) if np.isfinite(err) else float("inf")
+            if failure is None:
+                try:
+                    _compare(name, out_name, value, reference, tolerance[out_name],
+                             {k: list(v.shape) for k, v in feeds.items()})
+                except ValidationError as exc:
+                    failure = str(exc)
+    return worst, failure
+
+
+def _timing_feeds(spec, ctx, dims: dict) -> dict:
+    from .specs import sample_inputs
+
+    d = dict(dims)
+    if "frames" in d:
+        d.setdefault("samples", d["frames"] * ctx.hop)
+    if "past" in d:
+        d.setdefault("total", d["past"] + d["seq"])
+    return {k: v.numpy() for k, v in sample_inputs(spec, ctx, d, seed=7).items()}
+
+
+def time_pair(paths: dict, feeds: dict, threads: int | None, budget_s: float = 2.0) -> dict:
+    """Median seconds per run of each graph in `paths` on `feeds`, runs interleaved (same machine load)."""
+    sessions = {k: _session(p, threads) for k, p in paths.items()}
+    outputs = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+    first = {}
+    for k, s in sessions.items():  # warm-up (and the size of one run)
+        s.run(outputs[k], feeds)
+        t = time.perf_counter()
+        s.run(outputs[k], feeds)
+        first[k] = time.perf_counter() - t
+    repeats = int(min(50, max(5, budget_s / max(sum(first.values()), 1e-6))))
+    times = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(outputs[k], feeds)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# --- one graph --------------------------------------------------------------------------------------
+
+def _graph_files(directory: Path, entry: dict) -> list[Path]:
+    return [directory / entry["file"], *[directory / f for f in entry.get("external_data", [])]]
+
+
+def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, threads: int | None = None,
+                   select: str = "measure", log=None) -> tuple[dict, dict]:
+    """Quantize directory/<graph>.onnx (fp32, validated) in place when it pays; returns (entry, record).
+
+    `entry` is the exporter's file entry (file, external_data, sha256, weight_bytes); the returned one
+    describes the graph as it is now on disk. `record` is the manifest's `quantization` object.
+    """
+    import onnx
+
+    from .engine_dir import sha256_file
+
+    bits = MODES[mode]
+    name = spec.name
+    outputs = [o.name for o in spec.outputs]
+    before = int(entry["weight_bytes"])
+    record = {"mode": mode, "method": None, "bits": bits, "block_size": BLOCK_SIZE, "symmetric": True,
+              "accuracy_level": ACCURACY_LEVEL, "nodes_quantized": 0, "weight_bytes_before": before,
+              "weight_bytes_after": before, "status": "fp32", "select": select}
+    fp32_path = directory / entry["file"]
+    probe = onnx.load(str(fp32_path), load_external_data=False)
+    has_matmul = any(n.op_type in ("MatMul", "Gemm") for n in probe.graph.node)
+    has_conv = any(n.op_type == "Conv" for n in probe.graph.node)
+    del probe
+    if not has_matmul:
+        record["reason"] = "no MatMul/Gemm weights to quantize"
+        return entry, record
+    tolerance = tolerance_for(name, bits, outputs)
+    record["tolerance"] = tolerance
+
+    scratch = directory / f".{name}.quantize"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        candidates = [("MatMulNBits", False)]
+        if name in CONV_GRAPHS and has_conv:
+            candidates.append(("MatMulNBits+ConvInteger", True))
+        tried = []
+        for method, convs in candidates:
+            cdir = scratch / method.replace("+", "_")
+            cdir.mkdir()
+            conv_nodes = 0
+            source = fp32_path
+            if convs:
+                conv_nodes = quantize_convs(fp32_path, cdir / "conv.onnx")
+                source = cdir / "conv.onnx"
+            model = onnx.load(str(source), load_external_data=True)
+            model, mm_nodes = quantize_matmuls(model, bits)
+            after = weight_bytes(model)
+            path = cdir / entry["file"]
+            files = save_graph(model, path)
+            del model
+            for extra in (cdir / "conv.onnx", cdir / "conv.onnx.data"):
+                if extra.exists():
+                    extra.unlink()
+            errors, failure = validate_quantized(name, path, directory, tolerance, threads)
+            cand = {"method": method, "nodes_quantized": mm_nodes + conv_nodes, "weight_bytes_after": int(after),
+                    "validated_max_abs_error": errors, "within_tolerance": failure is None, "path": path,
+                    "files": files}
+            if failure is not None:
+                cand["failure"] = failure
+            tried.append(cand)
+        # time every candidate within tolerance against fp32, interleaved
+        good = [c for c in tried if c["within_tolerance"]]
+        timing = {}
+        if good:
+            for label, dims in TIMING_DIMS.get(name, []):
+                feeds = _timing_feeds(spec, ctx, dims)
+                medians = time_pair({"fp32": fp32_path, **{c["method"]: c["path"] for c in good}}, feeds, threads)
+                timing[label] = {"dims": dims, "ms": {k: v * 1e3 for k, v in medians.items()}}
+                for c in good:
+                    c.setdefault("speedup", {})[label] = medians["fp32"] / medians[c["method"]]
+        primary = TIMING_DIMS[name][0][0] if name in TIMING_DIMS else None
+        record["timing"] = timing
+        record["candidates"] = [{k: v for k, v in c.items() if k not in ("path", "files")} for c in tried]
+        chosen = None
+        if select == "all":
+            chosen = good[0] if good else None
+        elif primary is not None:
+            fast = [c for c in good if c["speedup"][primary] >= MIN_SPEEDUP]
+            chosen = max(fast, key=lambda c: c["speedup"][primary]) if fast else None
+        if chosen is None:
+            if not good:
+                record["reason"] = "exceeds its quantization tolerance: " + tried[0]["failure"]
+            else:
+                best = max(c["speedup"][primary] for c in good)
+                record["reason"] = (f"not faster than fp32 on this CPU ({primary}: best quantized candidate "
+                                    f"{best:.2f}x, need >= {MIN_SPEEDUP}x)")
+            return entry, record
+        # replace the fp32 files by the chosen candidate's
+        for old in _graph_files(directory, entry):
+            old.unlink(missing_ok=True)
+        for f in chosen["files"]:
+            os.replace(chosen["path"].parent / f, directory / f)
+        new_entry = {**entry, "file": chosen["files"][0], "external_data": chosen["files"][1:],
+                     "sha256": sha256_file(directory / chosen["files"][0]),
+                     "weight_bytes": chosen["weight_bytes_after"]}
+        record.update({"status": "quantized", "method": chosen["method"],
+                       "nodes_quantized": chosen["nodes_quantized"],
+                       "weight_bytes_after": chosen["weight_bytes_after"],
+                       "validated_max_abs_error": chosen["validated_max_abs_error"]})
+        if primary is not None and chosen.get("speedup"):
+            record["speedup"] = chosen["speedup"]
+        if log:
+            log(f"{name}: {chosen['method']} {bits}-bit, {before / 1e6:.1f} -> "
+                f"{chosen['weight_bytes_after'] / 1e6:.1f} MB")
+        return new_entry, record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def record_in_manifest(manifest: dict, mode: str, records: dict) -> None:
+    """Put each graph's quantization record into the manifest.
+
+    A quantized graph's `tolerance` and `validated_max_abs_error` become those of the quantized graph
+    (what the file on disk was checked against); the fp32 graph's are kept in the record.
+    """
+    manifest["quantize"] = mode
+    for name, record in records.items():
+        graph = manifest["graphs"][name]
+        if record["status"] == "quantized":
+            record["fp32_tolerance"] = graph["tolerance"]
+            if "validated_max_abs_error" in graph:
+                record["fp32_validated_max_abs_error"] = graph["validated_max_abs_error"]
+            graph["tolerance"] = record["tolerance"]
+            graph["validated_max_abs_error"] = record["validated_max_abs_error"]
+        graph["quantization"] = record
