@@ -11,6 +11,11 @@ A backend runs the graphs of an ENGINE_DIR by name:
 the constructor `TrtBackend(engine_dir, manifest)` raises when the engines cannot run; `select_backend`
 turns either into a fallback with a one-line notice (`auto`) or a one-line error (`trt`).
 
+`Backend`, `HostKVCache` and `bucket_slots` live in `vv_runtime.backend_base` (which both backends
+import, so neither imports the other at module level) and are re-exported here. A backend states what
+it can run with `limits()` / `check_fits(graph, shapes)` (ORT: no limits; TensorRT: its engines'
+optimisation profiles).
+
 The LM's key/value cache is owned by the caller (docs/ENGINE_DIR.md); the loop keeps it in the object
 `backend.kv_cache(shape)` returns (default: `HostKVCache`, numpy). A backend that keeps tensors on a
 device can return its own cache whose `past(n)` its `run` accepts as `past_kv` and whose `write` accepts
@@ -24,71 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend_base import SMALL_GRAPH_BYTES, Backend, HostKVCache, PlanLimits, bucket_slots
 from .errors import RuntimeInputError
-from .manifest import REQUIRED_GRAPHS, io_names
+from .manifest import io_names, required_graphs
+
+__all__ = ["BACKENDS", "SMALL_GRAPH_BYTES", "Backend", "HostKVCache", "OrtBackend", "PlanLimits", "bucket_slots",
+           "select_backend"]
 
 BACKENDS = ("auto", "ort", "trt")
-
-
-def bucket_slots(n: int, max_slots: int, minimum: int = 64) -> int:
-    """Cache slots to hold n: the next power of two (at least `minimum`), capped at `max_slots`."""
-    if n > max_slots:
-        raise RuntimeInputError(f"the LM cache needs {n} slots but holds at most {max_slots}")
-    return min(max_slots, max(minimum, 1 << max(n - 1, 0).bit_length()))
-
-
-class HostKVCache:
-    """The LM cache [L, 2, rows, KV, slots, D] in host memory, grown by powers of two up to shape[4].
-
-    `past(n)` hands the whole buffer (at least n + 1 slots) to the graph as `past_kv`, without a copy;
-    the caller masks slots n and above. The buffer is reallocated only when it must grow (a handful
-    of times per generation), so decode steps never copy the cache, and the decode shapes come in a
-    few buckets (fixed shapes for engines and CUDA graphs).
-    """
-
-    def __init__(self, shape: tuple[int, ...], dtype=np.float32):
-        self.shape = tuple(int(d) for d in shape)
-        self.data = np.zeros(self._with_slots(bucket_slots(1, self.shape[4])), dtype=dtype)
-
-    def _with_slots(self, slots: int) -> tuple[int, ...]:
-        return self.shape[:4] + (slots,) + self.shape[5:]
-
-    def reserve(self, n: int) -> None:
-        if n > self.data.shape[4]:
-            grown = np.zeros(self._with_slots(bucket_slots(n, self.shape[4])), dtype=self.data.dtype)
-            grown[:, :, :, :, : self.data.shape[4]] = self.data
-            self.data = grown
-
-    def write(self, rows: slice, start: int, new_kv) -> None:
-        """new_kv [L, 2, rows, KV, seq, D] (or rows broadcast from 1) into slots start..start+seq-1."""
-        new_kv = np.asarray(new_kv)
-        self.reserve(start + new_kv.shape[4])
-        self.data[:, :, rows, :, start:start + new_kv.shape[4]] = new_kv
-
-    def zero(self, row: int, start: int, stop: int) -> None:
-        self.data[:, :, row, :, start:stop] = 0.0
-
-    def past(self, n: int) -> np.ndarray:
-        """The whole buffer, at least n + 1 slots; slots n and above must be masked by the caller."""
-        self.reserve(n + 1)
-        return self.data
-
-
-class Backend:
-    name = "base"
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def kv_cache(self, shape: tuple[int, ...]) -> HostKVCache:
-        """A preallocated LM cache of `shape` ([L, 2, rows, KV, capacity, D]) for the loop."""
-        return HostKVCache(shape)
-
-    def close(self) -> None:
-        pass
-
-    def describe(self) -> str:
-        return self.name
 
 
 class OrtBackend(Backend):
@@ -97,7 +45,7 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, engine_dir: str | Path, manifest: dict, providers: list[str] | None = None,
-                 threads: int | None = None, graphs: tuple[str, ...] = REQUIRED_GRAPHS):
+                 threads: int | None = None, graphs: tuple[str, ...] | None = None):
         import onnxruntime as ort
 
         self._ort = ort
@@ -111,7 +59,7 @@ class OrtBackend(Backend):
         self.threads = threads
         self.sessions: dict[str, object] = {}
         self._outputs: dict[str, list[str]] = {}
-        for graph in graphs:
+        for graph in (required_graphs(manifest) if graphs is None else graphs):
             self._session(graph)
 
     def _session(self, graph: str):
@@ -157,9 +105,6 @@ class OrtBackend(Backend):
 
     def describe(self) -> str:
         return "ort[" + ",".join(p.replace("ExecutionProvider", "") for p in self.providers) + "]"
-
-
-SMALL_GRAPH_BYTES = 64 << 20  # below this many weight bytes a graph runs on one intra-op thread by default
 
 
 def select_backend(engine_dir: str | Path, manifest: dict, name: str = "auto", threads: int | None = None,

@@ -10,9 +10,16 @@ from .errors import RuntimeInputError
 FORMAT = "vibevoice-trt/engine-dir"
 FORMAT_VERSION = 1
 
-# Graphs the generation loop runs; the others listed in a manifest must exist but are optional here.
-REQUIRED_GRAPHS = ("text_embed", "lm", "acoustic_encoder", "acoustic_decoder", "semantic_encoder",
-                   "diffusion_sampler")
+# Graph roles (manifest["graphs"][g]["role"], docs/ENGINE_DIR.md): "loop" graphs are called by the
+# generation loop outside the per-frame path, "per-frame" graphs once per audio frame (CUDA-graph
+# replayed by TensorRT), "auxiliary" graphs are exported and validated but never called by the loop.
+ROLES = ("loop", "per-frame", "auxiliary")
+LOOP_ROLES = ("loop", "per-frame")
+# The graphs the generation loop calls by name, with their roles: every manifest must list them. They are
+# also the roles of a manifest written before roles existed (any other graph of such a manifest: auxiliary).
+DEFAULT_ROLES = {"text_embed": "loop", "lm": "loop", "acoustic_encoder": "loop",
+                 "acoustic_decoder": "per-frame", "semantic_encoder": "per-frame", "diffusion_sampler": "per-frame"}
+REQUIRED_GRAPHS = tuple(DEFAULT_ROLES)
 CONTROL_TOKENS = ("speech_start", "speech_end", "speech_diffusion", "eos")
 
 
@@ -39,9 +46,16 @@ def load_manifest(engine_dir: str | Path) -> dict:
         if key not in manifest:
             raise RuntimeInputError(f"{path}: missing field {key!r}")
     graphs = manifest["graphs"]
+    if not isinstance(graphs, dict) or not all(isinstance(g, dict) for g in graphs.values()):
+        raise RuntimeInputError(f"{path}: graphs is not a table of graph entries")
     for name in REQUIRED_GRAPHS:
         if name not in graphs:
             raise RuntimeInputError(f"{path}: graph {name!r} not listed")
+    for name, role in graph_roles(manifest).items():
+        if role not in ROLES:
+            raise RuntimeInputError(f"{path}: graph {name!r} has role {role!r} (expected one of {', '.join(ROLES)})")
+        if name in REQUIRED_GRAPHS and role == "auxiliary":
+            raise RuntimeInputError(f"{path}: graph {name!r} has role 'auxiliary', but the generation loop calls it")
     for name, graph in graphs.items():
         files = [graph.get("file", f"{name}.onnx")] + list(graph.get("external_data") or [])
         for file in files:
@@ -60,6 +74,22 @@ def load_manifest(engine_dir: str | Path) -> dict:
     if not tokenizer.is_file():
         raise RuntimeInputError(f"{tokenizer}: tokenizer file is missing")
     return manifest
+
+
+def graph_roles(manifest: dict) -> dict[str, str]:
+    """graph -> role, in manifest order: the recorded role, else DEFAULT_ROLES, else "auxiliary"."""
+    return {name: (entry.get("role") or DEFAULT_ROLES.get(name, "auxiliary"))
+            for name, entry in manifest["graphs"].items()}
+
+
+def graphs_with_role(manifest: dict, *roles: str) -> list[str]:
+    """The manifest's graphs whose role is one of `roles`, in manifest order."""
+    return [name for name, role in graph_roles(manifest).items() if role in roles]
+
+
+def required_graphs(manifest: dict) -> list[str]:
+    """The graphs a backend must load to run the generation loop: roles "loop" and "per-frame"."""
+    return graphs_with_role(manifest, *LOOP_ROLES)
 
 
 def io_names(manifest: dict, graph: str) -> tuple[list[str], list[str]]:

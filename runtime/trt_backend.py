@@ -35,14 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import Backend, bucket_slots
+from .backend_base import Backend, PlanLimits, bucket_slots
 from .errors import RuntimeInputError
-from .manifest import REQUIRED_GRAPHS
+from .manifest import graphs_with_role, required_graphs
 
-# Graphs called once per audio frame at a fixed shape: replayed as CUDA graphs.
-CUDA_GRAPH_GRAPHS = ("diffusion_sampler", "acoustic_decoder", "semantic_encoder")
 # Outputs returned as CUDA tensors when the call was given a CUDA tensor (the device-resident LM cache).
 DEVICE_OUTPUTS = {("lm", "new_kv")}
+# LM decode calls (seq 1, past_kv a CUDA tensor) replayed as CUDA graphs: the graph's input that is bound
+# at the caller's device memory (its address is part of the graph's key) and the sequence input.
+DECODE_GRAPH = {"graph": "lm", "device_input": "past_kv", "seq_input": "inputs_embeds", "seq_axis": 1}
+# At most this many captured LM decode graphs are kept (least recently used dropped first): a few
+# (rows, cache bucket) shapes per generation, times the caches alive at once.
+MAX_DECODE_GRAPHS = 32
 # A binding whose largest profile shape needs more than this is allocated as needed (then grown by
 # GROWTH) instead of at its maximum.
 BUFFER_BUDGET_BYTES = 256 << 20
@@ -86,17 +90,20 @@ def _engines(manifest: dict) -> dict:
 
 
 def _static_checks(engine_dir: Path, manifest: dict, graphs) -> None:
-    """Checks that need neither TensorRT nor a GPU: engines listed, files present, from this ONNX."""
+    """Checks that need neither TensorRT nor a GPU: engines listed, and for the `graphs` to load: files
+    present, built from this ONNX graph."""
     records = _engines(manifest)
     if not records:
         raise TrtBackendError(f"{engine_dir} has no TensorRT engines (run `vv-export trt --engine-dir {engine_dir}`)")
+    for graph in records:
+        if graph not in manifest["graphs"]:
+            raise TrtBackendError(f"TensorRT engine for {graph!r}, which the manifest does not list")
     for graph in graphs:
         if graph not in records:
             raise TrtBackendError(f"no TensorRT engine for graph {graph!r} in {engine_dir} "
                                   f"(run `vv-export trt --engine-dir {engine_dir}`)")
-    for graph, rec in records.items():
-        if graph not in manifest["graphs"]:
-            raise TrtBackendError(f"TensorRT engine for {graph!r}, which the manifest does not list")
+    for graph in graphs:
+        rec = records[graph]
         path = engine_dir / rec.get("file", "")
         if not rec.get("file") or not path.is_file():
             raise TrtBackendError(f"{path}: TensorRT engine of {graph!r} is missing "
@@ -108,8 +115,10 @@ def _static_checks(engine_dir: Path, manifest: dict, graphs) -> None:
                                   f"`vv-export trt --engine-dir {engine_dir}`")
 
 
-def _version_checks(engine_dir: Path, manifest: dict, trt_version: str, cc: str) -> None:
+def _version_checks(engine_dir: Path, manifest: dict, trt_version: str, cc: str, graphs=None) -> None:
     for graph, rec in _engines(manifest).items():
+        if graphs is not None and graph not in graphs:
+            continue
         built_v, built_cc = rec.get("trt_version"), rec.get("compute_capability")
         if built_v != trt_version or built_cc != cc:
             raise TrtBackendError(f"TensorRT engine of {graph!r} was built with TensorRT {built_v} for {built_cc}; "
@@ -117,24 +126,86 @@ def _version_checks(engine_dir: Path, manifest: dict, trt_version: str, cc: str)
                                   f"`vv-export trt --engine-dir {engine_dir}`")
 
 
-def trt_engines_match(engine_dir, manifest: dict, graphs=REQUIRED_GRAPHS) -> tuple[bool, str]:
-    """(True, description) when the recorded engines can run here, else (False, one-line reason).
+def trt_engines_match(engine_dir, manifest: dict, graphs=None) -> tuple[bool, str]:
+    """(True, description) when the engines of `graphs` (default: the loop's, roles "loop" and
+    "per-frame") can run here, else (False, one-line reason).
 
     Cheap (no engine is deserialized) and never raises: for `select_backend(..., "auto")`.
     """
     engine_dir = Path(engine_dir)
     try:
+        graphs = list(graphs) if graphs is not None else required_graphs(manifest)
         _static_checks(engine_dir, manifest, graphs)
         trt = _import_trt()
         torch = _import_torch_cuda()
         version, cc = str(trt.__version__), _compute_capability(torch)
-        _version_checks(engine_dir, manifest, version, cc)
+        _version_checks(engine_dir, manifest, version, cc, graphs)
     except TrtBackendError as exc:
         return False, str(exc)
     except Exception as exc:  # anything unexpected is a reason to fall back, not a crash
         return False, _one_line(exc)
     plan = (manifest.get("trt") or {}).get("plan", "?")
     return True, f"TensorRT {version} engines for {cc} (plan {plan})"
+
+
+# --- CUDA graph bookkeeping (pure: no CUDA) -------------------------------------------------------
+
+def is_decode_call(graph: str, shapes: dict, device_inputs) -> bool:
+    """Whether a call is an LM decode step on the device cache (replayed as a CUDA graph): graph lm, one
+    new position (seq 1), past_kv given as a device tensor. Prefill (seq > 1) and host caches run plainly."""
+    spec = DECODE_GRAPH
+    if graph != spec["graph"] or spec["device_input"] not in device_inputs:
+        return False
+    seq_shape = shapes.get(spec["seq_input"]) or ()
+    return len(seq_shape) > spec["seq_axis"] and seq_shape[spec["seq_axis"]] == 1
+
+
+def graph_key(inputs, shapes: dict, addresses: dict) -> tuple:
+    """Key of a captured graph: every input's shape (in input order) and the device addresses of the inputs
+    bound at the caller's memory (a graph replays fixed addresses)."""
+    return (tuple(tuple(int(d) for d in shapes[n]) for n in inputs), tuple(sorted(addresses.items())))
+
+
+class GraphCache:
+    """Captured graphs by `graph_key`, the least recently used dropped beyond `capacity`."""
+
+    def __init__(self, capacity: int):
+        from collections import OrderedDict
+
+        self.capacity = max(1, int(capacity))
+        self.entries = OrderedDict()
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry) -> list:
+        """Store `entry`; returns the keys dropped to stay within capacity."""
+        self.entries[key] = entry
+        self.entries.move_to_end(key)
+        dropped = []
+        while len(self.entries) > self.capacity:
+            old, _ = self.entries.popitem(last=False)
+            dropped.append(old)
+        return dropped
+
+    def forget_address(self, address: int) -> int:
+        """Drop every graph bound at device memory `address` (freed, or moved by a growing cache)."""
+        stale = [k for k in self.entries if any(a == address for _, a in k[1])]
+        for k in stale:
+            del self.entries[k]
+        return len(stale)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self.entries
 
 
 # --- one engine ---------------------------------------------------------------------------------
@@ -192,14 +263,23 @@ class _Engine:
                 lo, opt, hi = engine.get_tensor_profile_shape(name, p)
                 shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
             self.profiles.append(shapes)
-        self.use_graphs = owner.cuda_graphs and graph in CUDA_GRAPH_GRAPHS and self.num_profiles == 1
+        # per-frame graphs (fixed shapes, once per audio frame): every call replayed as a CUDA graph
+        self.use_graphs = owner.cuda_graphs and graph in owner.per_frame and self.num_profiles == 1
+        # the LM's decode steps on the device cache: replayed as CUDA graphs keyed by shape and cache address
+        self.decode_graphs_on = owner.cuda_graphs and graph == DECODE_GRAPH["graph"]
         self.context, _ = owner.create_context(engine, multi_profile=self.num_profiles > 1)
         self.current_profile = 0
         self.max_elems = self._max_elements()
-        self.buffers = {n: _Buffer(torch, owner.device, self.torch_dtypes[n], self.max_elems[n], owner.buffer_budget)
-                        for n in self.inputs + self.outputs}
-        self.graph_contexts: dict = {}  # shape key -> (context, CUDAGraph | None)
+        self.buffers = self._new_buffers()
+        self.graph_contexts: dict = {}  # shape key -> (context, CUDAGraph | None, output shapes)
+        self.decode_graphs = GraphCache(MAX_DECODE_GRAPHS)  # graph_key -> (context, CUDAGraph | None, output shapes)
+        self.decode_buffers = None  # fixed-address buffers of the decode graphs (own: prefill never moves them)
         self.scratch = None  # shared activation memory of the per-shape contexts
+
+    def _new_buffers(self) -> dict:
+        owner = self.owner
+        return {n: _Buffer(owner.torch, owner.device, self.torch_dtypes[n], self.max_elems[n], owner.buffer_budget)
+                for n in self.inputs + self.outputs}
 
     def _check_io(self, entry: dict) -> None:
         trt = self.owner.trt
@@ -271,7 +351,7 @@ class _Engine:
                 if value.device != self.owner.device:
                     raise TrtBackendError(f"{self.graph}: input {name!r} is on {value.device}, the engines on "
                                           f"{self.owner.device}")
-                device_feeds[name] = value.to(self.torch_dtypes[name]).contiguous()
+                device_feeds[name] = value  # converted on the engine's stream below
                 continue
             arr = np.ascontiguousarray(value, dtype=self.np_dtypes[name])
             if not arr.flags.writeable:
@@ -279,39 +359,56 @@ class _Engine:
             arrays[name] = arr
         shapes = {n: tuple(int(d) for d in a.shape) for n, a in {**arrays, **device_feeds}.items()}
         profile = self.pick_profile(shapes)
-        with torch.cuda.device(self.owner.device), torch.cuda.stream(self.owner.stream):
-            moved = False
-            direct = {}
-            for name, arr in arrays.items():
-                moved |= self.buffers[name].ensure(arr.size)
-                if arr.size:
-                    self.buffers[name].view(arr.shape).copy_(torch.from_numpy(arr), non_blocking=False)
-            for name, tensor in device_feeds.items():
-                if not self.use_graphs and tensor.numel():
-                    direct[name] = tensor  # bound as it is: no copy
-                else:  # CUDA graphs need fixed addresses: copy into the binding's buffer
-                    moved |= self.buffers[name].ensure(tensor.numel())
-                    if tensor.numel():
-                        self.buffers[name].view(tensor.shape).copy_(tensor)
+        stream = self.owner.stream
+        if device_feeds:
+            stream.wait_stream(torch.cuda.current_stream(self.owner.device))  # the feeds' producer first
+        with torch.cuda.device(self.owner.device), torch.cuda.stream(stream):
+            # dtype/layout conversion on the engine's stream, in order with the copies and the execution
+            device_feeds = {n: t.to(self.torch_dtypes[n]).contiguous() for n, t in device_feeds.items()}
+            out_shapes = None
+            buffers = self.buffers
             if self.use_graphs:
-                out_shapes = self._run_graph(shapes, moved)
-            else:
+                out_shapes = self._run_graph(shapes, self._stage(arrays, device_feeds, self.buffers))
+            elif self.decode_graphs_on and is_decode_call(self.graph, shapes, device_feeds):
+                out_shapes = self._run_decode_graph(profile, shapes, arrays, device_feeds)
+                buffers = self.decode_buffers
+            if out_shapes is None:
+                buffers = self.buffers
+                self._stage(arrays, {}, self.buffers)
+                direct = {n: t for n, t in device_feeds.items() if t.numel()}  # bound as they are: no copy
                 out_shapes = self._run_plain(profile, shapes, direct)
             results = {}
             for name in self.outputs:
                 shape = out_shapes[name]
-                view = self.buffers[name].view(shape)
+                view = buffers[name].view(shape)
                 if device_feeds and (self.graph, name) in DEVICE_OUTPUTS:
-                    results[name] = view.clone()
+                    results[name] = view.clone()  # stays on the device (the LM cache's write takes it)
                 elif math.prod(shape):
                     results[name] = view.cpu().numpy()
                 else:
                     results[name] = np.zeros(shape, dtype=str(self.torch_dtypes[name]).replace("torch.", ""))
         return results
 
-    def _bind(self, context, shapes: dict, direct: dict | None = None) -> dict:
+    def _stage(self, arrays: dict, device_feeds: dict, buffers: dict) -> bool:
+        """Copy host arrays (and device feeds) into the fixed binding buffers; True when a buffer moved."""
+        torch = self.owner.torch
+        moved = False
+        for name, arr in arrays.items():
+            moved |= buffers[name].ensure(arr.size)
+            if arr.size:
+                buffers[name].view(arr.shape).copy_(torch.from_numpy(arr), non_blocking=False)
+        for name, tensor in device_feeds.items():
+            moved |= buffers[name].ensure(tensor.numel())
+            if tensor.numel():
+                buffers[name].view(tensor.shape).copy_(tensor)
+        return moved
+
+    def _bind(self, context, shapes: dict, direct: dict | None = None, buffers: dict | None = None,
+              on_move=None) -> dict:
         """Set input shapes and every tensor address on `context` (`direct`: inputs bound at their own
-        device memory); the output shapes."""
+        device memory; the others and the outputs at `buffers`, default the engine's); the output shapes.
+        An output buffer that has to grow moves: `on_move()` (default: drop the per-frame graphs)."""
+        buffers = self.buffers if buffers is None else buffers
         for name in self.inputs:
             if not context.set_input_shape(name, shapes[name]):
                 raise TrtBackendError(f"{self.graph}: TensorRT rejects input {name!r} of shape {list(shapes[name])}")
@@ -321,11 +418,11 @@ class _Engine:
             if any(d < 0 for d in shape):
                 raise TrtBackendError(f"{self.graph}: TensorRT cannot infer the shape of output {name!r}")
             out_shapes[name] = shape
-            if self.buffers[name].ensure(math.prod(shape)):
-                self._drop_graphs()
+            if buffers[name].ensure(math.prod(shape)):
+                (on_move or self._drop_graphs)()
         for name in self.inputs + self.outputs:
             tensor = (direct or {}).get(name)
-            context.set_tensor_address(name, tensor.data_ptr() if tensor is not None else self.buffers[name].ptr)
+            context.set_tensor_address(name, tensor.data_ptr() if tensor is not None else buffers[name].ptr)
         return out_shapes
 
     def _execute(self, context) -> None:
@@ -344,9 +441,27 @@ class _Engine:
     def _drop_graphs(self) -> None:
         self.graph_contexts.clear()
 
+    def _capture(self, context, key) -> object | None:
+        """Capture one execute_async_v3 of `context` (bound, warmed up) as a CUDA graph; None when TensorRT
+        cannot be captured here (the caller then executes the context each time)."""
+        torch = self.owner.torch
+        try:
+            stream = self.owner.stream
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                if not context.execute_async_v3(stream.cuda_stream):
+                    raise RuntimeError("execute_async_v3 refused to run under stream capture")
+            return graph
+        except Exception as exc:  # a layer TensorRT cannot capture: run this shape without a graph
+            self.owner.note(f"{self.graph}: CUDA graph capture failed at {list(key)} ({_one_line(exc)}); "
+                            "running without it")
+            with _suppress():
+                torch.cuda.synchronize(self.owner.device)
+            return None
+
     def _run_graph(self, shapes: dict, moved: bool) -> dict:
         """Replay the CUDA graph of these shapes; on first use: own context, warm-up run, capture."""
-        torch = self.owner.torch
         if moved:
             self._drop_graphs()
         key = tuple(shapes[n] for n in self.inputs)
@@ -361,22 +476,46 @@ class _Engine:
         context = self._graph_context()
         out_shapes = self._bind(context, shapes)
         self._execute(context)  # warm-up at this shape (and this call's result)
-        cuda_graph = None
-        try:
-            stream = self.owner.stream
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-                if not context.execute_async_v3(stream.cuda_stream):
-                    raise RuntimeError("execute_async_v3 refused to run under stream capture")
-            cuda_graph = graph
-        except Exception as exc:  # a layer TensorRT cannot capture: run this shape without a graph
-            self.owner.note(f"{self.graph}: CUDA graph capture failed at {list(key)} ({_one_line(exc)}); "
-                            "running without it")
-            with _suppress():
-                torch.cuda.synchronize(self.owner.device)
-        self.graph_contexts[key] = (context, cuda_graph, out_shapes)
+        self.graph_contexts[key] = (context, self._capture(context, key), out_shapes)
         return out_shapes
+
+    def _run_decode_graph(self, profile: int, shapes: dict, arrays: dict, device_feeds: dict) -> dict | None:
+        """An LM decode step as a CUDA graph: host inputs copied into fixed device buffers, the device cache
+        bound where it is; the graph is keyed by every input shape and the cache's address (a cache that
+        grows moves to a new bucket: new key; `forget_address` drops the old one). Returns the output shapes
+        (in `self.decode_buffers`), or None to run the step plainly (no graph context possible)."""
+        if self.decode_buffers is None:
+            self.decode_buffers = self._new_buffers()
+        buffers = self.decode_buffers
+        if self._stage(arrays, {}, buffers):
+            self.decode_graphs.clear()  # an input buffer moved: every captured graph reads the old address
+        direct = {n: t for n, t in device_feeds.items()}
+        key = graph_key(self.inputs, shapes, {n: t.data_ptr() for n, t in direct.items()})
+        slot = self.decode_graphs.get(key)
+        if slot is not None:
+            context, cuda_graph, out_shapes = slot
+            if cuda_graph is not None:
+                cuda_graph.replay()
+            else:
+                self._execute(context)
+            return out_shapes
+        context = self._graph_context()
+        if self.num_profiles > 1 and not context.set_optimization_profile_async(profile,
+                                                                                self.owner.stream.cuda_stream):
+            # TensorRT lets one profile serve one context at a time here: decode without graphs
+            self.owner.note(f"{self.graph}: no second execution context for profile "
+                            f"{self.profile_names[profile]}; decode steps run without CUDA graphs")
+            self.decode_graphs_on = False
+            self.decode_graphs.clear()
+            return None
+        out_shapes = self._bind(context, shapes, direct, buffers=buffers, on_move=self.decode_graphs.clear)
+        self._execute(context)  # warm-up at this shape and address (and this call's result)
+        self.decode_graphs.put(key, (context, self._capture(context, key), out_shapes))
+        return out_shapes
+
+    def forget_address(self, address: int) -> int:
+        """Drop the captured decode graphs bound to device memory at `address` (freed or moved)."""
+        return self.decode_graphs.forget_address(address)
 
     def _graph_context(self):
         """A new execution context sharing one activation buffer with the other per-shape contexts."""
@@ -391,8 +530,10 @@ class _Engine:
 
     def close(self) -> None:
         self.graph_contexts.clear()
+        self.decode_graphs.clear()
         self.context = None
         self.buffers.clear()
+        self.decode_buffers = None
         self.scratch = None
         self.engine = None
 
@@ -451,7 +592,11 @@ class DeviceKVCache:
             grown = self._zeros(bucket_slots(n, self.shape[4]))
             with self._ctx():
                 grown[:, :, :, :, : self.data.shape[4]] = self.data
+            old = self.data.data_ptr()
             self.data = grown
+            forget = getattr(self.backend, "forget_address", None)
+            if forget is not None:
+                forget(old)  # the decode graphs bound at the old buffer: never replayed again
 
     def write(self, rows: slice, start: int, new_kv) -> None:
         """new_kv [L, 2, rows, KV, seq, D] (a CUDA tensor from `run`, or numpy; rows may broadcast from 1)."""
@@ -504,15 +649,18 @@ class TrtBackend(Backend):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         records = _engines(manifest)
-        wanted = list(graphs) if graphs is not None else list(records)
-        _static_checks(self.engine_dir, manifest, list(graphs) if graphs is not None else
-                       [g for g in REQUIRED_GRAPHS if g in manifest["graphs"]])
+        # the loop's engines (roles loop + per-frame) unless `graphs` asks for others (the accuracy check: all)
+        wanted = list(graphs) if graphs is not None else required_graphs(manifest)
+        self.per_frame = tuple(graphs_with_role(manifest, "per-frame"))
+        _static_checks(self.engine_dir, manifest, wanted)
+        self.plan_limits = PlanLimits({g: records[g] for g in wanted}, (manifest.get("trt") or {}).get("plan"),
+                                      self.engine_dir, [g for g in self.per_frame if g in wanted])
         self.trt = _import_trt()
         self.torch = _import_torch_cuda(device)
         self.device = self.torch.device("cuda", device)
         self.trt_version = str(self.trt.__version__)
         self.compute_capability = _compute_capability(self.torch, device)
-        _version_checks(self.engine_dir, manifest, self.trt_version, self.compute_capability)
+        _version_checks(self.engine_dir, manifest, self.trt_version, self.compute_capability, wanted)
         self.cuda_graphs = cuda_graphs
         self.device_kv_cache = device_kv_cache
         self.buffer_budget = int(buffer_budget_bytes)
@@ -609,6 +757,20 @@ class TrtBackend(Backend):
         if engine is None:
             raise TrtBackendError(f"no TensorRT engine loaded for graph {graph!r}")
         return engine.run(feeds)
+
+    def limits(self) -> dict:
+        """The largest calls the loaded engines' optimisation profiles take (PlanLimits.limits)."""
+        return self.plan_limits.limits()
+
+    def check_fits(self, graph: str, shapes: dict) -> None:
+        """RuntimeInputError naming the plan's limit and the fix when no profile of `graph`'s engine takes
+        these dimensions / input shapes (PlanLimits.fitting_profile)."""
+        self.plan_limits.check_fits(graph, shapes)
+
+    def forget_address(self, address: int) -> None:
+        """Device memory at `address` was freed or moved (a DeviceKVCache grew): drop graphs bound to it."""
+        for engine in getattr(self, "engines", {}).values():
+            engine.forget_address(address)
 
     def close(self) -> None:
         engines = getattr(self, "engines", {})
