@@ -185,3 +185,197 @@ def test_device_kv_cache_behaves_like_the_host_cache(monkeypatch):
     past = dev.past(5)  # the whole buffer: capacity 6 caps the first bucket
     assert past.is_contiguous() and tuple(past.shape) == (2, 2, 4, 2, 6, 3)
     np.testing.assert_array_equal(past.numpy(), host.past(5))
+
+
+# --- what the engines can run: PlanLimits over recorded profiles (pure, no CUDA) -------------------
+
+# A plan with known numbers (independent of the shipped plans): two decode profiles of different shapes.
+LIMITS_PLAN = {
+    "name": "limits-test",
+    "settings": {"max_rows": 3, "max_prompt": 100, "max_context": 2000, "max_voice_seconds": 2},
+    "dims": {"batch": [1, 1, "max_rows"], "samples": ["hop", "hop", "max_voice_seconds * sample_rate // hop * hop"],
+             "frames": [1, 1, "max_voice_seconds * sample_rate // hop"]},
+    "graphs": {
+        "text_embed": {"profiles": [{"name": "all", "batch": [1, 2, "2 * max_rows"], "seq": [1, 16, "max_prompt"]}]},
+        "lm": {"profiles": [
+            {"name": "prefill", "batch": [1, 2, "2 * max_rows"], "seq": [1, 16, "max_prompt"], "past": [0, 0, 0]},
+            {"name": "decode-long", "batch": [1, 2, 2], "seq": [1, 1, 1], "past": [1, 64, "max_context - 1"]},
+            {"name": "decode", "batch": [1, 4, "2 * max_rows"], "seq": [1, 1, 1], "past": [1, 64, 1023]}]},
+        "acoustic_encoder": {"profiles": [{"name": "voice"}]},
+        "acoustic_decoder": {"profiles": [{"name": "frame", "batch": [1, 1, 4]}]},
+        "semantic_encoder": {"profiles": [{"name": "frame"}]},
+        "diffusion_sampler": {"profiles": [{"name": "frame", "batch": [1, 1, 5]}]},
+        "acoustic_connector": {"profiles": [{"name": "all"}]},
+        "semantic_connector": {"profiles": [{"name": "all"}]},
+        "diffusion_step": {"profiles": [{"name": "all"}]},
+    },
+}
+
+
+@pytest.fixture()
+def plan_limits(tiny_engine_dir, manifest):
+    """PlanLimits over engine records exactly as `vv-export trt` writes them for LIMITS_PLAN."""
+    from vv_export.plans import resolve_plan
+    from vv_export.trt_build import expected_engine
+    from vv_runtime.backend_base import PlanLimits
+    from vv_runtime.manifest import graphs_with_role, required_graphs
+
+    resolved = resolve_plan(LIMITS_PLAN, manifest)
+    records = {g: expected_engine(tiny_engine_dir, manifest, gp, "10.8.0.43", "sm90", resolved.name)
+               for g, gp in resolved.graphs.items()}
+    loaded = required_graphs(manifest)
+    return PlanLimits({g: records[g] for g in loaded}, resolved.name, tiny_engine_dir,
+                      graphs_with_role(manifest, "per-frame"))
+
+
+def test_plan_limits(plan_limits):
+    assert plan_limits.limits() == {
+        "plan": "limits-test",
+        "lm_prefill_rows": 6, "lm_prefill_seq": 100,
+        "lm_decode_rows": 6, "lm_decode_past": 1999,  # the largest over both decode profiles
+        "max_context": 2000,
+        "text_embed_rows": 6, "text_embed_seq": 100,
+        "acoustic_encoder_rows": 3, "acoustic_encoder_samples": 2 * 24000 // 3200 * 3200,
+        "per_frame_rows": 3,  # the smallest maximum of the per-frame graphs (semantic_encoder: [dims] batch)
+    }
+
+
+def test_check_fits_by_dimensions(plan_limits, tiny_engine_dir):
+    fit = plan_limits.fitting_profile
+    assert fit("lm", {"batch": 6, "seq": 100, "past": 0}) == 0
+    assert fit("lm", {"batch": 2, "seq": 1, "past": 1999}) == 1           # only the long decode profile
+    assert fit("lm", {"batch": 6, "seq": 1, "past": 1000}) == 2           # only the wide one
+    plan_limits.check_fits("acoustic_encoder", {"batch": 3, "samples": 48000})
+    for graph, dims, named in [
+        ("lm", {"batch": 6, "seq": 1, "past": 1500}, "past 1500"),         # wide and long: no profile
+        ("lm", {"batch": 7, "seq": 1, "past": 10}, "batch 7"),
+        ("lm", {"batch": 2, "seq": 3, "past": 5}, "seq 3"),                # chunked prefill: not planned
+        ("lm", {"batch": 1, "seq": 101, "past": 0}, "seq 101"),
+        ("acoustic_encoder", {"batch": 1, "samples": 48000 + 3200}, "samples 51200"),
+        ("acoustic_decoder", {"batch": 5}, "batch 5"),
+    ]:
+        with pytest.raises(RuntimeInputError) as info:
+            plan_limits.check_fits(graph, dims)
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(f"{graph}: ") and named in msg, msg
+        assert "plan 'limits-test'" in msg and f"vv-export trt --engine-dir {tiny_engine_dir}" in msg
+    with pytest.raises(RuntimeInputError) as info:
+        plan_limits.check_fits("lm", {"batch": 6, "seq": 1, "past": 1500})
+    msg = str(info.value)
+    assert "decode-long: batch 1..2" in msg and "decode: batch 1..6" in msg and "past 1..1023" in msg
+
+
+def test_check_fits_by_input_shapes(plan_limits, manifest):
+    m = manifest["model"]
+    L, KV, D, H = m["num_layers"], m["num_kv_heads"], m["head_dim"], m["hidden_size"]
+
+    def lm(rows, seq, past):
+        return {"inputs_embeds": (rows, seq, H), "attention_mask": (rows, past + seq),
+                "position_ids": (rows, seq), "past_kv": (L, 2, rows, KV, past, D)}
+
+    assert plan_limits.fitting_profile("lm", lm(6, 1, 1023)) == 2
+    assert plan_limits.fitting_profile("lm", lm(2, 40, 0)) == 0
+    with pytest.raises(RuntimeInputError, match="past_kv"):
+        plan_limits.check_fits("lm", lm(6, 1, 1024))
+    with pytest.raises(ValueError, match="not an input"):
+        plan_limits.check_fits("lm", {"hidden": (1, H)})
+    with pytest.raises(ValueError, match="not one of its engine's"):
+        plan_limits.check_fits("lm", {"frames": 3})
+    with pytest.raises(RuntimeInputError, match="no TensorRT engine is loaded for graph 'diffusion_step'"):
+        plan_limits.check_fits("diffusion_step", {"batch": 1})  # auxiliary: not loaded
+
+
+def test_ort_backend_has_no_limits(tiny_engine_dir, manifest):
+    backend = OrtBackend(tiny_engine_dir, manifest, providers=["CPUExecutionProvider"])
+    try:
+        assert backend.limits() is None
+        assert backend.check_fits("lm", {"batch": 10_000, "seq": 1, "past": 10**6}) is None
+        from vv_runtime.manifest import required_graphs
+
+        assert sorted(backend.sessions) == sorted(required_graphs(manifest))  # the loop's graphs only
+    finally:
+        backend.close()
+
+
+# --- which engines TrtBackend loads -----------------------------------------------------------------
+
+def test_auxiliary_engines_are_not_needed(tmp_path, manifest):
+    """Without `graphs=`, TrtBackend needs only the loop's engines: missing auxiliary engine files do not
+    stop it (here it then stops at TensorRT itself); asked for every graph, it names the missing one."""
+    from vv_runtime.manifest import graphs_with_role
+
+    m = _with_engines(manifest, tmp_path)
+    auxiliary = graphs_with_role(m, "auxiliary")
+    assert sorted(auxiliary) == ["acoustic_connector", "diffusion_step", "semantic_connector"]
+    for graph, rec in m["trt"]["engines"].items():
+        if graph not in auxiliary:
+            (tmp_path / rec["file"]).write_bytes(b"x")
+    ok, reason = trt_engines_match(tmp_path, m)
+    assert "is missing" not in reason
+    with pytest.raises(TrtBackendError) as info:
+        TrtBackend(tmp_path, m)
+    assert "is missing" not in str(info.value)
+    ok, reason = trt_engines_match(tmp_path, m, graphs=list(m["graphs"]))
+    assert not ok and "is missing" in reason and "acoustic_connector" in reason
+    with pytest.raises(TrtBackendError, match="acoustic_connector.* is missing"):
+        TrtBackend(tmp_path, m, graphs=list(m["graphs"]))
+
+
+# --- LM decode CUDA graphs: which calls, keys, stale graphs (pure) -----------------------------------
+
+def test_decode_calls_are_recognised():
+    lm_decode = {"inputs_embeds": (4, 1, 64), "attention_mask": (4, 129), "position_ids": (4, 1),
+                 "past_kv": (2, 2, 4, 2, 128, 16)}
+    prefill = {**lm_decode, "inputs_embeds": (4, 7, 64), "position_ids": (4, 7)}
+    assert trt_backend.is_decode_call("lm", lm_decode, {"past_kv": object()})
+    assert not trt_backend.is_decode_call("lm", lm_decode, {})                  # host cache: plain runs
+    assert not trt_backend.is_decode_call("lm", prefill, {"past_kv": object()})  # prefill: plain
+    assert not trt_backend.is_decode_call("acoustic_decoder", {"latent": (1, 1, 16)}, {"past_kv": object()})
+
+
+def test_graph_keys_and_stale_graphs():
+    inputs = ["inputs_embeds", "past_kv"]
+    key = trt_backend.graph_key(inputs, {"inputs_embeds": (4, 1, 64), "past_kv": (2, 2, 4, 2, 128, 16)},
+                                {"past_kv": 0x7000})
+    assert key == (((4, 1, 64), (2, 2, 4, 2, 128, 16)), (("past_kv", 0x7000),))
+    # same shapes, the cache at another address (another request's cache, or grown): another graph
+    moved = trt_backend.graph_key(inputs, {"inputs_embeds": (4, 1, 64), "past_kv": (2, 2, 4, 2, 128, 16)},
+                                  {"past_kv": 0x9000})
+    bucket = trt_backend.graph_key(inputs, {"inputs_embeds": (4, 1, 64), "past_kv": (2, 2, 4, 2, 256, 16)},
+                                   {"past_kv": 0x9000})
+    assert len({key, moved, bucket}) == 3
+    cache = trt_backend.GraphCache(capacity=2)
+    assert cache.put(key, "a") == [] and cache.put(moved, "b") == []
+    assert cache.get(key) == "a"                      # now the most recently used
+    assert cache.put(bucket, "c") == [moved]          # the least recently used goes
+    assert key in cache and bucket in cache and len(cache) == 2
+    assert cache.forget_address(0x9000) == 1 and bucket not in cache and key in cache
+    assert cache.forget_address(0x1234) == 0
+    cache.clear()
+    assert len(cache) == 0 and cache.get(key) is None
+
+
+def test_device_cache_growth_drops_the_graphs_of_its_old_buffer(monkeypatch):
+    """A DeviceKVCache that grows to the next bucket moves: the backend is told the old address, and a
+    GraphCache keyed on it drops exactly the graphs bound there (CPU tensors stand in for CUDA memory)."""
+    import contextlib
+    import types
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    graphs = trt_backend.GraphCache(8)
+    forgotten = []
+
+    def forget(address):
+        forgotten.append(address)
+        graphs.forget_address(address)
+
+    fake = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None, forget_address=forget)
+    cache = trt_backend.DeviceKVCache(fake, (1, 2, 2, 1, 1024, 4))
+    first = cache.past(10)
+    key = trt_backend.graph_key(["past_kv"], {"past_kv": tuple(first.shape)}, {"past_kv": first.data_ptr()})
+    graphs.put(key, "graph of the 64-slot bucket")
+    assert cache.past(63).data_ptr() == first.data_ptr() and not forgotten  # same bucket: same address
+    grown = cache.past(64)                                                      # 65 slots: the 128 bucket
+    assert tuple(grown.shape)[4] == 128 and forgotten == [first.data_ptr()] and key not in graphs
