@@ -20,13 +20,73 @@ class TextEmbed(nn.Module):
         return self.embed(input_ids)
 
 
+# Finite attention-mask bias (see LMStep._attention_bias): far below any real score, exactly zero weight
+# after the softmax in fp32 (exp(-30000) underflows to 0), and representable in fp16 with room to spare:
+# bias + score stays above -65504 (fp16's largest magnitude) for any score above -35000, so a masked
+# score never overflows to -inf in an fp16/bf16 engine. -30000 is exact in fp16 and -29952 in bf16.
+MASK_BIAS = -30000.0
+
+
+class RopeTable(nn.Module):
+    """fp32 RoPE cos/sin of every position the model supports, computed once at export, gathered by position.
+
+    Angles `position * inv_freq` and their Sin/Cos lose everything in reduced precision (bf16 holds the
+    positions 256..511 only every 2 steps, and an angle of ~8000 rad to within ~32 rad); gathered from an
+    fp32 table, a reduced-precision engine only rounds the cos/sin values themselves (relative 2^-9 in
+    bf16), like any other activation. The values are the rotary module's own (same formula, same fp32
+    arithmetic), so fp32 results do not change. Size: 2 x max_positions x head_dim/2 fp32 values
+    (32 MiB at VibeVoice-1.5B: 65536 positions, head_dim 128). Positions beyond the table are outside
+    the model's max_position_embeddings, which the runtime never passes.
+    """
+
+    def __init__(self, rotary: nn.Module, max_positions: int, head_dim: int):
+        super().__init__()
+        rope_type = str(getattr(rotary, "rope_type", "default"))
+        if "dynamic" in rope_type or rope_type == "longrope":
+            from .errors import ExportError
+
+            raise ExportError(f"RoPE type {rope_type!r} depends on the sequence length: not exportable as a table")
+        half = head_dim // 2
+        with torch.no_grad():
+            positions = torch.arange(int(max_positions), dtype=torch.int64)[None]
+            cos, sin = rotary(torch.zeros((), dtype=torch.float32), positions)
+        cos, sin = cos[0].float(), sin[0].float()
+        if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+            raise AssertionError("RoPE table: the two halves of cos/sin differ (unexpected rotary layout)")
+        self.register_buffer("cos_half", cos[:, :half].contiguous().clone())
+        self.register_buffer("sin_half", sin[:, :half].contiguous().clone())
+
+    def forward(self, position_ids):
+        cos = self.cos_half[position_ids]
+        sin = self.sin_half[position_ids]
+        return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+
+class ScoresSoftmaxFp32(nn.Module):
+    """Attention scores `q k^T * scaling + mask bias` and their softmax: one module per layer whose ONNX nodes
+    are named `/attn_scores_fp32.<i>/...`, kept in fp32 by the TensorRT plans (`keep_fp32_names`)."""
+
+    def __init__(self, scaling: float):
+        super().__init__()
+        self.scaling = scaling
+
+    def forward(self, q, keys, bias):
+        scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling + bias
+        return torch.softmax(scores, dim=-1)
+
+
 class LMStep(nn.Module):
     """Qwen2 decoder over new positions, with the cache of earlier positions as one input tensor.
 
     past_kv [L, 2, B, KV, past, D] -> new_kv [L, 2, B, KV, seq, D]: the graph returns only the keys and
     values of the new positions; the caller owns the cache. The attention mask covers past + seq slots
     and is combined with causality, so masked (padding, dropped or reset) slots get exactly zero weight.
-    Outputs the last position's final-normed hidden state and the logits of the 4 control tokens only.
+    A query always attends its own slot, so a padded query never has every key masked (its softmax
+    stays finite; real rows never depend on it). Outputs the last position's final-normed hidden state
+    and the logits of the 4 control tokens only.
+
+    Reduced precision (docs/PRECISION.md): RoPE cos/sin come from an fp32 table (RopeTable), the mask
+    bias is finite (MASK_BIAS), and the attention scores + softmax live in `attn_scores_fp32.<i>`.
     """
 
     def __init__(self, language_model, lm_head_weight: torch.Tensor, control_ids: list[int]):
@@ -36,22 +96,31 @@ class LMStep(nn.Module):
         self._rope = apply_rotary_pos_emb
         self.layers = language_model.layers
         self.norm = language_model.norm
-        self.rotary = language_model.rotary_emb
         cfg = language_model.config
         self.num_heads = cfg.num_attention_heads
         self.num_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.rope_table = RopeTable(language_model.rotary_emb, cfg.max_position_embeddings, self.head_dim)
+        self.attn_scores_fp32 = nn.ModuleList([ScoresSoftmaxFp32(float(layer.self_attn.scaling))
+                                               for layer in self.layers])
         self.control_weight = nn.Parameter(lm_head_weight.detach()[control_ids].clone(), requires_grad=False)
+
+    def _attention_bias(self, attention_mask, past: int, seq: int):
+        """[B, 1, seq, past + seq] additive bias: 0 where a query attends a key, MASK_BIAS elsewhere."""
+        device = attention_mask.device
+        q_pos = torch.arange(seq, device=device) + past
+        k_pos = torch.arange(past + seq, device=device)
+        causal = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        own = (k_pos[None, :] == q_pos[:, None])[None, None]
+        allowed = causal & ((attention_mask[:, None, None, :] > 0) | own)
+        return torch.where(allowed, torch.zeros((), dtype=torch.float32),
+                           torch.full((), MASK_BIAS, dtype=torch.float32))
 
     def forward(self, inputs_embeds, attention_mask, position_ids, past_kv):
         bsz, seq, _ = inputs_embeds.shape
         past = past_kv.shape[4]
-        cos, sin = self.rotary(inputs_embeds, position_ids)
-        q_pos = torch.arange(seq, device=inputs_embeds.device) + past
-        k_pos = torch.arange(past + seq, device=inputs_embeds.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        neg = torch.finfo(torch.float32).min
-        bias = torch.where(allowed, torch.zeros((), dtype=torch.float32), torch.full((), neg, dtype=torch.float32))
+        cos, sin = self.rope_table(position_ids)
+        bias = self._attention_bias(attention_mask, past, seq)
         groups = self.num_heads // self.num_kv
         hidden = inputs_embeds
         new_keys, new_values = [], []
@@ -70,8 +139,7 @@ class LMStep(nn.Module):
             if groups > 1:
                 keys = keys.repeat_interleave(groups, dim=1)
                 values = values.repeat_interleave(groups, dim=1)
-            scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + bias
-            probs = torch.softmax(scores, dim=-1)
+            probs = self.attn_scores_fp32[i](q, keys, bias)
             out = torch.matmul(probs, values).transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
             hidden = residual + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -195,18 +263,49 @@ def _cfg(velocity, cfg_scale):
     return neg + cfg_scale * (pos - neg)
 
 
+class TimestepEmbeddingFp32(nn.Module):
+    """The head's sinusoidal timestep embedding, [B] -> [B, F] = [cos(t * freq), sin(t * freq)].
+
+    The angles reach 999 rad (t up to 999, freq up to 1): in bf16 t = 999 is already 1000 and a rounded
+    angle is off by up to 2 rad, in fp16 by 0.25 rad. So the angles and their Sin/Cos are computed here,
+    in nodes named `/timestep_fp32/...` that the TensorRT plans keep in fp32 (`keep_fp32_names`), straight
+    from the fp32 `timestep` input: the product `freq[F/2, 1] * t[B]` broadcasts without reshaping t, so
+    no data-movement node (which a plan cannot pin) sits between the input and the kept nodes. The
+    values equal the head's own (`t[:, None] * freq[None]`, one fp32 product each).
+    """
+
+    def __init__(self, sinusoidal: nn.Module):
+        super().__init__()
+        self.register_buffer("freq_col", sinusoidal.freq.detach().float().reshape(-1, 1).clone())
+
+    def forward(self, timestep):
+        angles = self.freq_col * timestep  # [F/2, B]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=0).t()
+
+
 class DiffusionStep(nn.Module):
-    """One head evaluation of [positive; negative] conditions, combined with classifier-free guidance."""
+    """One head evaluation of [positive; negative] conditions, combined with classifier-free guidance.
+
+    The head's forward, re-wired only so that the timestep embedding comes from TimestepEmbeddingFp32
+    (computed once per row, then duplicated for the two branches).
+    """
 
     def __init__(self, head):
         super().__init__()
         self.head = head
+        self.timestep_fp32 = TimestepEmbeddingFp32(head.timestep_embedding)
 
     def forward(self, sample, timestep, pos_condition, neg_condition, cfg_scale):
+        head = self.head
         x = torch.cat([sample, sample], 0)
-        t = torch.cat([timestep, timestep], 0)
         c = torch.cat([pos_condition, neg_condition], 0)
-        return _cfg(self.head(x, t, c), cfg_scale)
+        emb = self.timestep_fp32(timestep)
+        t_embed = head.timestep_proj(torch.cat([emb, emb], 0))
+        condition = head.cond_proj(c) + t_embed
+        hidden = head.noisy_images_proj(x)
+        for layer in head.layers:
+            hidden = layer(hidden, condition)
+        return _cfg(head.final_layer(hidden, condition), cfg_scale)
 
 
 class DiffusionSampler(nn.Module):

@@ -1,0 +1,369 @@
+"""Reduced precision on the CPU: an ONNX Runtime emulation of a TensorRT fp16/bf16 engine (docs/PRECISION.md).
+
+`emulate_model(model, precision, keep_ops, keep_names)` rewrites an fp32 graph of an ENGINE_DIR so that
+ONNX Runtime (CPU) computes what a TensorRT engine built from it at `precision` computes in the worst
+case the build plan allows:
+
+* every node the plan does NOT keep in fp32 computes in fp32 on inputs rounded to fp16/bf16 and has
+  its float outputs rounded to fp16/bf16 (a `Cast(to=FLOAT16|BFLOAT16) -> Cast(to=FLOAT)` pair after it,
+  which ONNX Runtime's CPU provider runs with round-to-nearest-even; fp16 overflow gives +-inf, as on
+  the GPU);
+* weights (initializers, Constant nodes and what is folded from them only) are rounded to fp16/bf16
+  when a non-kept node reads them; weights read only by kept nodes stay fp32;
+* the nodes the plan keeps in fp32 (`[builder] keep_fp32` op types and `keep_fp32_names` globs, matched
+  exactly as `vv_export.trt_build._mark_fp32_layers` matches TensorRT layers: an ONNX node stands for
+  the TensorRT layer the ONNX parser makes of it) read their inputs as they come (rounded if their
+  producer is not kept) and produce fp32;
+* graph inputs and outputs stay fp32, like the engine's I/O bindings (an output produced by a non-kept
+  node carries its rounded value).
+
+What it models: storage/activation rounding with fp32 accumulation inside each op, which is what
+tensor-core GEMMs and convolutions do (fp16/bf16 operands, fp32 accumulators, one rounding of the
+result), and the weakest choice TensorRT may make for every layer the plan does not pin ("worst case":
+in weak typing TensorRT may run any un-pinned layer, data movement included, in reduced precision).
+
+What it does not model: TensorRT's kernel fusions and their internal order of operations (a fused
+kernel may keep an intermediate in fp32 that this rounds: the emulation is pessimistic there), fp16
+accumulation tactics (TensorRT may pick GEMM/convolution kernels that accumulate in fp16 when a
+layer's precision is fp16 and no constraint forbids it; not emulated), and the exact transcendental
+implementations (exp, sin, erf on the GPU differ from ONNX Runtime's in the last bits).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ExportError
+
+LOW_PRECISIONS = ("fp16", "bf16")
+
+# ONNX op type -> (TensorRT layer type, operation) that TensorRT's ONNX parser builds for it; ops not
+# listed become data movement / shape / selection layers (SHUFFLE, CONCATENATION, GATHER, SLICE, CAST,
+# SELECT, CONSTANT, ...), which `keep_fp32_names` never pins (see trt_build._COMPUTE_LAYERS).
+ONNX_TO_TRT_LAYER = {
+    "Add": ("ELEMENTWISE", "SUM"), "Sub": ("ELEMENTWISE", "SUB"), "Mul": ("ELEMENTWISE", "PROD"),
+    "Div": ("ELEMENTWISE", "DIV"), "Pow": ("ELEMENTWISE", "POW"), "Max": ("ELEMENTWISE", "MAX"),
+    "Min": ("ELEMENTWISE", "MIN"),
+    "Sqrt": ("UNARY", "SQRT"), "Reciprocal": ("UNARY", "RECIP"), "Exp": ("UNARY", "EXP"), "Log": ("UNARY", "LOG"),
+    "Sin": ("UNARY", "SIN"), "Cos": ("UNARY", "COS"), "Neg": ("UNARY", "NEG"), "Abs": ("UNARY", "ABS"),
+    "Erf": ("UNARY", "ERF"), "Floor": ("UNARY", "FLOOR"), "Ceil": ("UNARY", "CEIL"), "Round": ("UNARY", "ROUND"),
+    "Tanh": ("ACTIVATION", None), "Sigmoid": ("ACTIVATION", None), "Relu": ("ACTIVATION", None),
+    "Elu": ("ACTIVATION", None), "LeakyRelu": ("ACTIVATION", None), "Softplus": ("ACTIVATION", None),
+    "ReduceMean": ("REDUCE", None), "ReduceSum": ("REDUCE", None), "ReduceMax": ("REDUCE", None),
+    "ReduceMin": ("REDUCE", None), "ReduceProd": ("REDUCE", None), "ReduceL2": ("REDUCE", None),
+    "ReduceSumSquare": ("REDUCE", None),
+    "MatMul": ("MATRIX_MULTIPLY", None), "Gemm": ("MATRIX_MULTIPLY", None),
+    "Conv": ("CONVOLUTION", None), "ConvTranspose": ("DECONVOLUTION", None),
+    "Softmax": ("SOFTMAX", None), "LogSoftmax": ("SOFTMAX", None),
+    "LayerNormalization": ("NORMALIZATION", None), "RMSNormalization": ("NORMALIZATION", None),
+    "GroupNormalization": ("NORMALIZATION", None), "InstanceNormalization": ("NORMALIZATION", None),
+}
+
+
+def _trt_rules():
+    from .trt_build import _COMPUTE_LAYERS, FP32_LAYER_MATCH
+
+    return FP32_LAYER_MATCH, _COMPUTE_LAYERS
+
+
+def node_is_kept(node, keep_ops, keep_names, float_inputs: bool = True) -> bool:
+    """Whether the TensorRT build pins the layer of this ONNX node to fp32 (same rule as trt_build)."""
+    match, compute = _trt_rules()
+    if not float_inputs:
+        return False  # integer shape arithmetic: trt_build skips it
+    layer_type, operation = ONNX_TO_TRT_LAYER.get(node.op_type, ("OTHER", None))
+    if layer_type in compute and any(fnmatch.fnmatchcase(node.name, pat) for pat in keep_names):
+        return True
+    for op in keep_ops:
+        want_type, want_op = match[op]
+        if want_type == layer_type and (want_op is None or want_op == operation):
+            return True
+    return False
+
+
+def _value_types(model) -> dict:
+    """Element type of every tensor (graph inputs, initializers, Constant nodes, inferred values)."""
+    import onnx
+
+    structure = onnx.ModelProto()
+    structure.CopyFrom(model)
+    for init in structure.graph.initializer:  # shape inference needs only the declared types and shapes
+        init.ClearField("raw_data")
+        init.ClearField("float_data")
+        init.ClearField("int64_data")
+        init.ClearField("int32_data")
+        init.ClearField("double_data")
+        del init.external_data[:]
+        init.data_location = onnx.TensorProto.DEFAULT
+    inferred = onnx.shape_inference.infer_shapes(structure)
+    types = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def _round_array(arr: np.ndarray, precision: str) -> np.ndarray:
+    if precision == "fp16":
+        with np.errstate(over="ignore"):
+            return arr.astype(np.float16).astype(np.float32)
+    import ml_dtypes
+
+    return arr.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def emulate_model(model, precision: str, keep_ops=(), keep_names=()):
+    """A copy of `model` (an fp32 onnx.ModelProto, weights loaded) that computes like a `precision` engine."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if precision == "fp32":
+        return copy.deepcopy(model)
+    if precision not in LOW_PRECISIONS:
+        raise ExportError(f"precision {precision!r}: expected fp32, fp16 or bf16")
+    low = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.BFLOAT16
+    keep_ops, keep_names = list(keep_ops), list(keep_names)
+    match, _ = _trt_rules()
+    for op in keep_ops:
+        if op not in match:
+            raise ExportError(f"keep_fp32: unknown op type {op!r}")
+    out = copy.deepcopy(model)
+    graph = out.graph
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ExportError(f"node {node.name!r} ({node.op_type}) has a subgraph: not supported by the emulation")
+    types = _value_types(out)
+    FLOAT = TensorProto.FLOAT
+
+    def is_float(name: str) -> bool:
+        return bool(name) and types.get(name) == FLOAT
+
+    graph_inputs = {i.name for i in graph.input}
+    initializers = {i.name: i for i in graph.initializer}
+    const = set(initializers)
+    # classify nodes in (topological) order
+    kinds = []  # "const" | "kept" | "low"
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant" or (ins and all(i in const for i in ins)):
+            const.update(o for o in node.output if o)
+            kinds.append("const")
+        elif node_is_kept(node, keep_ops, keep_names, any(is_float(i) for i in ins)):
+            kinds.append("kept")
+        else:
+            kinds.append("low")
+    low_produced = {o for node, kind in zip(graph.node, kinds) if kind == "low" for o in node.output if is_float(o)}
+
+    new_nodes = []
+    rounded: dict[str, str] = {}  # fp32-valued tensor -> its rounded copy (for low consumers)
+    new_inits = []
+    counter = [0]
+
+    def uid(base: str) -> str:
+        counter[0] += 1
+        return f"{base}__{precision}_{counter[0]}"
+
+    def round_pair(src: str, dst: str, base: str) -> list:
+        mid = uid(base + "_lp")
+        return [helper.make_node("Cast", [src], [mid], to=low, name=uid(base + "_to_" + precision)),
+                helper.make_node("Cast", [mid], [dst], to=FLOAT, name=uid(base + "_to_fp32"))]
+
+    def rounded_input(name: str) -> str:
+        if name in rounded:
+            return rounded[name]
+        if name in initializers:
+            arr = numpy_helper.to_array(initializers[name]).astype(np.float32)
+            new_name = uid(name)
+            new_inits.append(numpy_helper.from_array(_round_array(arr, precision), name=new_name))
+        else:
+            new_name = uid(name)
+            new_nodes.extend(round_pair(name, new_name, name))
+        rounded[name] = new_name
+        return new_name
+
+    for node, kind in zip(graph.node, kinds):
+        if kind == "low":
+            for k, name in enumerate(node.input):
+                if is_float(name) and name not in low_produced:
+                    node.input[k] = rounded_input(name)  # graph input, weight or kept node's fp32 output
+        new_nodes.append(node)
+        if kind == "low":
+            for k, name in enumerate(node.output):
+                if is_float(name):
+                    raw = uid(name + "_raw")
+                    node.output[k] = raw
+                    new_nodes.extend(round_pair(raw, name, name))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    # drop initializers nobody reads any more (weights replaced by their rounded copies)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used or i.name in graph_inputs]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return out
+
+
+def kept_node_names(model, keep_ops=(), keep_names=()) -> set:
+    """Names of the nodes of `model` that the plan keeps in fp32 (for tests and reports)."""
+    types = _value_types(model)
+    kept = set()
+    for node in model.graph.node:
+        floats = any(types.get(i) == 1 for i in node.input if i)
+        if node.op_type != "Constant" and node_is_kept(node, keep_ops, keep_names, floats):
+            kept.add(node.name)
+    return kept
+
+
+def emulate_graph_file(onnx_path, precision: str, builder: dict, out_path=None):
+    """Emulated copy of the graph at `onnx_path` under a plan's builder options; saved to `out_path` if given."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    emulated = emulate_model(model, precision, builder.get("keep_fp32", ()), builder.get("keep_fp32_names", ()))
+    if out_path is not None:
+        out_path = Path(out_path)
+        if emulated.ByteSize() > (1 << 30):
+            onnx.save_model(emulated, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=out_path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(emulated, str(out_path))
+    return emulated
+
+
+def write_emulated_engine_dir(engine_dir, out_dir, plan, precisions: dict | None = None,
+                              builders: dict | None = None) -> Path:
+    """An ENGINE_DIR copy whose graphs compute like the plan's engines (ONNX Runtime can run it).
+
+    `plan` is a resolved vv_export.plans.Plan; `precisions` (graph -> fp32/fp16/bf16) and `builders`
+    (graph -> builder dict) override the plan's. manifest.json records `emulated_precision` per graph
+    and the new files' sha256.
+    """
+    engine_dir, out_dir = Path(engine_dir), Path(out_dir)
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    if out_dir.exists():
+        raise ExportError(f"{out_dir} already exists")
+    out_dir.mkdir(parents=True)
+    shutil.copyfile(engine_dir / manifest.get("tokenizer", "tokenizer.json"),
+                    out_dir / manifest.get("tokenizer", "tokenizer.json"))
+    emulated = {}
+    for name, entry in manifest["graphs"].items():
+        gp = plan.graphs.get(name)
+        precision = (precisions or {}).get(name, gp.precision if gp is not None else "fp32")
+        builder = (builders or {}).get(name, gp.builder if gp is not None else {})
+        src = engine_dir / entry["file"]
+        dst = out_dir / entry["file"]
+        if precision == "fp32":
+            shutil.copyfile(src, dst)
+            for extra in entry.get("external_data") or []:
+                shutil.copyfile(engine_dir / extra, out_dir / extra)
+        else:
+            emulate_graph_file(src, precision, builder, dst)
+            data = out_dir / (dst.name + ".data")
+            entry["external_data"] = [data.name] if data.exists() else []
+        entry["sha256"] = _sha256_file(dst)
+        emulated[name] = precision
+    manifest["emulated_precision"] = emulated
+    manifest.pop("trt", None)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cpu_session(model_or_path, threads: int = 1):
+    """An ONNX Runtime CPU session for an (emulated) graph."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def max_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """max |got - ref| (inf when `got` has a non-finite value where `ref` is finite)."""
+    if ref.size == 0:
+        return 0.0
+    got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
+    if not np.all(np.isfinite(got64[np.isfinite(ref64)])):
+        return float("inf")
+    return float(np.max(np.abs(got64 - ref64)))
+
+
+def allowed_error(tol: dict, ref: np.ndarray) -> float:
+    """atol + rtol * max |ref|: the plan's tolerance rule (docs/PRECISION.md)."""
+    peak = float(np.max(np.abs(ref))) if ref.size else 0.0
+    return float(tol["atol"]) + float(tol["rtol"]) * peak
+
+
+# --- whole generations ----------------------------------------------------------------------------
+
+def token_agreement(tokens: list, reference: list) -> float:
+    """Fraction of reference positions where the tokens agree (a length difference counts as disagreement)."""
+    n = max(len(tokens), len(reference))
+    if n == 0:
+        return 1.0
+    return sum(1 for a, b in zip(tokens, reference) if a == b) / n
+
+
+def audio_snr_db(audio: np.ndarray, reference: np.ndarray) -> float:
+    """10 log10(|ref|^2 / |audio - ref|^2) over the common length (inf when equal)."""
+    n = min(len(audio), len(reference))
+    ref = reference[:n].astype(np.float64)
+    err = float(np.sum((audio[:n].astype(np.float64) - ref) ** 2))
+    sig = float(np.sum(ref ** 2))
+    if err == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(sig / err)) if sig > 0 else float("-inf")
+
+
+def compare_generations(reference_dir, emulated_dir, script, voices, noise, cfg_scale=None, max_new_frames=None) -> dict:
+    """Generate one script on both ENGINE_DIRs (ONNX Runtime, same noise): token agreement and audio error."""
+    from vv_runtime.pipeline import Pipeline
+
+    results = []
+    for directory in (reference_dir, emulated_dir):
+        pipe = Pipeline.from_engine_dir(directory, backend="ort")
+        try:
+            results.append(pipe.generate(script, voices, cfg_scale=cfg_scale, max_new_frames=max_new_frames,
+                                         noise=noise))
+        finally:
+            pipe.close()
+    ref, got = results
+    ref_tokens, got_tokens = list(ref.tokens[0]), list(got.tokens[0])
+    ref_audio, got_audio = ref.audio[0], got.audio[0]
+    first_diff = next((i for i, (a, b) in enumerate(zip(got_tokens, ref_tokens)) if a != b),
+                      None if len(got_tokens) == len(ref_tokens) else min(len(got_tokens), len(ref_tokens)))
+    n = min(len(ref_audio), len(got_audio))
+    peak = float(np.max(np.abs(ref_audio))) if len(ref_audio) else 0.0
+    return {
+        "tokens": len(ref_tokens), "tokens_emulated": len(got_tokens),
+        "token_agreement": token_agreement(got_tokens, ref_tokens), "first_token_difference": first_diff,
+        "frames": int(ref.frames[0]), "frames_emulated": int(got.frames[0]),
+        "audio_max_abs_error": float(np.max(np.abs(got_audio[:n] - ref_audio[:n]))) if n else 0.0,
+        "audio_peak": peak, "audio_snr_db": audio_snr_db(got_audio, ref_audio),
+        "audio_finite": bool(np.all(np.isfinite(got_audio))),
+    }
