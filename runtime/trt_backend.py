@@ -4,7 +4,7 @@
     outputs = backend.run("lm", {"inputs_embeds": ..., ...})   # numpy in, numpy out
     backend.close()
 
-At load, every engine listed under ``manifest["trt"]["engines"]`` is checked (file present, built from
+At load, every engine to load (listed under ``manifest["trt"]["engines"]``) is checked (file present, built from
 this ENGINE_DIR's ONNX graph, with the running TensorRT version, for this GPU's compute capability),
 deserialized, and its I/O tensor names are checked against the manifest's graph I/O; each problem is
 one line naming both sides.
@@ -14,9 +14,19 @@ the largest shape of the engine's profiles (bindings whose maximum exceeds ``buf
 e.g. the LM's KV cache at full context, grow on demand instead); ``set_input_shape`` and
 ``set_tensor_address`` by name, ``execute_async_v3``. An engine with several optimisation profiles (the
 LM: prefill, decode) switches with ``set_optimization_profile_async`` to the profile that contains the
-call's shapes and whose opt shape is nearest. The per-frame graphs (diffusion_sampler,
-acoustic_decoder, semantic_encoder) are replayed as CUDA graphs: one execution context per input shape
-(sharing one activation buffer), captured on first use after a warm-up run, keyed by shape.
+call's shapes and whose opt shape is nearest. The graphs whose manifest role is "per-frame"
+(diffusion_sampler, acoustic_decoder, semantic_encoder) are replayed as CUDA graphs: one execution
+context per input shape (sharing one activation buffer), captured on first use after a warm-up run,
+keyed by shape. LM decode steps on the device cache (seq 1, ``past_kv`` a CUDA tensor) are replayed as
+CUDA graphs too: one context per (input shapes, cache address) on the decode profile, its small host
+inputs (embeds, mask, positions) copied into fixed device buffers of its own before each replay, the
+cache bound where it lives; a cache that grows to the next bucket moves, and the graphs bound at its old
+address are dropped (at most MAX_DECODE_GRAPHS are kept, least recently used first out). Prefill runs
+plainly. Device feeds are converted (dtype, layout) on the engine's stream, after the caller's stream.
+
+By default only the engines the generation loop calls are loaded (roles "loop" and "per-frame");
+``graphs=`` loads others (the GPU accuracy check asks for all). ``limits()`` / ``check_fits()`` tell
+what the loaded engines' recorded profiles can run (vv_runtime.backend_base.PlanLimits), without CUDA.
 
 The LM cache stays on the GPU: ``kv_cache(shape)`` returns a ``DeviceKVCache`` whose ``past(n)`` is the
 whole (power-of-two bucketed) CUDA buffer that ``run`` binds directly as ``past_kv`` (no copy, no host
@@ -274,7 +284,7 @@ class _Engine:
         self.graph_contexts: dict = {}  # shape key -> (context, CUDAGraph | None, output shapes)
         self.decode_graphs = GraphCache(MAX_DECODE_GRAPHS)  # graph_key -> (context, CUDAGraph | None, output shapes)
         self.decode_buffers = None  # fixed-address buffers of the decode graphs (own: prefill never moves them)
-        self.scratch = None  # shared activation memory of the per-shape contexts
+        self.scratch: dict = {}  # profile (None: any) -> activation memory shared by the per-shape contexts
 
     def _new_buffers(self) -> dict:
         owner = self.owner
@@ -364,12 +374,15 @@ class _Engine:
             stream.wait_stream(torch.cuda.current_stream(self.owner.device))  # the feeds' producer first
         with torch.cuda.device(self.owner.device), torch.cuda.stream(stream):
             # dtype/layout conversion on the engine's stream, in order with the copies and the execution
+            given = {n: t.data_ptr() for n, t in device_feeds.items()}
             device_feeds = {n: t.to(self.torch_dtypes[n]).contiguous() for n, t in device_feeds.items()}
+            # a decode graph binds the caller's cache where it lives: only when no conversion copied it
+            in_place = all(t.data_ptr() == given[n] for n, t in device_feeds.items())
             out_shapes = None
             buffers = self.buffers
             if self.use_graphs:
                 out_shapes = self._run_graph(shapes, self._stage(arrays, device_feeds, self.buffers))
-            elif self.decode_graphs_on and is_decode_call(self.graph, shapes, device_feeds):
+            elif self.decode_graphs_on and in_place and is_decode_call(self.graph, shapes, device_feeds):
                 out_shapes = self._run_decode_graph(profile, shapes, arrays, device_feeds)
                 buffers = self.decode_buffers
             if out_shapes is None:
@@ -499,7 +512,7 @@ class _Engine:
             else:
                 self._execute(context)
             return out_shapes
-        context = self._graph_context()
+        context = self._graph_context(profile)
         if self.num_profiles > 1 and not context.set_optimization_profile_async(profile,
                                                                                 self.owner.stream.cuda_stream):
             # TensorRT lets one profile serve one context at a time here: decode without graphs
@@ -517,15 +530,23 @@ class _Engine:
         """Drop the captured decode graphs bound to device memory at `address` (freed or moved)."""
         return self.decode_graphs.forget_address(address)
 
-    def _graph_context(self):
-        """A new execution context sharing one activation buffer with the other per-shape contexts."""
+    def _graph_context(self, profile: int | None = None):
+        """A new execution context sharing one activation buffer with the other per-shape contexts (of
+        `profile`, sized for that profile where TensorRT tells the size per profile: the decode contexts
+        of the LM do not reserve its prefill's activation memory). Contexts run one at a time, on one stream."""
         owner = self.owner
         context, user_managed = owner.create_context(self.engine, user_managed=True)
         if user_managed:
-            size = _device_memory_size(self.engine)
-            if self.scratch is None or self.scratch.numel() < size:
-                self.scratch = owner.torch.empty(max(size, 1), dtype=owner.torch.uint8, device=owner.device)
-            _set_device_memory(context, self.scratch.data_ptr(), self.scratch.numel())
+            size = _device_memory_size(self.engine, profile)
+            key = profile if profile is not None and _has_profile_sizes(self.engine) else None
+            scratch = self.scratch.get(key)
+            if scratch is None or scratch.numel() < size:
+                if scratch is not None:  # graphs captured on the old memory must not replay
+                    self._drop_graphs()
+                    self.decode_graphs.clear()
+                scratch = owner.torch.empty(max(size, 1), dtype=owner.torch.uint8, device=owner.device)
+                self.scratch[key] = scratch
+            _set_device_memory(context, scratch.data_ptr(), scratch.numel())
         return context
 
     def close(self) -> None:
@@ -534,11 +555,23 @@ class _Engine:
         self.context = None
         self.buffers.clear()
         self.decode_buffers = None
-        self.scratch = None
+        self.scratch = {}
         self.engine = None
 
 
-def _device_memory_size(engine) -> int:
+def _has_profile_sizes(engine) -> bool:
+    return any(hasattr(engine, a) for a in ("get_device_memory_size_for_profile_v2",
+                                            "get_device_memory_size_for_profile"))
+
+
+def _device_memory_size(engine, profile: int | None = None) -> int:
+    """Activation memory of an execution context: for one profile where TensorRT (10.1+) tells it, else the
+    engine's (the largest over its profiles)."""
+    if profile is not None:
+        for attr in ("get_device_memory_size_for_profile_v2", "get_device_memory_size_for_profile"):
+            getter = getattr(engine, attr, None)
+            if getter is not None:
+                return int(getter(profile))
     for attr in ("device_memory_size_v2", "device_memory_size"):
         size = getattr(engine, attr, None)
         if size is not None:
