@@ -34,6 +34,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DERIVED_DIMS = {"total": ("past", "seq")}
 # Dimensions whose range may include 0 (the prefill profile has no past).
 ZERO_OK_DIMS = ("past",)
+# Dimensions that count positions (cache slots, new inputs): at most max_position_embeddings each.
+POSITION_DIMS = ("past", "seq")
 PLAN_FORMAT = 1  # bumped when the meaning of a plan field changes: every engine's hash changes
 
 _TOP_KEYS = {"name", "description", "extends", "settings", "builder", "tolerance", "dims", "graphs"}
@@ -478,9 +480,13 @@ def resolve_plan(plan: str | dict = "default", manifest: dict | None = None, pre
                     if missing:
                         raise PlanError(f"{pw}: cannot derive {dim} without {missing[0]!r}")
                     ranges[dim] = tuple(sum(ranges[p][k] for p in parts) for k in range(3))
-                    if max_pos is not None and ranges[dim][2] > max_pos:
-                        raise PlanError(f"{pw}: {dim} max {ranges[dim][2]} exceeds the model's "
-                                        f"max_position_embeddings {max_pos}")
+            # A cache never holds more slots than the model has positions, nor does one call add more. The
+            # mask (`total` = past + seq) may be one longer: the runtime's largest cache bucket holds
+            # max_position_embeddings slots (the free ones masked) when a decode step adds its one input.
+            for dim in POSITION_DIMS:
+                if dim in ranges and max_pos is not None and ranges[dim][2] > max_pos:
+                    raise PlanError(f"{pw}: {dim} max {ranges[dim][2]} exceeds the model's "
+                                    f"max_position_embeddings {max_pos}")
             shapes = {}
             for io in inputs:
                 triple = []
@@ -505,6 +511,94 @@ def resolve_plan(plan: str | dict = "default", manifest: dict | None = None, pre
         resolved[g] = GraphPlan(g, prec, profiles, builder, tolerance, outputs)
     return Plan(name=pname, description=str(data.get("description", "")), sources=[str(s) for s in sources],
                 settings=settings, notes=notes, graphs=resolved)
+
+
+# --- device memory estimate -----------------------------------------------------------------------
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "int64": 8,
+                "int32": 4, "bool": 1}
+INT32_ELEMENTS = 2**31 - 1  # bindings are kept below this many elements (32-bit volumes in kernels)
+GPU_HEADROOM = 0.85  # share of a plan's gpu_memory_gb the estimate may use (CUDA context, allocator, tactics)
+
+
+def _shape_at(io: dict, dims: dict, k: int) -> tuple:
+    return tuple(dims[d][k] if isinstance(d, str) else int(d) for d in io["shape"])
+
+
+def _lm_intermediate(model: dict, lm_weight_elems: int) -> int:
+    """The MLP width: from the manifest, else from the lm weights (per layer: q/o, k/v, 3 MLP matrices)."""
+    if isinstance(model.get("intermediate_size"), int):
+        return model["intermediate_size"]
+    H, L = model["hidden_size"], model["num_layers"]
+    heads, kv, d = model.get("num_attention_heads", 1), model["num_kv_heads"], model["head_dim"]
+    attn = 2 * H * heads * d + 2 * H * kv * d
+    return max(1, (lm_weight_elems // L - attn) // (3 * H))
+
+
+def memory_estimate(plan: Plan, manifest: dict) -> dict:
+    """Rough device memory of a resolved plan's engines at their largest shapes, in bytes.
+
+    - weights: every graph's ONNX weights (`weight_bytes` at the manifest's dtype) at its engine precision;
+    - per optimisation profile, at its max shapes: the graph's inputs and outputs (the I/O stays fp32 /
+      int64), and for the lm the activations of one layer (layers run one after another): attention
+      scores and probabilities in fp32 (rows x heads x seq x total x 4 x 2; softmax inputs are kept in
+      fp32), the MLP's gate/up/product at the engine precision (rows x seq x intermediate x 3), the
+      layer's keys/values over the whole mask (2 x rows x kv_heads x total x head_dim x 4), the residual
+      stream and its normed copy and q/k/v (rows x seq x hidden x 4 x 6); for the acoustic encoder the
+      first stage's activations (rows x samples x 32 channels x 4 x 2);
+    - the builder's workspace (tactic scratch) once.
+
+    total = weights + the largest lm profile + the largest profile of the other graphs + workspace: what
+    runs at once when the loop alternates between graphs (each engine's activations are reused across
+    its profiles). It ignores the CUDA context and allocator slack, hence `fits` compares against
+    GPU_HEADROOM x settings.gpu_memory_gb. `over_int32` lists bindings of 2^31 elements or more.
+    """
+    model = manifest.get("model") or {}
+    storage = _DTYPE_BYTES.get(str(manifest.get("dtype", "fp32")), 4)
+    weights, profiles, over = {}, {}, []
+    for g, gp in plan.graphs.items():
+        entry = manifest["graphs"][g]
+        elems = int(entry.get("weight_bytes", 0)) // storage
+        weights[g] = elems * _DTYPE_BYTES[gp.precision]
+        for prof in gp.profiles:
+            io_bytes = 0
+            dims = dict(prof.dims)
+            if "samples" in dims and "frames" not in dims and model.get("hop_length"):
+                dims["frames"] = tuple(v // model["hop_length"] for v in dims["samples"])  # the encoder's output
+            for io in (entry.get("inputs") or []) + (entry.get("outputs") or []):
+                shape = _shape_at(io, dims, 2)
+                n = 1
+                for d in shape:
+                    n *= d
+                if n > INT32_ELEMENTS:
+                    over.append(f"{g}/{prof.name}:{io['name']} {list(shape)} = {n} elements")
+                io_bytes += n * _DTYPE_BYTES.get(io.get("dtype", "float32"), 4)
+            act = 0
+            if g == "lm" and {"hidden_size", "num_layers", "num_kv_heads", "head_dim"} <= set(model):
+                rows, seq, past = (prof.dims[d][2] for d in ("batch", "seq", "past"))
+                total = past + seq
+                H, kv, d = model["hidden_size"], model["num_kv_heads"], model["head_dim"]
+                heads = model.get("num_attention_heads", kv)
+                inter = _lm_intermediate(model, elems)
+                act = (rows * heads * seq * total * 4 * 2 + rows * seq * inter * _DTYPE_BYTES[gp.precision] * 3
+                       + 2 * rows * kv * total * d * 4 + rows * seq * H * 4 * 6)
+            elif g == "acoustic_encoder" and "samples" in prof.dims:
+                act = prof.dims["batch"][2] * prof.dims["samples"][2] * 32 * 4 * 2
+            profiles[f"{g}/{prof.name}"] = {"io_bytes": io_bytes, "activation_bytes": act, "bytes": io_bytes + act}
+    lm = {k: v for k, v in profiles.items() if k.startswith("lm/")}
+    other = {k: v for k, v in profiles.items() if not k.startswith("lm/")}
+    largest_lm = max(lm, key=lambda k: lm[k]["bytes"]) if lm else None
+    largest_other = max(other, key=lambda k: other[k]["bytes"]) if other else None
+    workspace = max((gp.builder["workspace_mib"] for gp in plan.graphs.values()), default=0) << 20
+    total = (sum(weights.values()) + (lm[largest_lm]["bytes"] if largest_lm else 0)
+             + (other[largest_other]["bytes"] if largest_other else 0) + workspace)
+    budget_gb = plan.settings.get("gpu_memory_gb")
+    result = {"weights_bytes": weights, "profiles": profiles, "largest_lm_profile": largest_lm,
+              "largest_other_profile": largest_other, "workspace_bytes": workspace, "total_bytes": total,
+              "over_int32": over, "gpu_memory_gb": budget_gb, "headroom": GPU_HEADROOM}
+    if budget_gb is not None:
+        result["fits"] = total <= GPU_HEADROOM * budget_gb * 1e9 and not over
+    return result
 
 
 def _sha256_json(obj) -> str:

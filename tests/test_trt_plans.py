@@ -1,18 +1,24 @@
-"""TensorRT build plans: loading, validation (one-line errors), profile resolution against a manifest, hashes.
+"""TensorRT build plans: loading, validation (one-line errors), profile resolution against a manifest, hashes,
+coverage of every shape the runtime and the validation use, and the device memory they need.
 
 All CPU: plans are resolved against the manifest of the shared fixture's ENGINE_DIR (and a few edited
-copies of it); nothing here needs TensorRT.
+copies of it) and against a full-size (VibeVoice-1.5B) manifest assembled from the released config and
+the measured full-size export (benchmarks/results/export_full_size.json: its graphs' I/O shapes and
+weight bytes), without exporting the 1.5B here; nothing needs TensorRT.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
 from vv_export.errors import ExportError
-from vv_export.plans import (PLAN_GRAPHS, PlanError, available_plans, evaluate, load_plan_data, resolve_plan)
+from vv_export.plans import (GPU_HEADROOM, PLAN_GRAPHS, PlanError, available_plans, evaluate, load_plan_data,
+                             memory_estimate, resolve_plan)
+from vv_runtime.backend import bucket_slots
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def _error(data, manifest, **kw) -> str:
 # --- the packaged plans --------------------------------------------------------------------------
 
 def test_packaged_plans_resolve_against_the_fixture(manifest):
-    assert {"default", "turing", "small", "ci"} <= set(available_plans())
+    assert {"default", "turing", "small", "ci", "bench"} <= set(available_plans())
     for name in available_plans():
         plan = resolve_plan(name, manifest)
         assert plan.name == name
@@ -55,23 +61,27 @@ def test_default_plan_sections_cover_the_contract(default_data):
     assert default_data["graphs"]["lm"]["precision"] == "bf16"  # Qwen2 activations overflow fp16
 
 
-def test_lm_profiles_prefill_and_decode(manifest):
+def test_lm_profiles(manifest):
     plan = resolve_plan("default", manifest)
     lm = plan.graphs["lm"]
-    assert [p.name for p in lm.profiles] == ["prefill", "decode"]
-    prefill, decode = lm.profiles
+    assert [p.name for p in lm.profiles] == ["prefill", "decode", "extend", "decode_long", "prefill_long"]
+    prefill, decode, extend, decode_long, prefill_long = lm.profiles
     max_pos = manifest["model"]["max_position_embeddings"]  # 4096 at the fixture: caps 65536 and 8192
-    assert prefill.dims["seq"] == (1, 512, max_pos)
+    assert prefill.dims["seq"] == (1, 512, 2048)
     assert prefill.dims["past"] == (0, 0, 0)
     assert prefill.dims["total"] == prefill.dims["seq"]
+    assert prefill.dims["batch"] == (1, 1, 16)  # positive rows only: the negative row is one token
     assert decode.dims["seq"] == (1, 1, 1)
-    assert decode.dims["past"] == (1, 1024, max_pos - 1)
-    assert decode.dims["total"] == (2, 1025, max_pos)  # derived: past + seq
-    assert prefill.dims["batch"] == decode.dims["batch"] == (1, 2, 32)  # 16 requests x CFG
+    assert decode.dims["past"] == (1, 1024, 4096)  # batch_context, the whole fixture context
+    assert decode.dims["total"] == (2, 1025, 4097)  # derived: past + seq (the largest bucket + the new input)
+    assert decode.dims["batch"] == (1, 2, 32)  # 16 requests x CFG
+    assert extend.dims["seq"][0] == 2 and extend.dims["past"][0] == 1  # a prompt over a cached prefix
+    assert decode_long.dims["batch"] == (1, 2, 2) and decode_long.dims["past"][2] == max_pos
+    assert prefill_long.dims["batch"] == (1, 1, 1) and prefill_long.dims["seq"][2] == max_pos  # 8192 capped
     L, KV, D, H = (manifest["model"][k] for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size"))
-    assert decode.shapes["past_kv"] == ((L, 2, 1, KV, 1, D), (L, 2, 2, KV, 1024, D), (L, 2, 32, KV, max_pos - 1, D))
-    assert decode.shapes["attention_mask"] == ((1, 2), (2, 1025), (32, max_pos))
-    assert prefill.shapes["inputs_embeds"] == ((1, 1, H), (2, 512, H), (32, max_pos, H))
+    assert decode.shapes["past_kv"] == ((L, 2, 1, KV, 1, D), (L, 2, 2, KV, 1024, D), (L, 2, 32, KV, 4096, D))
+    assert decode.shapes["attention_mask"] == ((1, 2), (2, 1025), (32, 4097))
+    assert prefill.shapes["inputs_embeds"] == ((1, 1, H), (1, 512, H), (16, 2048, H))
     assert any("capped" in n for n in plan.notes)
 
 
@@ -97,6 +107,7 @@ def test_profiles_contain(manifest):
     decode_call = {"inputs_embeds": (4, 1, H), "attention_mask": (4, 101), "position_ids": (4, 1),
                    "past_kv": (L, 2, 4, KV, 100, D)}
     assert lm.profiles[1].contains(decode_call) and not lm.profiles[0].contains(decode_call)
+    assert not lm.profiles[2].contains(decode_call)  # extend: seq >= 2
 
 
 def test_extends_overrides_and_inherits(manifest):
@@ -104,8 +115,8 @@ def test_extends_overrides_and_inherits(manifest):
     default = resolve_plan("default", manifest)
     assert turing.graphs["lm"].precision == "fp32"
     assert turing.graphs["acoustic_decoder"].precision == "fp16"  # inherited
-    assert turing.graphs["lm"].profiles[0].dims["batch"] == (1, 2, 8)  # max_rows 4, x2 for CFG
-    assert turing.graphs["lm"].builder["workspace_mib"] == 2048
+    assert turing.graphs["lm"].profiles[1].dims["batch"] == (1, 2, 8)  # decode: max_rows 4, x2 for CFG
+    assert turing.graphs["lm"].builder["workspace_mib"] == 1024
     assert turing.graphs["lm"].builder["optimization_level"] == default.graphs["lm"].builder["optimization_level"]
 
 
@@ -227,8 +238,10 @@ def test_bad_ranges(manifest, default_data):
     data["graphs"]["lm"]["profiles"][0]["batch"] = [0, 1, 2]
     assert "batch: min 0 is below 1" in _error(data, manifest)
     data = copy.deepcopy(default_data)
-    data["graphs"]["lm"]["profiles"][1]["past"] = [1, 2, "max_position_embeddings"]
-    assert "exceeds the model's max_position_embeddings" in _error(data, manifest)
+    data["graphs"]["lm"]["profiles"][1]["past"] = [1, 2, "max_position_embeddings + 1"]
+    assert "past max 4097 exceeds the model's max_position_embeddings" in _error(data, manifest)
+    data["graphs"]["lm"]["profiles"][1]["past"] = [1, 2, "max_position_embeddings"]  # the largest bucket
+    assert _resolve(data, manifest).graphs["lm"].profiles[1].dims["total"][2] == 4097
     data = copy.deepcopy(default_data)
     del data["dims"]["batch"]
     assert "no range for dim 'batch'" in _error(data, manifest)
@@ -253,7 +266,7 @@ def test_plan_files(tmp_path, manifest):
     own = tmp_path / "mine.toml"
     own.write_text('extends = "default"\n[settings]\nmax_rows = 2\n')
     plan = resolve_plan(str(own), manifest)
-    assert plan.name == "mine" and plan.graphs["lm"].profiles[0].dims["batch"] == (1, 2, 4)
+    assert plan.name == "mine" and plan.graphs["lm"].profiles[1].dims["batch"] == (1, 2, 4)
     (tmp_path / "a.toml").write_text('extends = "b"\n')
     (tmp_path / "b.toml").write_text('extends = "a"\n')
     with pytest.raises(PlanError, match="cycle"):
@@ -274,3 +287,214 @@ def test_expressions():
     for bad in ("a ** 2", "__import__('os')", "a.b", "[a]", True, 1.5):
         with pytest.raises(PlanError):
             evaluate(bad, names, "x")
+
+
+# --- coverage: every shape the runtime and the validation use lies in some profile ---------------------
+#
+# What a plan promises, from its [settings] (docs/GPU.md):
+#   text_embed   rows <= 2 * max_rows, prompts <= max(max_prompt, long_prompt)
+#   lm prefill   B <= max_rows rows at prompt lengths <= max_prompt (past 0), and the negative row (1, 1, 0);
+#                B <= long_rows at prompts <= long_prompt
+#   lm decode    2B rows (CFG) for B <= max_rows at every cache bucket the runtime can bind up to
+#                batch_context, and for B <= long_rows up to max_context (vv_runtime.backend.bucket_slots:
+#                the whole buffer is past_kv, seq 1, total = past + 1)
+#   lm extend    B <= max_rows rows continuing a cached prefix of <= extend_past slots by 2..max_prompt
+#   per frame    diffusion_step/sampler, acoustic_decoder, semantic_encoder: batch <= max_rows
+#   voice        acoustic_encoder: one voice of hop..max_voice_seconds; connectors: its frames
+#   validation   every validation input set the exporter saved (the GPU accuracy check runs them)
+
+FULL_RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "export_full_size.json"
+
+
+def _lengths(limit: int) -> list[int]:
+    """1, 2, 3, the powers of two and their neighbours, and the limit itself (all <= limit)."""
+    out = {1, 2, 3, limit - 1, limit}
+    k = 4
+    while k <= limit:
+        out.update({k - 1, k, k + 1})
+        k *= 2
+    return sorted(n for n in out if 1 <= n <= limit)
+
+
+def _buckets(limit: int) -> list[int]:
+    """Every past_kv length the runtime binds with caches of capacity up to `limit` (bucket_slots)."""
+    out = set()
+    for capacity in _lengths(limit):
+        for n in _lengths(capacity):
+            out.add(bucket_slots(n, capacity))
+    return sorted(out)
+
+
+def _concrete(entry: dict, dims: dict) -> dict:
+    dims = {**dims, "total": dims.get("past", 0) + dims.get("seq", 0)} if "seq" in dims else dims
+    return {io["name"]: tuple(dims[d] if isinstance(d, str) else d for d in io["shape"]) for io in entry["inputs"]}
+
+
+def _dims_of(entry: dict, feeds: dict) -> dict:
+    dims = {}
+    for io in entry["inputs"]:
+        for d, n in zip(io["shape"], feeds[io["name"]].shape):
+            if isinstance(d, str) and d != "total":  # derived: past + seq
+                dims[d] = int(n)
+    return dims
+
+
+def runtime_calls(plan, manifest: dict, validation: dict) -> list[tuple[str, str, dict]]:
+    """(graph, label, dims) of every call the plan promises to cover (see above)."""
+    s = plan.settings
+    max_pos = manifest["model"]["max_position_embeddings"]
+    R, P, C = s["max_rows"], s["max_prompt"], s["max_context"]
+    BC, LR = min(s["batch_context"], C), s["long_rows"]
+    LP, EP = min(s["long_prompt"], C), min(s["extend_past"], C)
+    hop, sr = manifest["model"]["hop_length"], manifest["model"]["sample_rate"]
+    calls = []
+    for n in _lengths(max(P, LP)):
+        for b in sorted({1, 2, R, 2 * R}):
+            if n <= P or b <= LR:
+                calls.append(("text_embed", "prompt", {"batch": b, "seq": n}))
+    for b in range(1, R + 1):
+        calls += [("lm", "prefill", {"batch": b, "seq": n, "past": 0}) for n in _lengths(P)]
+        calls += [("lm", "extend", {"batch": b, "seq": n, "past": p})
+                  for n in _lengths(P) if n >= 2 for p in _lengths(EP)]
+        calls += [("lm", "decode", {"batch": 2 * b, "seq": 1, "past": p}) for p in _buckets(BC)]
+        calls += [("per_frame", "frame", {"batch": b})]
+    for b in range(1, LR + 1):
+        calls += [("lm", "prefill_long", {"batch": b, "seq": n, "past": 0}) for n in _lengths(LP)]
+        calls += [("lm", "decode_long", {"batch": 2 * b, "seq": 1, "past": p}) for p in _buckets(C)]
+    calls.append(("lm", "negative row", {"batch": 1, "seq": 1, "past": 0}))
+    max_frames = s["max_voice_seconds"] * sr // hop
+    for f in _lengths(max_frames):
+        calls.append(("acoustic_encoder", "voice", {"batch": 1, "samples": f * hop}))
+        calls.append(("connectors", "voice", {"batch": 1, "frames": f}))
+    out = []
+    for graph, label, dims in calls:
+        graphs = {"per_frame": ("diffusion_step", "diffusion_sampler", "acoustic_decoder", "semantic_encoder"),
+                  "connectors": ("acoustic_connector", "semantic_connector")}.get(graph, (graph,))
+        out += [(g, label, dims) for g in graphs if g in plan.graphs]
+    for graph, dims_list in validation.items():
+        out += [(graph, "validation", dims) for dims in dims_list if graph in plan.graphs]
+    assert max(d.get("past", 0) for _, _, d in out) <= max_pos
+    return out
+
+
+def coverage_gaps(plan, manifest: dict, validation: dict) -> list[str]:
+    gaps = []
+    for graph, label, dims in runtime_calls(plan, manifest, validation):
+        shapes = _concrete(manifest["graphs"][graph], dims)
+        if not any(p.contains(shapes) for p in plan.graphs[graph].profiles):
+            gaps.append(f"{plan.name}: {graph} {label} {dims}")
+    return gaps
+
+
+@pytest.fixture(scope="module")
+def validation_dims(tiny_engine_dir, manifest):
+    """graph -> the named dims of every saved validation input set (the exporter's spec shapes)."""
+    from vv_export.validation_data import load_validation_data
+
+    out = {}
+    for graph, entry in manifest["graphs"].items():
+        feeds, _ = load_validation_data(tiny_engine_dir, graph)
+        out[graph] = [_dims_of(entry, f) for f in feeds]
+    assert {"batch": 3, "seq": 3, "past": 5} in out["lm"]  # the shape no old profile held
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_manifest(manifest, reference_dir):
+    """The VibeVoice-1.5B manifest: the fixture's I/O with the full-size export's shapes and weight bytes."""
+    config = json.loads((reference_dir / "vibevoice-1.5b-original-config.json").read_text())
+    measured = json.loads(FULL_RESULT.read_text())
+    dec = config["decoder_config"]
+    full = copy.deepcopy(manifest)
+    hop = 1
+    for r in config["acoustic_tokenizer_config"]["encoder_ratios"]:
+        hop *= r
+    for graph, entry in full["graphs"].items():
+        rec = measured["graphs"][graph]
+        concrete = {**rec["ort"]["inputs"], **rec["ort"]["outputs"]}
+        for io in entry["inputs"] + entry["outputs"]:
+            io["shape"] = [d if isinstance(d, str) else concrete[io["name"]][i] for i, d in enumerate(io["shape"])]
+        entry["weight_bytes"] = rec["weight_bytes"]
+    head_dim = dec["hidden_size"] // dec["num_attention_heads"]
+    full["model"].update(hidden_size=dec["hidden_size"], num_layers=dec["num_hidden_layers"],
+                         num_attention_heads=dec["num_attention_heads"], num_kv_heads=dec["num_key_value_heads"],
+                         head_dim=head_dim, vocab_size=dec["vocab_size"],
+                         max_position_embeddings=dec["max_position_embeddings"], hop_length=hop,
+                         acoustic_vae_dim=config["acoustic_vae_dim"], semantic_vae_dim=config["semantic_vae_dim"],
+                         decoder_state_size=full["graphs"]["acoustic_decoder"]["inputs"][1]["shape"][1],
+                         semantic_state_size=full["graphs"]["semantic_encoder"]["inputs"][1]["shape"][1])
+    full["dtype"] = measured["dtype"]
+    # the measured export and the config agree
+    assert full["graphs"]["lm"]["inputs"][3]["shape"] == [28, 2, "batch", 2, "past", 128]
+    assert full["graphs"]["lm"]["inputs"][0]["shape"] == ["batch", "seq", 1536]
+    return full
+
+
+def test_every_plan_covers_what_runs(manifest, full_manifest, validation_dims):
+    for m in (manifest, full_manifest):
+        for name in available_plans():
+            plan = resolve_plan(name, m)
+            gaps = coverage_gaps(plan, m, validation_dims)
+            assert not gaps, f"{len(gaps)} gaps, e.g. {gaps[:3]}"
+
+
+def test_coverage_check_finds_the_old_gaps(manifest, full_manifest, validation_dims, default_data):
+    """The old lm profiles: {batch 3, seq 3, past 5} fits none, the largest cache bucket is one too long."""
+    old = copy.deepcopy(default_data)
+    old["graphs"]["lm"]["profiles"] = [
+        {"name": "prefill", "batch": [1, 2, "2 * max_rows"], "seq": [1, 512, "max_prompt"], "past": [0, 0, 0]},
+        {"name": "decode", "batch": [1, 2, "2 * max_rows"], "seq": [1, 1, 1],
+         "past": [1, "min(1024, max_context - 1)", "max_context - 1"]}]
+    for m in (manifest, full_manifest):
+        gaps = coverage_gaps(_resolve(old, m), m, validation_dims)
+        assert any("lm validation {'batch': 3, 'seq': 3, 'past': 5" in g for g in gaps), gaps[:5]
+        max_pos = m["model"]["max_position_embeddings"]
+        assert any(f"lm decode_long {{'batch': 2, 'seq': 1, 'past': {max_pos}}}" in g for g in gaps), gaps[:5]
+    # the new plan with only decode_long one short: exactly the largest bucket is missing
+    short = copy.deepcopy(default_data)
+    short["graphs"]["lm"]["profiles"][3]["past"] = [1, "min(8192, max_context)", "max_context - 1"]
+    gaps = coverage_gaps(_resolve(short, full_manifest), full_manifest, validation_dims)
+    assert gaps == [f"default: lm decode_long {{'batch': 2, 'seq': 1, 'past': 65536}}"]
+
+
+# --- device memory -----------------------------------------------------------------------------------
+
+def test_every_plan_fits_its_gpu(full_manifest):
+    for name in available_plans():
+        plan = resolve_plan(name, full_manifest)
+        est = memory_estimate(plan, full_manifest)
+        budget = plan.settings["gpu_memory_gb"]
+        assert est["over_int32"] == [], (name, est["over_int32"])
+        assert est["fits"], (name, round(est["total_bytes"] / 1e9, 1), budget)
+        assert est["total_bytes"] <= GPU_HEADROOM * budget * 1e9
+        assert budget == {"default": 80, "bench": 80, "ci": 16, "small": 16, "turing": 16}.get(name, budget)
+
+
+def test_memory_estimate_components(full_manifest):
+    plan = resolve_plan("default", full_manifest)
+    est = memory_estimate(plan, full_manifest)
+    # the lm's weights at bf16: half the fp32 ONNX bytes (5.24 GB measured)
+    assert est["weights_bytes"]["lm"] == full_manifest["graphs"]["lm"]["weight_bytes"] // 2
+    assert est["weights_bytes"]["text_embed"] == full_manifest["graphs"]["text_embed"]["weight_bytes"]  # fp32
+    decode = est["profiles"]["lm/decode"]
+    past_kv = 28 * 2 * 32 * 2 * 4096 * 128 * 4  # [L, 2, rows, KV, past, D] fp32
+    assert past_kv < decode["io_bytes"] < past_kv * 1.01
+    prefill = est["profiles"]["lm/prefill"]
+    scores = 16 * 12 * 2048 * 2048 * 4 * 2  # rows x heads x seq x total x fp32 x (scores, probs)
+    assert scores < prefill["activation_bytes"] < scores * 2
+    turing = memory_estimate(resolve_plan("turing", full_manifest), full_manifest)
+    assert turing["weights_bytes"]["lm"] == full_manifest["graphs"]["lm"]["weight_bytes"]  # fp32 lm
+
+
+def test_old_default_would_not_fit(full_manifest, default_data):
+    """The old default (32 rows x 8192-token prefill, decode to the full context at 32 rows): out of memory."""
+    old = copy.deepcopy(default_data)
+    old["settings"].update(max_prompt=8192)
+    old["graphs"]["lm"]["profiles"] = [
+        {"name": "prefill", "batch": [1, 2, "2 * max_rows"], "seq": [1, 512, "max_prompt"], "past": [0, 0, 0]},
+        {"name": "decode", "batch": [1, 2, "2 * max_rows"], "seq": [1, 1, 1],
+         "past": [1, "min(1024, max_context - 1)", "max_context - 1"]}]
+    est = memory_estimate(_resolve(old, full_manifest), full_manifest)
+    assert not est["fits"]
+    assert est["total_bytes"] > 80e9
+    assert any(s.startswith("lm/decode:past_kv [28, 2, 32, 2, 65535, 128]") for s in est["over_int32"])
