@@ -8,6 +8,8 @@
     " Speech output:\n" [speech_start]
 
 speech_input_mask is True at the voice placeholder ([speech_diffusion]) positions only.
+prefix_len counts the tokens up to and including " Text input:\n": the part that depends only on the
+voices (its LM cache can be computed once per voice set and reused, see vv_runtime.scheduler).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Prompt:
     input_ids: np.ndarray          # [S] int64
     speech_input_mask: np.ndarray  # [S] bool
     voice_frames: list[int]        # placeholder count per voice actually used
+    prefix_len: int = 0            # tokens that depend only on the voices (system, voices, text header)
 
 
 class PromptBuilder:
@@ -81,8 +84,9 @@ class PromptBuilder:
                 add([t["speech_end"]])
                 add(self.encode("\n"))
         add(self.encode(self.texts["text_header"]))
+        prefix_len = len(ids)
         for speaker_id, text in parsed:
             add(self.encode(f" Speaker {speaker_id}:{text}\n"))
         add(self.encode(self.texts["output_header"]))
         add([t["speech_start"]])
-        return Prompt(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), voice_frames)
+        return Prompt(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), voice_frames, prefix_len)

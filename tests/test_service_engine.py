@@ -185,7 +185,7 @@ def test_cancel_and_timeout(engine, pipeline):
     assert handle.done and isinstance(handle.error, Cancelled)
     assert handle.frames < 30
 
-    slow = engine.submit(SpeechRequest(SCRIPT, voices=["alice"], seed=1, max_new_frames=60, timeout_s=0.05))
+    slow = engine.submit(SpeechRequest(SCRIPT, voices=["alice"], seed=1, max_new_frames=60, timeout_s=1e-6))
     with pytest.raises(TimeoutError, match="timeout"):
         slow.audio(timeout=60)
     ok = engine.submit(SpeechRequest(SCRIPT, voices=["alice"], seed=2, max_new_frames=5))
