@@ -1,0 +1,184 @@
+"""`vv-serve`: the streaming speech service over an ENGINE_DIR (FastAPI + uvicorn, or Ray Serve).
+
+    vv-serve --engine-dir ENGINE_DIR [--host 127.0.0.1] [--port 8000] [--voices DIR] [--max-batch 8]
+             [--max-queue 64] [--backend auto|ort|trt] [--max-text-chars 4096] [--max-voice-seconds 60]
+             [--request-timeout 300] [--ray --replicas N]
+
+It prints `vv-serve: listening on http://HOST:PORT` once the engine is loaded and the socket is bound
+(`--port 0` picks a free port). SIGTERM (or Ctrl-C) stops admission (new requests: 503, then
+connection refused), lets in-flight requests finish, stops the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from ..cli import _OneLineErrors, _one_line
+from ..errors import RuntimeInputError
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine-dir", required=True, type=click.Path(), metavar="ENGINE_DIR",
+              help="Directory written by `vv-export onnx`.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port, printed at start).")
+@click.option("--voices", "voices_dir", type=click.Path(), default=None, metavar="DIR",
+              help="Voice presets: every sound file in DIR, id = file name without extension.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most requests generated together (each takes two LM rows).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Most requests waiting for rows; beyond it requests get 429.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True,
+              help="auto: TensorRT engines when ENGINE_DIR has usable ones, else ONNX Runtime.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--max-text-chars", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Longest `input` / `script` accepted, in characters.")
+@click.option("--max-voice-seconds", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Longest voice prompt accepted (uploads and presets), in seconds.")
+@click.option("--max-voice-bytes", type=click.IntRange(min=1024), default=16 * 2 ** 20, show_default=True,
+              help="Largest voice upload accepted, in bytes.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="Seconds a request may take from admission to its last frame.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve with Ray Serve (extra `ray`): replicas of the same app, one per GPU where there are.")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: fixed number of replicas [default: autoscale 1..number of GPUs or 2 on CPU].")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks of start-up failures.")
+def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, max_text_chars,
+         max_voice_seconds, max_voice_bytes, request_timeout, use_ray, replicas, log_level, debug):
+    """Serve speech over HTTP: OpenAI-compatible /v1/audio/speech, scripts, voices, a web page at /."""
+    from .app import Limits
+
+    limits = Limits(max_text_chars=max_text_chars, max_voice_seconds=max_voice_seconds,
+                    max_voice_bytes=max_voice_bytes, request_timeout_s=request_timeout)
+    try:
+        if replicas is not None and not use_ray:
+            raise RuntimeInputError("--replicas needs --ray")
+        _check_inputs(engine_dir, voices_dir)
+        if use_ray:
+            from .ray_app import serve_forever
+
+            serve_forever(engine_dir=str(engine_dir), host=host, port=port, voices_dir=voices_dir,
+                          max_batch=max_batch, max_queue=max_queue, backend=backend, threads=threads,
+                          limits=limits, replicas=replicas)
+        else:
+            _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 -- start-up failures are one line unless --debug
+        if debug:
+            raise
+        if isinstance(exc, (RuntimeInputError, OSError, ImportError)):
+            click.echo(f"error: {_one_line(exc)}", err=True)
+        else:
+            click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for details)", err=True)
+        sys.exit(1)
+
+
+def _check_inputs(engine_dir, voices_dir) -> None:
+    if not Path(engine_dir).is_dir():
+        raise RuntimeInputError(f"--engine-dir {engine_dir}: not a directory")
+    if voices_dir is not None and not Path(voices_dir).is_dir():
+        raise RuntimeInputError(f"--voices {voices_dir}: not a directory")
+
+
+def build_engine(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits):
+    """Pipeline + VoiceStore (presets loaded) + started SpeechEngine."""
+    from ..pipeline import Pipeline
+    from ..service_engine import SpeechEngine, VoiceStore
+
+    pipeline = Pipeline.from_engine_dir(engine_dir, backend=backend, threads=threads)
+    try:
+        voices = VoiceStore(pipeline, max_seconds=limits.max_voice_seconds)
+        if voices_dir is not None:
+            voices.load_dir(voices_dir)
+        return SpeechEngine(pipeline, max_batch=max_batch, max_queue=max_queue, voices=voices).start()
+    except BaseException:
+        pipeline.close()
+        raise
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeInputError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from exc
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level):
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    sock = _bind(host, port)  # before loading: a taken port fails at once
+    engine = build_engine(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits)
+    app = create_app(engine, limits)
+    service = app.state.service
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=None)
+    server = draining_server(config, service)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    print(f"vv-serve: listening on http://{shown}:{bound[1]} ({len(engine.voices.list())} voices, "
+          f"max batch {max_batch}, max queue {max_queue})", flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        # uvicorn returns once every connection is closed: nothing is in flight any more
+        engine.stop(drain=True, timeout=60)
+        pipeline = getattr(engine, "pipeline", None)
+        if pipeline is not None:
+            pipeline.close()
+        sock.close()
+    print("vv-serve: stopped", flush=True)
+
+
+def draining_server(config, service):
+    """A uvicorn Server whose SIGTERM/SIGINT first stops admission (503), then shuts down gracefully
+    (the listening socket closes, in-flight requests finish), and which returns normally afterwards
+    instead of re-raising the signal (so the process ends with status 0)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not service.draining:
+                logging.getLogger("vv_runtime.serve").info("signal %s: draining", sig)
+            service.start_draining()
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return DrainingServer(config)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
