@@ -367,3 +367,42 @@ def compare_generations(reference_dir, emulated_dir, script, voices, noise, cfg_
         "audio_peak": peak, "audio_snr_db": audio_snr_db(got_audio, ref_audio),
         "audio_finite": bool(np.all(np.isfinite(got_audio))),
     }
+
+
+class _DecisionRecorder:
+    """A real backend that also keeps the positive row's control logits of every token decision (batch 1)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.logits = []
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def run(self, graph, feeds):
+        out = self.backend.run(graph, feeds)
+        if graph == "lm":
+            self.calls += 1
+            # the second lm call of a generation is the negative rows' prefill ([speech_start], no past)
+            if not (self.calls > 1 and feeds["past_kv"].shape[4] == 0):
+                self.logits.append(np.array(out["control_logits"][0]))
+        return out
+
+
+def decision_margins(engine_dir, script, voices, noise, cfg_scale=None, max_new_frames=None):
+    """(tokens, top-2 control-logit margin of each token decision) of one fp32 generation (batch 1)."""
+    from vv_runtime.backend import OrtBackend
+    from vv_runtime.manifest import load_manifest
+    from vv_runtime.pipeline import Pipeline
+
+    manifest = load_manifest(engine_dir)
+    recorder = _DecisionRecorder(OrtBackend(engine_dir, manifest))
+    pipe = Pipeline(engine_dir, manifest, recorder)
+    try:
+        result = pipe.generate(script, voices, cfg_scale=cfg_scale, max_new_frames=max_new_frames, noise=noise)
+    finally:
+        pipe.close()
+    tokens = list(result.tokens[0])
+    margins = [float(np.sort(lg)[-1] - np.sort(lg)[-2]) for lg in recorder.logits]
+    return tokens, margins[:len(tokens)]

@@ -23,7 +23,8 @@ from torch import nn
 from vv_export import wrappers
 from vv_export.plans import KEEP_FP32_OPS, resolve_plan
 from vv_export.precision import (ONNX_TO_TRT_LAYER, allowed_error, compare_generations, cpu_session,
-                                 emulate_model, kept_node_names, max_error, write_emulated_engine_dir)
+                                 decision_margins, emulate_model, kept_node_names, max_error,
+                                 write_emulated_engine_dir)
 from vv_export.validation_data import load_validation_data
 
 PRECISIONS = ("fp16", "bf16")
@@ -303,9 +304,9 @@ def _lm_feeds(ctx, batch, seq, past, first_position, seed):
     }
 
 
-# (seq, past, first position of the past): short past at ~8K, a past of a few hundred ending at 8K,
-# a decode step at 8191, and a short context for comparison
-LONG_CASES = [(4, 4, 8184), (2, 300, 7890), (1, 512, 7679), (6, 0, 0)]
+# (seq, past, first position of the past): a short past ending at position 8192, a past of a few
+# hundred, a decode step at 8192, and a short context for comparison
+LONG_CASES = [(4, 4, 8185), (2, 300, 7891), (1, 512, 7680), (6, 0, 0)]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -319,7 +320,7 @@ def test_lm_at_positions_up_to_8k(long_lms, plan, precision):
     old_fails = False
     for i, (seq, past, start) in enumerate(LONG_CASES):
         feeds = _lm_feeds(long_lms["ctx"], 2, seq, past, start, seed=i)
-        assert int(feeds["position_ids"].max()) <= 8191
+        assert int(feeds["position_ids"].max()) == (8192 if start else seq - 1)
         want, got = _run(ref, feeds), _run(emu, feeds)
         for name, r in want.items():
             err, allowed = max_error(got[name], r), allowed_error(tol[name], r)
@@ -378,41 +379,6 @@ def test_padded_batch_is_finite_and_rows_equal_alone(long_lms, plan, precision):
 
 # --- whole generations -----------------------------------------------------------------------------
 
-class _Recorder:
-    """Wraps a real backend and keeps the positive row's control logits of every decision."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.logits = []
-        self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-    def run(self, graph, feeds):
-        out = self.backend.run(graph, feeds)
-        if graph == "lm":
-            self.calls += 1
-            # the second call of a generation is the negative rows' prefill ([speech_start], no past)
-            if not (self.calls > 1 and feeds["past_kv"].shape[4] == 0):
-                self.logits.append(np.array(out["control_logits"][0]))
-        return out
-
-
-def _fp32_margins(engine_dir, script, voices, noise, cfg_scale, frames):
-    from vv_runtime.backend import OrtBackend
-    from vv_runtime.manifest import load_manifest
-    from vv_runtime.pipeline import Pipeline
-
-    manifest = load_manifest(engine_dir)
-    rec = _Recorder(OrtBackend(engine_dir, manifest))
-    pipe = Pipeline(engine_dir, manifest, rec)
-    result = pipe.generate(script, voices, cfg_scale=cfg_scale, max_new_frames=frames, noise=noise)
-    pipe.close()
-    margins = [float(np.sort(l)[-1] - np.sort(l)[-2]) for l in rec.logits]
-    return result.tokens[0], margins[:len(result.tokens[0])]
-
-
 # plan: the default plan as built (lm bf16, other graphs fp16); "bf16"/"fp16": every graph at that
 # precision (`vv-export trt --precision`)
 GENERATION_CASES = {"plan": None, "bf16": "bf16", "fp16": "fp16"}
@@ -424,7 +390,7 @@ def generations(tiny_engine_dir, manifest, fixture_reference, tmp_path_factory):
     gen = meta["generate"]
     args = (gen["script"], [ref["generate.voice_wav_raw"]], ref["generate.noise"], gen["cfg_scale"],
             gen["max_new_tokens"])
-    tokens, margins = _fp32_margins(tiny_engine_dir, *args)
+    tokens, margins = decision_margins(tiny_engine_dir, *args)
     assert tokens == gen["generated_tokens"]
     out = {}
     for label, precision in GENERATION_CASES.items():
