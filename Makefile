@@ -21,7 +21,19 @@ $(BIN)/vv-run: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(BIN)/vv-run
+setup: $(BIN)/vv-run browser
+
+# Headless Chromium for the web page test (tests/test_serve_browser.py): installed with apt-get where it is
+# missing and we are root with apt-get (CI); elsewhere a note, and that test skips (it fails under CI=true).
+.PHONY: browser bench-serve
+browser:
+	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || [ -x /usr/lib/chromium/chromium ]; }; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium + chromium-driver (apt-get) for the browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	else echo "note: chromium + chromium-driver missing (needs root and apt-get): the browser test will skip"; fi
 
 demo: setup
 	$(BIN)/vv-export onnx $(if $(MODEL),--model $(MODEL)) $(if $(TOKENIZER),--tokenizer $(TOKENIZER)) --out $(ENGINES) --force
@@ -42,6 +54,9 @@ test-gpu: gpu-setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_runtime.py --out benchmarks/results
+
+bench-serve: setup
+	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
 
 bench-export: setup
 	$(BIN)/python benchmarks/bench_export.py --out benchmarks/results
