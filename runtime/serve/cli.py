@@ -67,7 +67,10 @@ def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, thre
             raise RuntimeInputError("--replicas needs --ray")
         _check_inputs(engine_dir, voices_dir)
         if use_ray:
-            from .ray_app import serve_forever
+            try:
+                from .ray_app import serve_forever
+            except ImportError as exc:
+                raise RuntimeInputError(f"--ray needs Ray Serve: pip install 'vibevoice-trt[ray]' ({exc})") from exc
 
             serve_forever(engine_dir=str(engine_dir), host=host, port=port, voices_dir=voices_dir,
                           max_batch=max_batch, max_queue=max_queue, backend=backend, threads=threads,
