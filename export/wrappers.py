@@ -257,6 +257,24 @@ class Connector(nn.Module):
 
 # --- diffusion -----------------------------------------------------------------------------------
 
+class FinalNorm(nn.Module):
+    """The diffusion head final layer's parameter-free RMSNorm, as a module: its ONNX nodes are named
+    `/final_norm/...` (kept in fp32 by the plans' "*norm*"), including the `+ eps` of the statistic."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, hidden):
+        return torch.nn.functional.rms_norm(hidden, (hidden.shape[-1],), eps=self.eps)
+
+
+def _final_layer(final_layer, final_norm, hidden, condition):
+    """transformers' VibeVoiceDiffusionHeadFinalLayer.forward with the norm in `final_norm`."""
+    shift, scale = final_layer.linear_1(final_layer.act_fn(condition)).chunk(final_layer.num_chunks, dim=-1)
+    return final_layer.linear_2(final_norm(hidden) * (1 + scale) + shift)
+
+
 def _cfg(velocity, cfg_scale):
     pair = velocity.reshape(2, -1, velocity.shape[-1])
     pos, neg = pair[0], pair[1]
@@ -287,13 +305,15 @@ class DiffusionStep(nn.Module):
     """One head evaluation of [positive; negative] conditions, combined with classifier-free guidance.
 
     The head's forward, re-wired only so that the timestep embedding comes from TimestepEmbeddingFp32
-    (computed once per row, then duplicated for the two branches).
+    (computed once per row, then duplicated for the two branches) and the final layer's norm is a named
+    module (FinalNorm).
     """
 
     def __init__(self, head):
         super().__init__()
         self.head = head
         self.timestep_fp32 = TimestepEmbeddingFp32(head.timestep_embedding)
+        self.final_norm = FinalNorm(head.final_layer.rms_norm_eps)
 
     def forward(self, sample, timestep, pos_condition, neg_condition, cfg_scale):
         head = self.head
@@ -305,7 +325,7 @@ class DiffusionStep(nn.Module):
         hidden = head.noisy_images_proj(x)
         for layer in head.layers:
             hidden = layer(hidden, condition)
-        return _cfg(head.final_layer(hidden, condition), cfg_scale)
+        return _cfg(_final_layer(head.final_layer, self.final_norm, hidden, condition), cfg_scale)
 
 
 class DiffusionSampler(nn.Module):
@@ -318,6 +338,7 @@ class DiffusionSampler(nn.Module):
         super().__init__()
         self.head = head
         self.projector = projector
+        self.final_norm = FinalNorm(head.final_layer.rms_norm_eps)
         self.coef = coefficients
         with torch.no_grad():
             t = torch.tensor(coefficients["timesteps"], dtype=torch.float32)
@@ -329,7 +350,7 @@ class DiffusionSampler(nn.Module):
         hidden = self.head.noisy_images_proj(torch.cat([x, x], 0))
         for layer in self.head.layers:
             hidden = layer(hidden, condition)
-        return self.head.final_layer(hidden, condition)
+        return _final_layer(self.head.final_layer, self.final_norm, hidden, condition)
 
     def forward(self, noise, pos_condition, neg_condition, cfg_scale):
         cond = self.head.cond_proj(torch.cat([pos_condition, neg_condition], 0))
