@@ -423,6 +423,24 @@ class Scheduler:
         self.prefill_tokens += n
         return self.backend.run("lm", feeds)
 
+    def prefix(self, job: Job):
+        """The LM cache of the job's voice prefix (its first prompt.prefix_len tokens), from the prefix cache
+        or computed now and kept there; None when the job has no reusable prefix. Sets job.prefix_reused."""
+        P = int(getattr(job.prompt, "prefix_len", 0) or 0)
+        if job.prefix_key is None or not 0 < P < len(job.prompt.input_ids):
+            return None
+        key = (job.prefix_key, P, tuple(job.prompt.voice_frames))
+        kv = self.prefix_cache.get(key)
+        if kv is not None:
+            job.prefix_reused = True
+            return kv
+        head = Job(Prompt(job.prompt.input_ids[:P], job.prompt.speech_input_mask[:P], job.prompt.voice_frames),
+                   job.voice_audio, job.voice_embeds)
+        empty = np.zeros((self.L, 2, 1, self.KV, 0, self.D), dtype=np.float32)
+        kv = self._lm_alone(self._embeds(head, 0), 0, empty)["new_kv"]
+        self.prefix_cache.put(key, kv)
+        return kv
+
     def _prefill(self, job: Job) -> None:
         n = len(job.prompt.input_ids)
         if n >= self.cap:
@@ -434,17 +452,7 @@ class Scheduler:
         self._check_fits({"batch": rows_after, "seq": 1, "past": bucket_slots(max(n + 1, self.shape[1]), self.cap)})
         empty = np.zeros((self.L, 2, 1, self.KV, 0, self.D), dtype=np.float32)
         P = int(getattr(job.prompt, "prefix_len", 0) or 0)
-        prefix_kv = None
-        if self.reuse_prefix and job.prefix_key is not None and 0 < P < n:
-            key = (job.prefix_key, P, tuple(job.prompt.voice_frames))
-            prefix_kv = self.prefix_cache.get(key)
-            if prefix_kv is None:
-                head = Job(Prompt(job.prompt.input_ids[:P], job.prompt.speech_input_mask[:P],
-                                  job.prompt.voice_frames), job.voice_audio, job.voice_embeds)
-                prefix_kv = self._lm_alone(self._embeds(head, 0), 0, empty)["new_kv"]
-                self.prefix_cache.put(key, prefix_kv)
-            else:
-                job.prefix_reused = True
+        prefix_kv = self.prefix(job) if self.reuse_prefix else None
         if prefix_kv is not None:
             out = self._lm_alone(self._embeds(job, P), P, prefix_kv)
         else:

@@ -13,10 +13,15 @@ requests; `EngineStopped` when the engine does not accept requests (not started,
 Voices: `VoiceStore` keeps each voice's normalised audio (exactly what the prompt encoder gets) and
 its `acoustic_encoder` embeddings, computed once; requests name voices by id (or pass raw audio).
 
-The engine thread serves the requests through the step-wise scheduler (`vv_runtime.scheduler`): a
-request joins the running batch at the next step and leaves when it finishes, is cancelled or passes
-its deadline. Graph calls (the engine's steps and the voice encodings of `VoiceStore.add`) are
-serialised by one lock, so a backend never runs two graphs at once.
+The engine thread serves the requests through the step-wise scheduler (`vv_runtime.scheduler`): up
+to `max_batch` requests run together; a request joins the running batch at the next step and leaves
+when it finishes, is cancelled or passes its deadline, freeing its cache rows at once. Each request's
+tokens and audio equal those it gets alone with the same seed (audio up to float reordering, 1e-4 of
+the peak; docs/SCHEDULER.md). A preset voice's prompt prefix (system prompt + voice section) has its
+LM cache computed once, when the voice is added, and reused by every request naming that voice.
+
+Graph calls (the engine's steps and the voice encodings of `VoiceStore.add`) are serialised by one
+lock, so a backend never runs two graphs at once.
 """
 
 from __future__ import annotations
@@ -98,6 +103,9 @@ class VoiceStore:
         self.lock = threading.RLock()          # serialises graph calls (shared with the engine)
         self._voices: dict[str, Voice] = {}
         self._guard = threading.Lock()         # protects the dict
+        from .scheduler import PrefixCache
+
+        self.prefixes = PrefixCache()          # LM caches of voice prompt prefixes (see vv_runtime.scheduler)
 
     # inputs -> normalised audio
     def _raw(self, audio, label: str) -> np.ndarray:
@@ -157,9 +165,27 @@ class VoiceStore:
             raise RuntimeInputError(f"voice name {str(name)[:40]!r}: use 1-64 letters, digits, '_', '.', '-'")
         voice = self.make_voice(audio, name=name, voice_id=name, label=f"voice {name}" if name else "voice")
         self.encode(voice)
+        self.warm(voice)
         with self._guard:
             self._voices[voice.id] = voice
         return voice.id
+
+    def warm(self, voice: Voice) -> None:
+        """Compute the LM cache of the prompt prefix of a one-speaker request with this voice (system
+        prompt, voice section, text header) now, so that such requests prefill only their text."""
+        if self.pipeline is None:
+            return
+        from .scheduler import Job, Scheduler
+
+        prompt = self.pipeline.prompts.build([(0, " .")], [voice.frames])
+        with self.lock:
+            Scheduler(self.pipeline, reuse_prefix=True, prefix_cache=self.prefixes).prefix(
+                Job(prompt, voice_audio=[voice.audio], voice_embeds=[voice.embeds], prefix_key=(voice.key,)))
+
+    def known(self, voice: Voice) -> bool:
+        """Whether `voice` is one of the stored voices (a preset), not a request's own audio."""
+        with self._guard:
+            return self._voices.get(voice.id) is voice
 
     def encode(self, voice: Voice) -> Voice:
         """Compute the voice's embeddings once (needs a pipeline)."""
@@ -286,7 +312,7 @@ class SpeechEngine:
     """Serves SpeechRequests on one Pipeline from a background thread (see the module docstring)."""
 
     def __init__(self, pipeline: "Pipeline", max_batch: int = 8, max_queue: int = 64,
-                 voices: VoiceStore | None = None):
+                 voices: VoiceStore | None = None, reuse_prefix: bool = True):
         if int(max_batch) < 1:
             raise RuntimeInputError(f"max_batch {max_batch}: must be at least 1")
         if int(max_queue) < 0:
@@ -294,6 +320,7 @@ class SpeechEngine:
         self.pipeline = pipeline
         self.max_batch = int(max_batch)
         self.max_queue = int(max_queue)
+        self.reuse_prefix = bool(reuse_prefix)  # preset voices: their prompt prefix's LM cache is reused
         self.voices = voices if voices is not None else VoiceStore(pipeline)
         if self.voices.pipeline is None:
             self.voices.pipeline = pipeline
@@ -414,6 +441,8 @@ class SpeechEngine:
                 "requests_total": self._stats["requests_total"],
                 "errors": dict(self._errors),
                 "ttfa_seconds": list(self._ttfa),
+                "prefix_cache": {"entries": len(self.voices.prefixes), "hits": self.voices.prefixes.hits,
+                                 "misses": self.voices.prefixes.misses},
             }
 
     def _count_frame(self, handle: RequestHandle) -> None:
@@ -432,81 +461,109 @@ class SpeechEngine:
                 self._errors[error_kind(error)] += 1
         handle._finish(error)
 
-    # --- the engine thread (one request at a time through Pipeline.generate) ---------------------
+    # --- the engine thread: the step-wise scheduler ----------------------------------------------
 
-    def _next(self) -> RequestHandle | None:
-        with self._lock:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._wake.wait(0.5)
-            if self._stopping and not self._drain:
-                return None
-            handle = self._queue.popleft()
-            self._active.append(handle)
-            return handle
+    def _job(self, handle: RequestHandle):
+        """The scheduler job of a request (raw voices are encoded here, in the engine thread)."""
+        from .scheduler import Job
+
+        adm = handle.prepared
+        for voice in adm.voices:
+            self.voices.encode(voice)
+        preset = all(self.voices.known(v) for v in adm.voices)
+        return Job(adm.prompt, voice_audio=[v.audio for v in adm.voices], voice_embeds=[v.embeds for v in adm.voices],
+                   cfg_scale=adm.cfg_scale, max_new_frames=adm.max_new_frames, seed=adm.seed,
+                   prefix_key=tuple(v.key for v in adm.voices) if preset else None, tag=handle)
+
+    def _new_scheduler(self):
+        from .scheduler import Scheduler
+
+        return Scheduler(self.pipeline, max_batch=self.max_batch, reuse_prefix=self.reuse_prefix,
+                         prefix_cache=self.voices.prefixes)
 
     def _run(self) -> None:
+        sched = self._new_scheduler()
+        reasons: dict[int, BaseException] = {}  # id(job) -> why it was cancelled
         try:
             while True:
-                handle = self._next()
-                if handle is None:
-                    break
-                self._serve(handle)
-        except BaseException as exc:  # noqa: BLE001 -- a broken backend fails every request, once
+                with self._lock:
+                    while not self._queue and not sched.busy and not self._stopping:
+                        self._wake.wait(0.5)
+                    if self._stopping and not self._drain:
+                        break
+                    if self._stopping and not self._queue and not sched.busy:
+                        break
+                    moved = []
+                    while self._queue and len(sched.jobs) + len(sched.waiting) < self.max_batch:
+                        moved.append(self._queue.popleft())
+                    self._active.extend(moved)
+                now = time.monotonic()
+                for handle in moved:
+                    if handle.cancelled or (handle.deadline is not None and now > handle.deadline):
+                        sched.add(self._placeholder(handle))  # leaves at once, through the same path
+                    else:
+                        try:
+                            with self.voices.lock:
+                                sched.add(self._job(handle))
+                        except RuntimeInputError as exc:
+                            self._retire(handle, exc)
+                for job in list(sched.jobs) + list(sched.waiting):
+                    handle = job.tag
+                    if job.cancelled:
+                        continue
+                    if handle.cancelled:
+                        reasons[id(job)] = Cancelled(f"request {handle.id} cancelled")
+                        sched.cancel(job)
+                    elif handle.deadline is not None and now > handle.deadline:
+                        reasons[id(job)] = TimeoutError(f"request {handle.id}: past its timeout of "
+                                                        f"{handle.request.timeout_s:g} s")
+                        sched.cancel(job)
+                try:
+                    with self.voices.lock:
+                        out = sched.step()
+                except Exception as exc:  # noqa: BLE001 -- a failed shared call fails the requests in it
+                    failed = list(sched.jobs) + list(sched.waiting)
+                    sched = self._new_scheduler()
+                    self._active_rows = 0
+                    for job in failed:
+                        self._retire(job.tag, reasons.pop(id(job), exc))
+                    continue
+                self._active_rows = sched.rows_in_use
+                for job, chunk in out.chunks:
+                    job.tag._emit(chunk)
+                    self._count_frame(job.tag)
+                for job in out.finished:
+                    handle = job.tag
+                    handle.tokens = list(job.tokens)
+                    error = job.error if job.error is not None else reasons.pop(id(job), None)
+                    if error is None and job.cancelled:
+                        error = Cancelled(f"request {handle.id} cancelled")
+                    self._retire(handle, error)
+        except BaseException as exc:  # noqa: BLE001 -- the engine itself broke: fail every request, once
             self.fatal = exc
-            with self._lock:
-                self.accepting = False
-                pending = list(self._queue) + list(self._active)
-                self._queue.clear()
-            for handle in pending:
-                self._retire(handle, exc)
+            raise
         finally:
             with self._lock:
                 self.accepting = False
-                pending = list(self._queue)
+                pending = list(self._queue) + [h for h in self._active]
                 self._queue.clear()
+            self._active_rows = 0
             for handle in pending:
-                self._retire(handle, Cancelled("the engine stopped without draining"))
+                error = self.fatal if self.fatal is not None else Cancelled("the engine stopped without draining")
+                self._retire(handle, error)
 
-    def _serve(self, handle: RequestHandle) -> None:
-        from .pipeline import PreparedRow
+    def _placeholder(self, handle: RequestHandle):
+        """A job that is cancelled before it starts (its request was cancelled or timed out in the queue)."""
+        from .scheduler import Job
 
-        adm = handle.prepared
+        job = Job(handle.prepared.prompt, tag=handle)
+        job.cancelled = True
         if handle.cancelled:
-            self._retire(handle, Cancelled(f"request {handle.id} cancelled"))
-            return
-        row = PreparedRow(adm.parsed, adm.prompt, [v.audio for v in adm.voices])
-        error: BaseException | None = None
-        with self.voices.lock:
-            gen = self.pipeline.generate([row], cfg_scale=adm.cfg_scale, max_new_frames=adm.max_new_frames,
-                                         seed=adm.seed, stream=True)
-            self._active_rows = 2
-            try:
-                while True:
-                    if handle.cancelled:
-                        error = Cancelled(f"request {handle.id} cancelled")
-                        break
-                    if handle.deadline is not None and time.monotonic() > handle.deadline:
-                        error = TimeoutError(f"request {handle.id}: past its timeout of "
-                                             f"{handle.request.timeout_s:g} s")
-                        break
-                    if self._stopping and not self._drain:
-                        error = Cancelled("the engine stopped without draining")
-                        break
-                    try:
-                        _, chunk = next(gen)
-                    except StopIteration as stop:
-                        handle.tokens = list(stop.value.tokens[0])
-                        break
-                    handle._emit(chunk)
-                    self._count_frame(handle)
-            except RuntimeInputError as exc:
-                error = exc
-            finally:
-                gen.close()
-                self._active_rows = 0
-        self._retire(handle, error)
+            job.error = Cancelled(f"request {handle.id} cancelled")
+        else:
+            job.error = TimeoutError(f"request {handle.id}: past its timeout of {handle.request.timeout_s:g} s "
+                                     f"(still queued)")
+        return job
 
 
 def parse_request_script(script) -> list[tuple[int, str]]:

@@ -235,3 +235,86 @@ def test_stop_without_drain_cancels(pipeline):
     assert isinstance(queued.error, (Cancelled, EngineStopped))
     with pytest.raises((Cancelled, EngineStopped)):
         queued.audio(timeout=1)
+
+
+# --- continuous batching through the engine --------------------------------------------------------
+
+TWO_SPEAKERS = ["Speaker 0: One two three.\nSpeaker 1: Four five.", "Speaker 2: Hi.\nSpeaker 1: Yo."]
+ONE_SPEAKER = [SCRIPT, "Speaker 1: The quick brown fox jumps over the lazy dog."]
+
+
+def _assert_close(actual, expected):
+    assert actual.shape == expected.shape
+    if expected.size:
+        peak = float(np.abs(expected).max())
+        assert float(np.abs(actual - expected).max()) <= 1e-4 * peak
+
+
+def test_staggered_requests_equal_alone(pipeline, voice_wav):
+    """Each request joins while the previous one streams; a neighbour is cancelled mid-way. Every
+    request's tokens equal generating it alone (same seed); audio within 1e-4 of the peak."""
+    other = (0.5 * voice_wav + 0.01 * np.sin(np.arange(voice_wav.shape[0]) * 0.37)).astype(np.float32)[:5000]
+    eng = SpeechEngine(pipeline, max_batch=3, max_queue=8)
+    eng.voices.add(voice_wav, name="alice")
+    eng.voices.add(other, name="bob")
+    eng.start()
+    try:
+        plan = [(ONE_SPEAKER[1], ["alice"], 2), (TWO_SPEAKERS[0], ["alice", "bob"], 1),
+                (ONE_SPEAKER[0], ["alice"], 1), ("victim", ["alice"], 2), (TWO_SPEAKERS[1], ["bob", other], 1),
+                (ONE_SPEAKER[1], [other], 0)]
+        handles, streams, audio, busiest = [], [], [], 0
+        for script, voices, seed in plan:
+            victim = script == "victim"
+            req = SpeechRequest(ONE_SPEAKER[1] if victim else script, voices=voices, seed=seed)
+            handles.append(eng.submit(req))
+            streams.append(handles[-1].chunks(timeout=60))
+            audio.append([])
+            if victim:
+                handles[-1].cancel()
+            # the next request arrives once the running ones have made one more frame
+            for i, it in enumerate(streams):
+                if not handles[i].done:
+                    chunk = next(it, None)
+                    if chunk is not None:
+                        audio[i].append(chunk)
+            busiest = max(busiest, eng.stats()["active_requests"])
+        for i, it in enumerate(streams):
+            try:
+                audio[i].extend(it)
+            except Cancelled:
+                assert plan[i][0] == "victim"
+        assert busiest >= 2
+        for (script, voices, seed), handle, parts in zip(plan, handles, audio):
+            if script == "victim":
+                assert isinstance(handle.error, Cancelled)
+                continue
+            raw = [v if isinstance(v, np.ndarray) else voice_wav if v == "alice" else other for v in voices]
+            alone = pipeline.generate(script, raw, seed=seed)
+            assert handle.error is None and handle.tokens == alone.tokens[0], script
+            _assert_close(np.concatenate(parts) if parts else np.zeros(0, np.float32), alone.audio[0])
+        stats = eng.stats()
+        assert stats["active_rows"] == 0 and stats["errors"] == {"cancelled": 1}
+        # preset voices: prefixes computed at add (one per voice), then reused by one-speaker requests
+        assert stats["prefix_cache"]["hits"] >= 2
+    finally:
+        eng.stop(drain=False, timeout=60)
+
+
+def test_timeout_mid_stream_frees_rows(random_engine_dir):
+    pipe = Pipeline.from_engine_dir(random_engine_dir, backend="ort")
+    eng = SpeechEngine(pipe, max_batch=2).start()
+    try:
+        script = "Speaker 1: " + " ".join(["a long one that keeps talking"] * 8)
+        full = pipe.generate(script, seed=7)
+        assert full.frames[0] > 20
+        handle = eng.submit(SpeechRequest(script, seed=7, timeout_s=0.2))
+        with pytest.raises(TimeoutError, match="timeout of 0.2 s"):
+            handle.audio(timeout=60)
+        assert handle.frames < full.frames[0]
+        assert _wait_for(lambda: eng.stats()["active_rows"] == 0)
+        ok = eng.submit(SpeechRequest("Speaker 1: Short.", seed=1, max_new_frames=4))
+        ok.audio(timeout=60)
+        assert ok.error is None and ok.tokens == pipe.generate("Speaker 1: Short.", seed=1, max_new_frames=4).tokens[0]
+    finally:
+        eng.stop(drain=False, timeout=60)
+        pipe.close()
