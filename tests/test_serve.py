@@ -482,3 +482,23 @@ def test_port_in_use_is_one_line(random_engine_dir, server):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: cannot listen on 127.0.0.1:" + port)
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- the load test ------------------------------------------------------------------------------------
+
+def test_bench_serve_small_run(random_engine_dir, presets):
+    """benchmarks/bench_serve.py against a real server, briefly: every request complete, figures present."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_serve")
+    lines = []
+    model = bench.bench_model("tiny", random_engine_dir, [1, 2], 1, 4, 1, presets, lines.append)
+    assert model["server_exit_status"] == 0
+    assert [e["clients"] for e in model["levels"]] == [1, 2]
+    for entry in model["levels"]:
+        assert entry["failed"] == entry["lost"] == entry["incomplete"] == 0
+        assert entry["requests"] == entry["clients"] and entry["audio_seconds"] > 0
+        assert 0 < entry["ttfa_p50_s"] <= entry["ttfa_p95_s"]
+        assert entry["server"]["engine_errors"] == {} and entry["server"]["ttfa_observed"] == entry["requests"]
+    assert model["levels"][0]["ratio_to_one_at_a_time"] == 1.0
+    assert bench.percentile([3.0, 1.0, 2.0], 50) == 2.0 and bench.percentile([], 95) is None
