@@ -1,27 +1,42 @@
-"""GPU benchmark: full-size VibeVoice-1.5B (random weights) on TensorRT vs ONNX Runtime CUDA vs PyTorch.
+"""GPU benchmark: full-size VibeVoice-1.5B (random weights), the project's TensorRT and ONNX Runtime CUDA paths
+against PyTorch, all measured in the same run (`make bench-gpu`).
 
-    python benchmarks/bench_gpu.py --out benchmarks/results [--plan default] [--precision fp16|bf16|fp32]
-        [--batches 1,4,16] [--engine-dir DIR] [--frames 32] [--context 1024] [--prompt 512] [--repeats 20]
+    python benchmarks/bench_gpu.py --out benchmarks/results [--plan bench] [--batches 1,4,16] [--prompt 200]
+        [--frames 48] [--repeats 3] [--sides tensorrt,ort_cuda,pytorch_reference,transformers_generate]
+        [--engine-dir DIR] [--precision fp16|bf16|fp32] [--torch-dtype fp32|bf16]
 
-Needs an NVIDIA GPU with TensorRT (and onnxruntime-gpu for the ORT-CUDA column); without a CUDA GPU
-it exits with status 2 and one line saying so.
+Needs an NVIDIA GPU (checked first, by tools/gpu_preflight.py's device check), CUDA torch, TensorRT and
+onnxruntime-gpu (`make bench-gpu` installs the pinned stack); without them it exits with status 2 and
+one line.
 
+What runs (the same prompt and frame count everywhere; every side keeps its caches on the GPU):
 1. Model: a randomly initialised VibeVoice of the released 1.5B config
-   (`shared/reference/vibevoice-1.5b-original-config.json`, seed 0), exported to an ENGINE_DIR
-   (fp32 graphs; or reuse one with --engine-dir), TensorRT engines built from the plan.
-2. Per graph at batch B in --batches (B requests; the LM sees 2B rows, CFG): median latency of one
-   call, inputs on the host as the runtime passes them (so host<->device copies are included):
-   lm prefill (B rows x --prompt tokens), lm decode (2B rows, 1 token, --context past), diffusion_sampler,
-   acoustic_decoder, semantic_encoder, text_embed -- on TensorRT (`TrtBackend`), ONNX Runtime CUDA
-   (`OrtBackend` with the CUDA provider) and PyTorch (the exporter's wrapper modules, the very modules
-   the graphs were exported from, eager on the GPU, fp32, or bf16 with --torch-dtype bf16).
-   Per-frame cost = lm decode + diffusion_sampler + acoustic_decoder + semantic_encoder.
-3. End to end at batch B: `Pipeline.generate` with every step forced to speech_diffusion (--frames
-   frames per row) on TensorRT and ORT-CUDA: seconds per frame, real-time factor (per row and for the
-   batch), time to first audio.
+   (`shared/reference/vibevoice-1.5b-original-config.json`, seed 0; random weights are fine for speed),
+   exported to an ENGINE_DIR (fp32 graphs; or --engine-dir), TensorRT engines built with the `bench` plan
+   (trt_plans/bench.toml: one LM decode profile per measured batch size, its opt shape the measured rows).
+2. Per batch size B (--batches; B scripts of a --prompt-token prompt, every step forced to
+   speech_diffusion so that each step makes one frame per script, --frames steps):
+   - tensorrt: `Pipeline` on `TrtBackend`: the LM cache on the GPU (DeviceKVCache, bound as past_kv in
+     place), LM decode steps and the per-frame graphs replayed as CUDA graphs by the backend;
+   - ort_cuda: `Pipeline` on ONNX Runtime's CUDA provider with IOBinding: the LM cache is one CUDA
+     buffer (a torch tensor) bound as past_kv by address, new_kv written into a CUDA buffer and
+     scattered into the cache on the GPU (`IOBindingOrtBackend` below): no host round trip;
+   - pytorch_reference: benchmarks/torch_reference.py (the original loop, batch 1) on the GPU, the B
+     scripts one after another (it runs one script at a time);
+   - transformers_generate: transformers' `VibeVoiceForConditionalGeneration.generate` on the GPU, B
+     scripts batched, a logits processor forcing the audio token (the same frames).
+   Figures: ms per frame (steady-state wall time of one step, which makes one frame of every script),
+   real-time factor per script (ms per frame / 133.3 ms of audio per frame) and aggregate x real time
+   (B x 133.3 ms / ms per frame), first-chunk latency (call to first audio chunk, prompt prefill
+   included), GPU memory (torch.cuda.max_memory_allocated during the side, and nvidia-smi's used memory
+   after it).
+3. Speed-ups of tensorrt (and ort_cuda) over each other side at each B, and the goals of issue #7
+   (H100, 1.5B): <= 3 ms per frame at batch 1, >= 20x the PyTorch reference, first audio <= 60 ms after
+   a 200-token prompt, >= 300x real time at 16 scripts: measured value and "met" (null when not measured).
 
-Writes `<out>/bench_gpu.json` (device, versions, plan, every figure). A section that fails is recorded
-with its one-line error and the exit status is 1.
+Writes `<out>/bench_gpu.json` (device, driver, CUDA, TensorRT, torch, ONNX Runtime versions, plan,
+every figure) and `<out>/bench_gpu.png`. A side that fails is recorded with its one-line error and the
+exit status is 1.
 """
 
 from __future__ import annotations
@@ -31,84 +46,531 @@ import gc
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import (REPO, FULL_SIZE_CONFIG, ForcedDiffusion, feeds_for, machine_info, versions,  # noqa: E402
-                    write_result)
+sys.path.insert(0, str(HERE.parent / "tools"))
+from common import REPO, FULL_SIZE_CONFIG, ForcedDiffusion, machine_info, write_result  # noqa: E402
 
-DEFAULT_CONFIG = FULL_SIZE_CONFIG
 RESULT_NAME = "bench_gpu.json"
-SAMPLE_RATE = 24000
-FRAME_GRAPHS = ("diffusion_sampler", "acoustic_decoder", "semantic_encoder")
+PLOT_NAME = "bench_gpu.png"
+SIDES = ("tensorrt", "ort_cuda", "pytorch_reference", "transformers_generate")
+PIPELINE_SIDES = ("tensorrt", "ort_cuda")
+# issue #7's goals on an H100 for the 1.5B
+GOALS = (
+    {"name": "ms_per_frame_batch_1", "text": "TensorRT <= 3 ms per frame at batch 1 (RTF <= 0.025)",
+     "side": "tensorrt", "batch": 1, "figure": "ms_per_frame", "op": "<=", "target": 3.0},
+    {"name": "speedup_vs_pytorch_batch_1", "text": "TensorRT >= 20x the PyTorch reference (per frame, batch 1)",
+     "side": "tensorrt", "batch": 1, "figure": "speedup_vs_pytorch_reference", "op": ">=", "target": 20.0},
+    {"name": "first_audio_ms", "text": "first audio <= 60 ms after a 200-token prompt (TensorRT, batch 1)",
+     "side": "tensorrt", "batch": 1, "figure": "first_chunk_ms", "op": "<=", "target": 60.0},
+    {"name": "realtime_x_batch_16", "text": ">= 300x real time aggregate at 16 concurrent scripts (TensorRT)",
+     "side": "tensorrt", "batch": 16, "figure": "realtime_x", "op": ">=", "target": 300.0},
+)
 
 
 class Unavailable(Exception):
     """This machine cannot run the benchmark (one line)."""
 
 
+def one_line(exc: BaseException) -> str:
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:400]
+
+
+# --- preflight and facts -------------------------------------------------------------------------
+
 def preflight() -> dict:
-    """The GPU, TensorRT and ORT-CUDA, or Unavailable."""
+    """The GPU, its driver, CUDA torch, TensorRT and ONNX Runtime's CUDA provider; else Unavailable."""
+    import gpu_preflight
+
+    try:
+        gpus = gpu_preflight.find_gpus("bench_gpu")
+        gpu_preflight.check_driver(gpus, "bench_gpu")
+    except gpu_preflight.PreflightError as exc:
+        raise Unavailable(str(exc)) from exc
     try:
         import torch
     except ImportError as exc:
-        raise Unavailable("PyTorch is not installed") from exc
+        raise Unavailable("error: PyTorch is not installed (run `make bench-gpu`)") from exc
     if not torch.cuda.is_available():
-        raise Unavailable("no CUDA GPU is visible (torch.cuda.is_available() is False): bench_gpu needs an "
-                          "NVIDIA GPU with TensorRT")
+        raise Unavailable(f"error: torch {torch.__version__} sees no CUDA GPU (CUDA build: {torch.version.cuda}); "
+                          "run `make bench-gpu`, which installs the CUDA 12 stack")
     try:
         import tensorrt
     except Exception as exc:
-        raise Unavailable(f"TensorRT is not installed ({type(exc).__name__}): pip install 'vibevoice-trt[gpu]'") from exc
+        raise Unavailable(f"error: TensorRT is not installed ({type(exc).__name__}); run `make bench-gpu`") from exc
     import onnxruntime as ort
 
     major, minor = torch.cuda.get_device_capability(0)
     return {"device": torch.cuda.get_device_name(0), "compute_capability": f"sm{major}{minor}",
             "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1),
-            "tensorrt": tensorrt.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "onnxruntime": ort.__version__, "ort_cuda": "CUDAExecutionProvider" in ort.get_available_providers()}
+            "driver": gpus[0].get("driver"), "cuda": torch.version.cuda, "tensorrt": tensorrt.__version__,
+            "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "ort_cuda": "CUDAExecutionProvider" in ort.get_available_providers()}
 
 
-def one_line(exc: BaseException) -> str:
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:400]
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    import vv_export
+
+    return {"vibevoice_trt": vv_export.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__}
 
 
-# --- inputs ---------------------------------------------------------------------------------------
-
-def cases(manifest: dict, batch: int, prompt: int, context: int) -> dict:
-    """name -> (graph, dims) of the calls timed at one request batch size."""
-    hop = int(manifest["model"]["hop_length"])
-    return {
-        "text_embed": ("text_embed", {"batch": batch, "seq": prompt}),
-        "lm_prefill": ("lm", {"batch": batch, "seq": prompt, "past": 0, "total": prompt}),
-        "lm_decode": ("lm", {"batch": 2 * batch, "seq": 1, "past": context, "total": context + 1}),
-        "diffusion_sampler": ("diffusion_sampler", {"batch": batch}),
-        "acoustic_decoder": ("acoustic_decoder", {"batch": batch}),
-        "semantic_encoder": ("semantic_encoder", {"batch": batch}),
-        "acoustic_encoder": ("acoustic_encoder", {"batch": 1, "samples": 10 * SAMPLE_RATE // hop * hop}),
-    }
+def nvidia_smi_used_mib(device: int = 0) -> int | None:
+    """Device memory in use (all processes) as nvidia-smi reports it, or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i",
+                              str(device)], capture_output=True, text=True, timeout=20)
+        return int(float(out.stdout.strip().splitlines()[0])) if out.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
 
 
-def timed(fn, repeats: int, warmup: int = 3, sync=None) -> dict:
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times = []
+# --- ONNX Runtime with the LM cache on the device ---------------------------------------------------
+
+class TorchKVCache:
+    """The LM cache [L, 2, rows, KV, slots, D] as one torch tensor on `device`, grown by power-of-two buckets
+    (vv_runtime.backend.bucket_slots) like the runtime's caches; `past(n)` is the whole buffer."""
+
+    def __init__(self, shape, device):
+        import torch
+
+        from vv_runtime.backend import bucket_slots
+
+        self.torch, self.bucket_slots = torch, bucket_slots
+        self.shape = tuple(int(d) for d in shape)
+        self.device = device
+        self.data = self._zeros(bucket_slots(1, self.shape[4]))
+
+    def _zeros(self, slots: int):
+        return self.torch.zeros(self.shape[:4] + (slots,) + self.shape[5:], dtype=self.torch.float32,
+                                device=self.device)
+
+    def reserve(self, n: int) -> None:
+        if n > self.data.shape[4]:
+            grown = self._zeros(self.bucket_slots(n, self.shape[4]))
+            grown[:, :, :, :, : self.data.shape[4]] = self.data
+            self.data = grown
+
+    def write(self, rows: slice, start: int, new_kv) -> None:
+        torch = self.torch
+        if not isinstance(new_kv, torch.Tensor):
+            new_kv = torch.from_numpy(np.ascontiguousarray(new_kv, dtype=np.float32))
+        new_kv = new_kv.to(device=self.device, dtype=torch.float32)
+        self.reserve(start + int(new_kv.shape[4]))
+        self.data[:, :, rows, :, start:start + new_kv.shape[4]] = new_kv
+
+    def zero(self, row: int, start: int, stop: int) -> None:
+        self.data[:, :, row, :, start:stop] = 0.0
+
+    def past(self, n: int):
+        self.reserve(n + 1)
+        return self.data
+
+    def numpy(self) -> np.ndarray:
+        return self.data.cpu().numpy()
+
+
+def _ort_backend_class():
+    from vv_runtime.backend import OrtBackend
+
+    class IOBindingOrtBackend(OrtBackend):
+        """ONNX Runtime with IOBinding for the LM: the cache stays where `device` is (CUDA on the GPU).
+
+        `kv_cache` returns a TorchKVCache on `device`; an lm call whose past_kv is that tensor binds it by
+        address, writes new_kv into a tensor on `device` (returned as such, for the cache's `write`), and
+        copies only hidden and control_logits to the host. Every other call runs as in OrtBackend.
+        """
+
+        name = "ort-iobinding"
+
+        def __init__(self, engine_dir, manifest, device: str = "cuda", **kw):
+            import torch
+
+            self.torch = torch
+            self.device = torch.device(device)
+            if "providers" not in kw:
+                kw["providers"] = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda"
+                                   else ["CPUExecutionProvider"])
+            super().__init__(engine_dir, manifest, **kw)
+            self._ort_device = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
+            lm = manifest["graphs"]["lm"]
+            self._kv_out = next(o for o in lm["outputs"] if o["name"] == "new_kv")
+            self.bound_calls = 0  # lm calls that ran with the cache bound in place
+
+        def kv_cache(self, shape):
+            return TorchKVCache(shape, self.device)
+
+        def run(self, graph, feeds):
+            torch = self.torch
+            if graph != "lm" or not isinstance(feeds.get("past_kv"), torch.Tensor):
+                return super().run(graph, feeds)
+            session = self._session(graph)
+            binding = session.io_binding()
+            kind, index = self._ort_device
+            past = feeds["past_kv"].contiguous()
+            for name, value in feeds.items():
+                if name == "past_kv":
+                    binding.bind_input(name, kind, index, np.float32, list(past.shape), past.data_ptr())
+                else:
+                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            rows, seq = feeds["inputs_embeds"].shape[:2]
+            dims = {"batch": rows, "seq": seq}
+            shape = [dims[d] if isinstance(d, str) else int(d) for d in self._kv_out["shape"]]
+            new_kv = torch.empty(shape, dtype=torch.float32, device=self.device)
+            names = self._outputs[graph]
+            for name in names:
+                if name == "new_kv":
+                    binding.bind_output(name, kind, index, np.float32, shape, new_kv.data_ptr())
+                else:
+                    binding.bind_output(name, "cpu")
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the cache writes before ORT reads it
+            session.run_with_iobinding(binding)
+            self.bound_calls += 1
+            values = binding.get_outputs()
+            out = {}
+            for name, value in zip(names, values):
+                out[name] = new_kv if name == "new_kv" else value.numpy()
+            return out
+
+        def describe(self) -> str:
+            return f"ort-iobinding[{self.device}]"
+
+    return IOBindingOrtBackend
+
+
+def IOBindingOrtBackend(engine_dir, manifest, device: str = "cuda", **kw):  # noqa: N802 (a class, built lazily)
+    return _ort_backend_class()(engine_dir, manifest, device=device, **kw)
+
+
+# --- prompt -----------------------------------------------------------------------------------------
+
+def fit_script(prepare, tokens: int) -> str:
+    """A one-speaker script whose prompt (`prepare([script])[0].prompt`) is the shortest one of at least
+    `tokens` ids: a binary search over the number of words."""
+    words = ("the quick brown fox jumps over the lazy dog " * (tokens // 4 + 8)).split()
+
+    def length(k: int) -> int:
+        return len(prepare(["Speaker 1: " + " ".join(words[:k])])[0].prompt.input_ids)
+
+    lo, hi = 1, len(words)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if length(mid) < tokens:
+            lo = mid + 1
+        else:
+            hi = mid
+    return "Speaker 1: " + " ".join(words[:lo])
+
+
+def prompt_script(engine_dir, manifest: dict, tokens: int) -> tuple[str, list[int]]:
+    """(script, its prompt ids) of about `tokens` ids, with the ENGINE_DIR's tokenizer and prompt template."""
+    from vv_runtime.pipeline import prepare_rows
+    from vv_runtime.prompt import PromptBuilder
+
+    builder = PromptBuilder.from_manifest(engine_dir, manifest)
+
+    def prepare(scripts):
+        return prepare_rows(builder, scripts)
+
+    script = fit_script(prepare, tokens)
+    return script, [int(i) for i in prepare([script])[0].prompt.input_ids]
+
+
+# --- timing -----------------------------------------------------------------------------------------
+
+def figures_from_stamps(start: float, stamps: list[tuple[int, float]], batch: int, frame_s: float) -> dict:
+    """Figures of one generation from (row, time) of every chunk: the first chunk's latency and the
+    steady-state time of one step (each step makes one chunk per script): from the first step's last
+    chunk to the last step's last chunk, over the steps between."""
+    if not stamps:
+        return {"error": "no audio chunk"}
+    per_row: dict[int, list[float]] = {}
+    for row, t in stamps:
+        per_row.setdefault(row, []).append(t)
+    steps = min(len(v) for v in per_row.values())
+    step_end = [max(per_row[r][k] for r in per_row) for k in range(steps)]
+    out = {"first_chunk_ms": (stamps[0][1] - start) * 1e3, "frames_per_script": steps, "scripts": len(per_row),
+           "wall_s": step_end[-1] - start}
+    if steps >= 2:
+        ms = (step_end[-1] - step_end[0]) / (steps - 1) * 1e3
+        out.update(derived(ms, batch, frame_s))
+    return out
+
+
+def derived(ms_per_frame: float, batch: int, frame_s: float) -> dict:
+    return {"ms_per_frame": ms_per_frame, "rtf": ms_per_frame / (frame_s * 1e3),
+            "realtime_x": batch * frame_s * 1e3 / ms_per_frame}
+
+
+def median_figures(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1] if runs else {"error": "no run"}
+    out = {}
+    for key in ok[0]:
+        values = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+        if values:
+            out[key] = statistics.median(values)
+    out["runs"] = len(ok)
+    return out
+
+
+class GpuMemory:
+    """Peak torch allocation during a side and nvidia-smi's used memory after it."""
+
+    def __init__(self, torch, device):
+        self.torch, self.device = torch, device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        self.figures = {}
+        return self
+
+    def sample(self) -> dict:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+            self.figures = {"torch_max_allocated_gb": round(self.torch.cuda.max_memory_allocated(self.device) / 1e9, 3),
+                            "nvidia_smi_used_gb": (lambda m: None if m is None else round(m * 1.048576e-3, 3))(
+                                nvidia_smi_used_mib(self.device.index or 0))}
+        return self.figures
+
+    def __exit__(self, *exc):
+        return False
+
+
+def measure_pipeline(pipe, script: str, batch: int, frames: int, repeats: int, frame_s: float, seed: int = 0) -> dict:
+    """Pipeline.generate (forced diffusion) of `batch` copies of `script`: median figures over `repeats` runs."""
+    rows = pipe.prepare([script] * batch)
+    pipe.generate(rows, max_new_frames=frames, seed=seed)  # warm-up: engines, CUDA graphs of every bucket
+    runs = []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return {"median_ms": statistics.median(times) * 1e3, "min_ms": times[0] * 1e3,
-            "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))] * 1e3, "runs": repeats}
+        stamps = []
+        start = time.perf_counter()
+        gen = pipe.generate(rows, max_new_frames=frames, seed=seed, stream=True)
+        for row, _chunk in gen:
+            stamps.append((row, time.perf_counter()))
+        runs.append(figures_from_stamps(start, stamps, batch, frame_s))
+    out = median_figures(runs)
+    out["prompt_tokens"] = len(rows[0].prompt.input_ids)
+    return out
+
+
+def measure_reference(ref, input_ids, batch: int, frames: int, repeats: int, frame_s: float, device,
+                      latent_dim: int, cfg: float = 1.3) -> dict:
+    """The PyTorch reference loop (batch 1) on `device`, the `batch` scripts one after another: one step of
+    the batch (a frame of every script) costs the sum of the scripts' steady-state times per frame."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((frames + 1, 2, latent_dim)).astype(np.float32)
+    ids = np.asarray(input_ids, dtype=np.int64)[None, :]
+
+    def one(n_frames: int) -> tuple[float, list[float]]:
+        stamps = []
+        start = time.perf_counter()
+        with torch.device(device):  # the loop's own tensors (masks, positions, noise) on the device too
+            gen = ref.stream(ids, noise=lambda k: table[k], cfg_scale=cfg, max_new_tokens=n_frames,
+                             force_diffusion=True)
+            while True:
+                try:
+                    next(gen)  # each chunk comes back to the host: the step is complete
+                except StopIteration:
+                    break
+                stamps.append(time.perf_counter())
+        return start, stamps
+
+    one(2)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        first, per_frame, steps = None, 0.0, []
+        for _b in range(batch):
+            start, stamps = one(frames)
+            if first is None and stamps:
+                first = (stamps[0] - start) * 1e3
+            steps.append(len(stamps))
+            if len(stamps) >= 2:
+                per_frame += (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        entry = {"first_chunk_ms": first, "frames_per_script": min(steps), "scripts": batch,
+                 "wall_s": time.perf_counter() - t0}
+        if min(steps) >= 2:
+            entry.update(derived(per_frame * 1e3, batch, frame_s))
+        runs.append(entry)
+    out = median_figures(runs)
+    out["prompt_tokens"] = int(ids.shape[1])
+    out["note"] = "batch 1 loop: the scripts run one after another"
+    return out
+
+
+def force_token_processor(token_id: int):
+    from transformers import LogitsProcessor
+
+    class ForceToken(LogitsProcessor):
+        """Every step picks `token_id` (the audio token: one frame per step, like ForcedDiffusion)."""
+
+        def __call__(self, input_ids, scores):
+            forced = scores.new_full(scores.shape, float("-inf"))
+            forced[:, token_id] = 0.0
+            return forced
+
+    return ForceToken()
+
+
+def align_generation_tokens(model, token_ids: dict) -> None:
+    """transformers' generate reads the control tokens from the config: use the manifest's (the exported ones)."""
+    for attr, key in (("audio_bos_token_id", "speech_start"), ("audio_eos_token_id", "speech_end"),
+                      ("audio_token_id", "speech_diffusion")):
+        setattr(model.config, attr, int(token_ids[key]))
+    if "eos" in token_ids:
+        model.config.eos_token_id = model.generation_config.eos_token_id = int(token_ids["eos"])
+    if "pad" in token_ids:
+        model.generation_config.pad_token_id = int(token_ids["pad"])
+
+
+def measure_transformers(model, input_ids, batch: int, frames: int, repeats: int, frame_s: float, device,
+                         diffusion_steps: int = 10, cfg: float = 1.3) -> dict:
+    """transformers' VibeVoiceForConditionalGeneration.generate, `batch` scripts batched, forced audio token.
+
+    It returns the audio only at the end, so the first chunk's latency is a whole generate() of one
+    frame, and ms per frame is (frames-step run - 2-step run) / (frames - 2)."""
+    import torch
+    from transformers import LogitsProcessorList
+    from torch_reference import make_scheduler
+
+    ids = torch.as_tensor(np.tile(np.asarray(input_ids, dtype=np.int64)[None, :], (batch, 1)), device=device)
+    mask = torch.ones_like(ids)
+    processors = LogitsProcessorList([force_token_processor(int(model.config.audio_token_id))])
+
+    def call(n: int) -> tuple[float, int]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 logits_processor=processors, noise_scheduler=make_scheduler(),
+                                 num_diffusion_steps=diffusion_steps, guidance_scale=cfg, do_sample=False,
+                                 return_dict_in_generate=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        audio = getattr(out, "audio", None)
+        made = int(audio[0].shape[-1]) if audio is not None and len(audio) and audio[0] is not None else 0
+        return time.perf_counter() - start, made
+
+    call(2)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        first, _ = call(1)
+        short, _ = call(2)
+        long, samples = call(frames)
+        entry = {"first_chunk_ms": first * 1e3, "frames_per_script": frames, "scripts": batch, "wall_s": long,
+                 "audio_samples_per_script": samples}
+        if long > short:  # else timing noise swamped the difference: no figure from this run
+            entry.update(derived((long - short) / (frames - 2) * 1e3, batch, frame_s))
+        runs.append(entry)
+    out = median_figures(runs)
+    out["prompt_tokens"] = int(len(input_ids))
+    out["note"] = "first_chunk_ms: a whole generate() of one frame (it returns audio at the end)"
+    return out
+
+
+# --- summary, goals, plot -------------------------------------------------------------------------
+
+def summarize(result: dict) -> dict:
+    """Speed-ups (per frame) between the sides at each batch size, and the goals (measured, met)."""
+    table = result.get("results", {})
+    speedups = {}
+    for b, sides in table.items():
+        entry = {}
+        for fast in PIPELINE_SIDES:
+            mine = (sides.get(fast) or {}).get("ms_per_frame")
+            for slow in SIDES:
+                theirs = (sides.get(slow) or {}).get("ms_per_frame")
+                if slow != fast and mine and theirs:
+                    entry[f"{fast}_vs_{slow}"] = round(theirs / mine, 2)
+        speedups[b] = entry
+    goals = []
+    for goal in GOALS:
+        b = str(goal["batch"])
+        if goal["figure"] == "speedup_vs_pytorch_reference":
+            value = speedups.get(b, {}).get(f"{goal['side']}_vs_pytorch_reference")
+        else:
+            value = ((table.get(b) or {}).get(goal["side"]) or {}).get(goal["figure"])
+        met = None if value is None else (value <= goal["target"] if goal["op"] == "<=" else value >= goal["target"])
+        goals.append({"name": goal["name"], "goal": goal["text"], "target": goal["target"], "op": goal["op"],
+                      "measured": None if value is None else round(float(value), 4), "met": met})
+    result["speedups"] = speedups
+    result["goals"] = goals
+    return result
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """ms per frame per side and batch size (log scale) with the 3 ms goal, and aggregate x real time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    table = result.get("results", {})
+    batches = sorted(table, key=int)
+    sides = [s for s in SIDES if any((table[b].get(s) or {}).get("ms_per_frame") for b in batches)]
+    if not batches or not sides:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(sides)
+    x = np.arange(len(batches))
+    for i, side in enumerate(sides):
+        ms = [(table[b].get(side) or {}).get("ms_per_frame") or np.nan for b in batches]
+        rt = [(table[b].get(side) or {}).get("realtime_x") or np.nan for b in batches]
+        ax1.bar(x + i * width - 0.4 + width / 2, ms, width, label=side)
+        ax2.bar(x + i * width - 0.4 + width / 2, rt, width, label=side)
+    ax1.axhline(3.0, color="k", linestyle="--", linewidth=1, label="goal: 3 ms at batch 1")
+    ax2.axhline(300.0, color="k", linestyle="--", linewidth=1, label="goal: 300x at 16")
+    for ax, title, label in ((ax1, "ms per frame (one step: a frame of every script)", "ms"),
+                             (ax2, "aggregate x real time", "x real time")):
+        ax.set_xticks(x, [f"batch {b}" for b in batches])
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    env = result.get("environment", {})
+    fig.suptitle(f"VibeVoice-1.5B (random weights) on {env.get('device', '?')}, TensorRT {env.get('tensorrt', '?')}, "
+                 f"plan {result.get('settings', {}).get('plan', '?')}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_outputs(result: dict, out_dir) -> list[Path]:
+    paths = [write_result(out_dir, RESULT_NAME, result)]
+    png = plot(result, Path(out_dir) / PLOT_NAME)
+    if png is not None:
+        paths.append(png)
+    return paths
 
 
 # --- phases ---------------------------------------------------------------------------------------
@@ -128,240 +590,183 @@ def export_model(config: Path, engine_dir: Path, dtype: str, log) -> dict:
     return {"export_s": round(seconds, 1), "dtype": dtype}
 
 
-def bench_backend(name: str, backend, manifest: dict, batches, prompt: int, context: int, repeats: int, log,
-                  sync) -> dict:
-    out = {}
-    for b in batches:
-        row = {}
-        for case, (graph, dims) in cases(manifest, b, prompt, context).items():
-            if case == "acoustic_encoder" and b != batches[0]:
-                continue
-            feeds = feeds_for(manifest, graph, dims)
-            try:
-                row[case] = timed(lambda: backend.run(graph, feeds), repeats if case != "lm_prefill" else
-                                  max(3, repeats // 4), sync=sync)
-            except Exception as exc:
-                row[case] = {"error": one_line(exc)}
-        frame = [row.get(c, {}).get("median_ms") for c in ("lm_decode", *FRAME_GRAPHS)]
-        row["per_frame_ms"] = sum(frame) if all(v is not None for v in frame) else None
-        out[str(b)] = row
-        log(f"[{name}] batch {b}: per frame {row['per_frame_ms'] or float('nan'):.2f} ms "
-            f"(lm decode {row.get('lm_decode', {}).get('median_ms', float('nan')):.2f} ms)")
-    return out
-
-
-def bench_torch(config: Path, manifest: dict, batches, prompt: int, context: int, repeats: int, dtype: str,
-                log, device: str = "cuda") -> dict:
-    """The exporter's wrapper modules (what the graphs were exported from), eager on the GPU."""
+def torch_model(config: Path, manifest: dict, device, dtype: str):
+    """The exported model's weights (random_model, seed 0) as transformers' model on `device`."""
     import torch
 
     from vv_export.checkpoint import random_model
-    from vv_export.specs import ExportContext, build_specs
 
-    device = torch.device(device)
-    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    loaded = random_model(json.loads(config.read_text()), seed=0)  # the exported weights (same seed)
+    loaded = random_model(json.loads(config.read_text()), seed=0)
     loaded.token_ids = {k: int(v) for k, v in manifest["tokens"].items()}
-    loaded.model.to(device)
-    ctx = ExportContext(loaded, diffusion_steps=int(manifest["diffusion"]["steps"]))
-    specs = {s.name: s for s in build_specs(ctx)}
-    modules = {}
-    out = {}
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    with torch.inference_mode():
-        for b in batches:
-            row = {}
-            for case, (graph, dims) in cases(manifest, b, prompt, context).items():
-                if case == "acoustic_encoder" and b != batches[0]:
-                    continue
-                try:
-                    if graph not in modules:
-                        modules[graph] = specs[graph].build(ctx).eval().to(device=device, dtype=tdtype)
-                    module = modules[graph]
-                    feeds = feeds_for(manifest, graph, dims)
-                    args = []
-                    for io in manifest["graphs"][graph]["inputs"]:
-                        t = torch.from_numpy(feeds[io["name"]]).to(device)
-                        args.append(t.to(tdtype) if t.is_floating_point() else t)
-
-                    def call(module=module, args=args):
-                        # host in, host out, like the runtime's backends
-                        result = module(*args)
-                        result = result if isinstance(result, tuple) else (result,)
-                        return [r.float().cpu() for r in result]
-
-                    row[case] = timed(call, repeats if case != "lm_prefill" else max(3, repeats // 4), sync=sync)
-                except Exception as exc:
-                    row[case] = {"error": one_line(exc)}
-            frame = [row.get(c, {}).get("median_ms") for c in ("lm_decode", *FRAME_GRAPHS)]
-            row["per_frame_ms"] = sum(frame) if all(v is not None for v in frame) else None
-            out[str(b)] = row
-            log(f"[pytorch-{dtype}] batch {b}: per frame {row['per_frame_ms'] or float('nan'):.2f} ms")
-    del modules, loaded, ctx, specs
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    loaded.model.to(device=device, dtype=tdtype).eval()
+    align_generation_tokens(loaded.model, loaded.token_ids)
+    return loaded
 
 
-def bench_generate(name: str, engine_dir: Path, manifest: dict, backend, batches, frames: int, log) -> dict:
-    """Pipeline.generate, every step forced to speech_diffusion, B copies of the demo script."""
+def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict, dict, dict]:
+    """results[batch][side], memory[side], errors[side] for the sides asked for."""
+    import torch
+
     from vv_runtime.pipeline import Pipeline
 
-    script = (REPO / "examples" / "podcast.txt").read_text() if (REPO / "examples" / "podcast.txt").exists() \
-        else "Speaker 1: Hello there.\nSpeaker 2: Hi!"
-    voices = [str(p) for p in sorted((REPO / "examples").glob("voice_*.wav"))] or None
+    hop, sr = int(manifest["model"]["hop_length"]), int(manifest["model"]["sample_rate"])
+    frame_s = hop / sr
     column = manifest["control_tokens"].index("speech_diffusion")
-    pipe = Pipeline(engine_dir, manifest, ForcedDiffusion(backend, column))
-    hop = int(manifest["model"]["hop_length"])
-    out = {}
-    for b in batches:
+    results = {str(b): {} for b in args.batches}
+    memory, errors = {}, {}
+    script, input_ids = prompt_script(engine_dir, manifest, args.prompt)
+    for side in args.sides:
         try:
-            rows = pipe.prepare([script] * b, voices)
-            pipe.generate(rows, max_new_frames=2, seed=0)  # warm-up (CUDA graphs captured, kernels loaded)
-            gen = pipe.generate(rows, max_new_frames=frames, seed=0, stream=True)
-            stamps, start = [], time.perf_counter()
-            while True:
-                try:
-                    next(gen)
-                    stamps.append(time.perf_counter())
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-            wall = time.perf_counter() - start
-            made = max(result.frames) if result.frames else 0
-            # chunks come B per step: steady-state time per step from the first to the last chunk
-            steps = max(made - 1, 1)
-            per_step = (stamps[-1] - stamps[b - 1]) / steps if len(stamps) > b else None
-            audio_s = made * hop / SAMPLE_RATE
-            out[str(b)] = {"frames_per_row": made, "prompt_tokens": len(rows[0].prompt.input_ids), "wall_s": wall,
-                           "seconds_per_step": per_step, "time_to_first_audio_s": stamps[0] - start if stamps else None,
-                           "rtf_per_row": wall / audio_s if audio_s else None,
-                           "rtf_batch": wall / (audio_s * b) if audio_s else None}
-            log(f"[{name} generate] batch {b}: {per_step * 1e3 if per_step else float('nan'):.1f} ms/step, "
-                f"rtf {out[str(b)]['rtf_per_row'] or float('nan'):.3f} per row")
+            with GpuMemory(torch, device) as mem:
+                if side in PIPELINE_SIDES:
+                    if side == "tensorrt":
+                        from vv_runtime.trt_backend import TrtBackend
+
+                        backend = TrtBackend(engine_dir, manifest, notice=log)
+                    else:
+                        backend = IOBindingOrtBackend(engine_dir, manifest, device=str(device))
+                    try:
+                        pipe = Pipeline(engine_dir, manifest, ForcedDiffusion(backend, column))
+                        for b in args.batches:
+                            results[str(b)][side] = measure_pipeline(pipe, script, b, args.frames, args.repeats,
+                                                                     frame_s)
+                            log(f"[{side}] batch {b}: {_fmt(results[str(b)][side])}")
+                        mem.sample()
+                    finally:
+                        backend.close()
+                        del backend
+                else:
+                    loaded = torch_model(args.config, manifest, device, args.torch_dtype)
+                    try:
+                        for b in args.batches:
+                            if side == "pytorch_reference":
+                                from torch_reference import TorchReference
+
+                                ref = TorchReference(loaded.model, loaded.token_ids,
+                                                     diffusion_steps=int(manifest["diffusion"]["steps"]))
+                                results[str(b)][side] = measure_reference(
+                                    ref, input_ids, b, args.frames, args.repeats, frame_s, device,
+                                    int(manifest["model"]["acoustic_vae_dim"]))
+                            else:
+                                results[str(b)][side] = measure_transformers(
+                                    loaded.model, input_ids, b, args.frames, args.repeats, frame_s, device,
+                                    diffusion_steps=int(manifest["diffusion"]["steps"]))
+                            log(f"[{side}] batch {b}: {_fmt(results[str(b)][side])}")
+                        mem.sample()
+                    finally:
+                        del loaded
+            memory[side] = mem.figures
         except Exception as exc:
-            out[str(b)] = {"error": one_line(exc)}
-            log(f"[{name} generate] batch {b}: {one_line(exc)}")
-    return out
+            errors[side] = one_line(exc)
+            log(f"[{side}] failed: {errors[side]}")
+            if args.debug:
+                traceback.print_exc()
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return results, memory, errors
 
 
-def speedups(table: dict, fast: str, slow: str) -> dict:
-    """batch -> case -> slow's latency / fast's latency (> 1: `fast` is faster)."""
-    out = {}
-    for b, row in table.get(slow, {}).items():
-        ref = table.get(fast, {}).get(b, {})
-        entry = {}
-        for case, value in row.items():
-            mine = value if case == "per_frame_ms" else (value or {}).get("median_ms") if isinstance(value, dict) else None
-            theirs = ref.get(case)
-            theirs = theirs if case == "per_frame_ms" else (theirs or {}).get("median_ms") if isinstance(theirs, dict) else None
-            if mine and theirs:
-                entry[case] = round(mine / theirs, 2)
-        out[b] = entry
-    return out
+def _fmt(entry: dict) -> str:
+    if "error" in entry:
+        return entry["error"]
+    ms = entry.get("ms_per_frame")
+    return (f"{ms:.2f} ms/frame, {entry.get('realtime_x', float('nan')):.1f}x real time, first chunk "
+            f"{entry.get('first_chunk_ms', float('nan')):.1f} ms" if ms else "no steady-state figure")
 
 
 def run(args, log=print) -> tuple[dict, bool]:
-
     env = preflight()
+    import torch
+
+    device = torch.device("cuda", 0)
     result = {"benchmark": "bench_gpu", "environment": env, "machine": machine_info(), "versions": versions(),
               "settings": {"plan": args.plan, "precision": args.precision, "batches": args.batches,
-                           "prompt": args.prompt, "context": args.context, "frames": args.frames,
-                           "repeats": args.repeats, "torch_dtype": args.torch_dtype},
-              "latency": {}, "generate": {}, "errors": {}}
-    ok = True
+                           "prompt_tokens": args.prompt, "frames": args.frames, "repeats": args.repeats,
+                           "torch_dtype": args.torch_dtype, "sides": args.sides},
+              "results": {}, "memory": {}, "errors": {}}
     work = Path(tempfile.mkdtemp(prefix="vv-bench-gpu-"))
     try:
         engine_dir = Path(args.engine_dir) if args.engine_dir else work / "full"
         if not (engine_dir / "manifest.json").exists():
             result["export"] = export_model(args.config, engine_dir, args.dtype, log)
-        from vv_export.trt_build import build_engines
         from vv_runtime.manifest import load_manifest
 
-        t = time.perf_counter()
-        summary = build_engines(engine_dir, plan=args.plan, precision=args.precision, progress=log)
-        result["trt_build"] = {"seconds": round(time.perf_counter() - t, 1), "plan_hash": summary["plan_hash"],
-                               "engines": {g: {k: e.get(k) for k in ("precision", "size_bytes", "build_seconds", "status")}
-                                           for g, e in summary["engines"].items()}}
+        if "tensorrt" in args.sides:
+            from vv_export.trt_build import build_engines
+
+            t = time.perf_counter()
+            summary = build_engines(engine_dir, plan=args.plan, precision=args.precision, progress=log)
+            result["trt_build"] = {"seconds": round(time.perf_counter() - t, 1), "plan_hash": summary["plan_hash"],
+                                   "engines": {g: {k: e.get(k) for k in ("precision", "size_bytes", "build_seconds",
+                                                                          "status")}
+                                               for g, e in summary["engines"].items()}}
         manifest = load_manifest(engine_dir)
         result["model"] = {k: manifest["model"][k] for k in ("hidden_size", "num_layers", "vocab_size",
                                                               "max_position_embeddings")}
-        import torch
-
-        sync = torch.cuda.synchronize
-
-        sections = [("pytorch", None), ("tensorrt", "trt"), ("ort_cuda", "ort")]
-        for name, kind in sections:
-            try:
-                if kind is None:
-                    result["latency"][f"pytorch_{args.torch_dtype}"] = bench_torch(
-                        args.config, manifest, args.batches, args.prompt, args.context, args.repeats,
-                        args.torch_dtype, log)
-                    continue
-                if kind == "ort" and not env["ort_cuda"]:
-                    result["errors"][name] = "onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
-                    continue
-                if kind == "trt":
-                    from vv_runtime.trt_backend import TrtBackend
-
-                    backend = TrtBackend(engine_dir, manifest, notice=log)
-                else:
-                    from vv_runtime.backend import OrtBackend
-
-                    backend = OrtBackend(engine_dir, manifest, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-                try:
-                    result["latency"][name] = bench_backend(name, backend, manifest, args.batches, args.prompt,
-                                                            args.context, args.repeats, log, sync)
-                    result["generate"][name] = bench_generate(name, engine_dir, manifest, backend, args.batches,
-                                                              args.frames, log)
-                finally:
-                    backend.close()
-                    del backend
-                    gc.collect()
-                    torch.cuda.empty_cache()
-            except Exception as exc:
-                ok = False
-                result["errors"][name] = one_line(exc)
-                log(f"[{name}] failed: {one_line(exc)}")
-                if args.debug:
-                    traceback.print_exc()
-        base = f"pytorch_{args.torch_dtype}"
-        result["speedup_vs_pytorch"] = {k: speedups(result["latency"], k, base)
-                                        for k in ("tensorrt", "ort_cuda") if k in result["latency"]}
-        if "tensorrt" in result["latency"] and "ort_cuda" in result["latency"]:
-            result["speedup_trt_vs_ort_cuda"] = speedups(result["latency"], "tensorrt", "ort_cuda")
-        ok = ok and not any(isinstance(v, dict) and "error" in v for side in result["generate"].values()
-                            for v in side.values())
+        results, memory, errors = run_sides(args, engine_dir, manifest, device, log)
+        result.update(results=results, memory=memory, errors=errors)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    summarize(result)
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return result, ok
+    return result, not result["errors"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help=f"directory for {RESULT_NAME}")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="original-layout config (1.5B)")
+    parser.add_argument("--out", type=Path, default=None, help=f"directory for {RESULT_NAME} and {PLOT_NAME}")
+    parser.add_argument("--config", type=Path, default=FULL_SIZE_CONFIG, help="original-layout config (1.5B)")
     parser.add_argument("--engine-dir", default=None, help="reuse this ENGINE_DIR (exported when absent)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="ONNX weight storage")
-    parser.add_argument("--plan", default="default")
+    parser.add_argument("--plan", default="bench", help="TensorRT plan (default: bench, sized to what this measures)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                         help="TensorRT precision of every graph (default: the plan's)")
-    parser.add_argument("--torch-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 4, 16])
-    parser.add_argument("--prompt", type=int, default=512, help="prefill tokens")
-    parser.add_argument("--context", type=int, default=1024, help="past positions of a decode step")
-    parser.add_argument("--frames", type=int, default=32, help="frames per row in the generate runs")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--torch-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="dtype of the PyTorch sides")
+
+    def int_list(text):
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or any(v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+        return values
+
+    def side_list(text):
+        values = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [v for v in values if v not in SIDES]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"unknown side {bad[0] if bad else text!r} (known: {', '.join(SIDES)})")
+        return values
+
+    parser.add_argument("--batches", type=int_list, default=[1, 4, 16])
+    parser.add_argument("--sides", type=side_list, default=list(SIDES))
+    parser.add_argument("--prompt", type=int, default=200, help="prompt tokens (the first-chunk goal: 200)")
+    parser.add_argument("--frames", type=int, default=48, help="frames (steps) per script")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the temporary ENGINE_DIR")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    if not args.engine_dir and not args.config.exists():
-        print(f"bench_gpu: {args.config} not found (give --config or --engine-dir)", file=sys.stderr)
-        return 2
+    if args.frames < 3:
+        parser.error("--frames must be at least 3 (steady-state figures need steps after the first)")
+    if args.prompt < 8:
+        parser.error("--prompt must be at least 8 tokens")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
+        # the GPU first: on a machine without one, say so before anything else is looked at
+        if not args.engine_dir and not args.config.exists():
+            preflight()
+            print(f"bench_gpu: {args.config} not found (give --config or --engine-dir)", file=sys.stderr)
+            return 2
         result, ok = run(args)
     except Unavailable as exc:
         print(f"bench_gpu: {exc}", file=sys.stderr)
@@ -372,13 +777,15 @@ def main(argv=None) -> int:
         print(f"bench_gpu: failed: {one_line(exc)}", file=sys.stderr)
         return 1
     if args.out is not None:
-        print(f"wrote {write_result(args.out, RESULT_NAME, result)}")
+        for path in write_outputs(result, args.out):
+            print(f"wrote {path}")
     for b in map(str, args.batches):
-        cols = []
-        for name, table in result["latency"].items():
-            v = table.get(b, {}).get("per_frame_ms")
-            cols.append(f"{name} {v:.2f} ms" if v else f"{name} -")
+        cols = [f"{side} {(result['results'].get(b, {}).get(side) or {}).get('ms_per_frame') or float('nan'):.2f} ms"
+                for side in args.sides]
         print(f"batch {b:>2}: per frame  " + "  ".join(cols))
+    for goal in result["goals"]:
+        print(f"goal {goal['name']}: measured {goal['measured']} (target {goal['op']} {goal['target']}): "
+              f"{'met' if goal['met'] else 'not met' if goal['met'] is False else 'not measured'}")
     for name, err in result["errors"].items():
         print(f"{name}: {err}", file=sys.stderr)
     return 0 if ok else 1

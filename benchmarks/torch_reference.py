@@ -221,9 +221,9 @@ class TorchReference:
                 semantic_cache = sem.padding_cache
                 next_embed = (self.net.multi_modal_projector(latent[:, None, :])
                               + self.net.semantic_connector(sem.latents))
-                chunk = audio[0, 0].numpy().astype(np.float32)
+                chunk = audio[0, 0].float().cpu().numpy().astype(np.float32)
                 chunks.append(chunk)
-                latents.append(latent[0].numpy())
+                latents.append(latent[0].float().cpu().numpy())
                 if first_audio is None:
                     first_audio = time.perf_counter() - t_start
                 k += 1

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ sys.path.insert(0, str(PREFLIGHT.parent))
 import gpu_preflight  # noqa: E402
 
 TESTS = '''
+import numpy as np
 import pytest
 
 @pytest.mark.gpu
@@ -164,3 +167,133 @@ def test_gpu_requirements_are_one_coherent_pinned_set():
         name, version = re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)$", spec).groups()
         assert pins.get(name.lower()) == version, spec
     assert not any(s.startswith(("onnxruntime", "nvidia-modelopt")) for s in extra)
+
+
+# --- the GPU benchmark: what the CPU can run of it --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bench_gpu():
+    from conftest import load_benchmark
+
+    return load_benchmark("bench_gpu")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has an NVIDIA GPU")
+def test_bench_gpu_without_gpu_is_one_line_exit_2(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert time.monotonic() - start < 60
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, lines)
+    assert lines[0].startswith("bench_gpu: error: no NVIDIA GPU found")
+    assert not (tmp_path / "out").exists()  # no half-written result
+
+
+def test_bench_gpu_arguments(bench_gpu):
+    args = bench_gpu.parse_args([])
+    assert args.plan == "bench" and args.batches == [1, 4, 16] and args.prompt == 200
+    assert args.sides == list(bench_gpu.SIDES)
+    args = bench_gpu.parse_args(["--batches", "2,8", "--sides", "tensorrt,pytorch_reference", "--frames", "10"])
+    assert args.batches == [2, 8] and args.sides == ["tensorrt", "pytorch_reference"] and args.frames == 10
+    for bad in (["--batches", "1,x"], ["--batches", "0"], ["--sides", "tensorrt,cuda"], ["--frames", "2"]):
+        with pytest.raises(SystemExit) as info:
+            bench_gpu.parse_args(bad)
+        assert info.value.code == 2
+
+
+def test_bench_gpu_figures_from_chunk_times(bench_gpu):
+    frame_s = 3200 / 24000
+    # 2 scripts, 4 steps 10 ms apart (both chunks of a step at once), the first 50 ms after the call
+    stamps = [(row, 0.050 + 0.010 * k) for k in range(4) for row in (0, 1)]
+    fig = bench_gpu.figures_from_stamps(0.0, stamps, 2, frame_s)
+    assert fig["frames_per_script"] == 4 and fig["scripts"] == 2
+    assert fig["first_chunk_ms"] == pytest.approx(50.0)
+    assert fig["ms_per_frame"] == pytest.approx(10.0)
+    assert fig["rtf"] == pytest.approx(10.0 / 133.333, rel=1e-4)
+    assert fig["realtime_x"] == pytest.approx(2 * 133.333 / 10.0, rel=1e-4)
+    assert "ms_per_frame" not in bench_gpu.figures_from_stamps(0.0, stamps[:2], 2, frame_s)  # one step: no rate
+    assert bench_gpu.median_figures([{"ms_per_frame": 3.0}, {"ms_per_frame": 1.0}, {"ms_per_frame": 2.0}]) == \
+        {"ms_per_frame": 2.0, "runs": 3}
+
+
+def _sample_result() -> dict:
+    side = lambda ms, first, b: {"ms_per_frame": ms, "first_chunk_ms": first, "rtf": ms / 133.333,  # noqa: E731
+                                 "realtime_x": b * 133.333 / ms}
+    return {"benchmark": "bench_gpu", "environment": {"device": "sample", "tensorrt": "10.16.1.11"},
+            "settings": {"plan": "bench"},
+            "results": {"1": {"tensorrt": side(2.5, 40.0, 1), "ort_cuda": side(6.0, 70.0, 1),
+                              "pytorch_reference": side(75.0, 300.0, 1), "transformers_generate": side(90.0, 400.0, 1)},
+                        "16": {"tensorrt": side(8.0, 90.0, 16), "pytorch_reference": side(1200.0, 300.0, 16)}},
+            "errors": {}}
+
+
+def test_bench_gpu_summary_goals_and_outputs(bench_gpu, tmp_path):
+    result = bench_gpu.summarize(_sample_result())
+    assert result["speedups"]["1"]["tensorrt_vs_pytorch_reference"] == 30.0
+    assert result["speedups"]["1"]["tensorrt_vs_transformers_generate"] == 36.0
+    assert result["speedups"]["1"]["ort_cuda_vs_pytorch_reference"] == 12.5
+    assert result["speedups"]["16"] == {"tensorrt_vs_pytorch_reference": 150.0}
+    goals = {g["name"]: g for g in result["goals"]}
+    assert goals["ms_per_frame_batch_1"]["met"] is True and goals["ms_per_frame_batch_1"]["measured"] == 2.5
+    assert goals["speedup_vs_pytorch_batch_1"]["met"] is True
+    assert goals["first_audio_ms"]["met"] is True
+    assert goals["realtime_x_batch_16"]["met"] is False  # 16 x 133 ms / 8 ms = 267x < 300x
+    slower = _sample_result()
+    slower["results"]["1"]["tensorrt"]["ms_per_frame"] = 4.0
+    del slower["results"]["16"]
+    goals = {g["name"]: g for g in bench_gpu.summarize(slower)["goals"]}
+    assert goals["ms_per_frame_batch_1"]["met"] is False
+    assert goals["realtime_x_batch_16"]["met"] is None and goals["realtime_x_batch_16"]["measured"] is None
+
+    paths = bench_gpu.write_outputs(result, tmp_path)
+    assert [p.name for p in paths] == ["bench_gpu.json", "bench_gpu.png"]
+    assert json.loads(paths[0].read_text())["goals"] == result["goals"]
+    assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_gpu.json", "bench_gpu.png"]  # no temporaries
+
+
+def test_iobinding_ort_backend_keeps_the_cache_in_place(bench_gpu, tiny_engine_dir):
+    """The ORT-CUDA side's backend (IOBinding, cache bound by address, new_kv into a device buffer), run on
+    the CPU device: the same audio as OrtBackend, with every decode step bound in place."""
+    from common import ForcedDiffusion
+    from vv_runtime.backend import OrtBackend
+    from vv_runtime.pipeline import Pipeline
+
+    manifest = json.loads((tiny_engine_dir / "manifest.json").read_text())
+    script, ids = bench_gpu.prompt_script(tiny_engine_dir, manifest, 100)
+    assert 100 <= len(ids) < 110
+    column = manifest["control_tokens"].index("speech_diffusion")
+    bound = bench_gpu.IOBindingOrtBackend(tiny_engine_dir, manifest, device="cpu")
+    outs = []
+    for backend in (OrtBackend(tiny_engine_dir, manifest), bound):
+        pipe = Pipeline(tiny_engine_dir, manifest, ForcedDiffusion(backend, column))
+        outs.append(pipe.generate([script, "Speaker 1: hi there", script], max_new_frames=5, seed=0))
+        backend.close()
+    assert outs[0].frames == outs[1].frames == [5, 5, 5]
+    for a, b in zip(outs[0].audio, outs[1].audio):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert bound.bound_calls >= 4  # the decode steps ran on the bound cache
+    assert isinstance(bound.kv_cache((1, 2, 2, 1, 8, 1)), bench_gpu.TorchKVCache)
+
+
+@pytest.mark.slow
+def test_bench_gpu_torch_sides_run(bench_gpu, fixture_dir):
+    """The PyTorch reference and transformers' generate as the benchmark drives them (CPU, tiny fixture)."""
+    import torch
+
+    from torch_reference import TorchReference
+    from vv_export.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(str(fixture_dir))
+    bench_gpu.align_generation_tokens(loaded.model, loaded.token_ids)
+    ids = list(range(10, 30))
+    device = torch.device("cpu")
+    frame_s = 3200 / 24000
+    gen = bench_gpu.measure_transformers(loaded.model, ids, 2, 3, 1, frame_s, device)
+    assert gen["scripts"] == 2 and gen["audio_samples_per_script"] == 3 * 3200  # the forced audio token: 3 frames
+    assert gen["first_chunk_ms"] > 0 and gen["runs"] == 1
+    runner = TorchReference(loaded.model, loaded.token_ids, diffusion_steps=10)
+    ref = bench_gpu.measure_reference(runner, ids, 2, 3, 1, frame_s, device, loaded.model.config.audio_config.hidden_size)
+    assert ref["frames_per_script"] == 3 and ref["scripts"] == 2 and ref["first_chunk_ms"] > 0
+    assert ref["realtime_x"] == pytest.approx(2 * frame_s * 1e3 / ref["ms_per_frame"])
