@@ -614,7 +614,7 @@ def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict
     frame_s = hop / sr
     column = manifest["control_tokens"].index("speech_diffusion")
     results = {str(b): {} for b in args.batches}
-    memory, errors = {}, {}
+    memory, errors, shared = {}, {}, {}
     script, input_ids = prompt_script(engine_dir, manifest, args.prompt)
     for side in args.sides:
         try:
@@ -637,7 +637,9 @@ def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict
                         backend.close()
                         del backend
                 else:
-                    loaded = torch_model(args.config, manifest, device, args.torch_dtype)
+                    if "model" not in shared:  # one copy for both PyTorch sides
+                        shared["model"] = torch_model(args.config, manifest, device, args.torch_dtype)
+                    loaded = shared["model"]
                     try:
                         for b in args.batches:
                             if side == "pytorch_reference":
@@ -656,6 +658,8 @@ def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict
                         mem.sample()
                     finally:
                         del loaded
+                        if not [s for s in args.sides[args.sides.index(side) + 1:] if s not in PIPELINE_SIDES]:
+                            shared.clear()  # the last PyTorch side: free the model
             memory[side] = mem.figures
         except Exception as exc:
             errors[side] = one_line(exc)

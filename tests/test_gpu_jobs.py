@@ -297,3 +297,23 @@ def test_bench_gpu_torch_sides_run(bench_gpu, fixture_dir):
     ref = bench_gpu.measure_reference(runner, ids, 2, 3, 1, frame_s, device, loaded.model.config.audio_config.hidden_size)
     assert ref["frames_per_script"] == 3 and ref["scripts"] == 2 and ref["first_chunk_ms"] > 0
     assert ref["realtime_x"] == pytest.approx(2 * frame_s * 1e3 / ref["ms_per_frame"])
+
+
+def test_bench_gpu_sides_orchestration_on_cpu(bench_gpu, tiny_engine_dir, tmp_path):
+    """run_sides as the GPU run drives it (the ORT side, on the CPU device here): figures per batch, summary, files."""
+    import torch
+
+    manifest = json.loads((tiny_engine_dir / "manifest.json").read_text())
+    args = bench_gpu.parse_args(["--sides", "ort_cuda", "--batches", "1,2", "--frames", "4", "--repeats", "1",
+                                 "--prompt", "80"])
+    notes = []
+    results, memory, errors = bench_gpu.run_sides(args, tiny_engine_dir, manifest, torch.device("cpu"), notes.append)
+    assert errors == {} and set(results) == {"1", "2"}
+    for b in ("1", "2"):
+        fig = results[b]["ort_cuda"]
+        assert fig["scripts"] == int(b) and fig["frames_per_script"] == 4 and fig["prompt_tokens"] >= 80
+        assert fig["realtime_x"] == pytest.approx(int(b) * 3200 / 24000 * 1e3 / fig["ms_per_frame"])
+    result = bench_gpu.summarize({"results": results, "errors": errors, "settings": {"plan": "bench"}})
+    goals = {g["name"]: g for g in result["goals"]}
+    assert all(g["met"] is None for g in goals.values())  # no TensorRT side: nothing claimed
+    assert [p.name for p in bench_gpu.write_outputs(result, tmp_path)] == ["bench_gpu.json", "bench_gpu.png"]
