@@ -144,10 +144,11 @@ class PlanLimits:
         return past is not None and seq is not None and seq[0] <= 1 <= seq[2] and past[2] >= 1
 
     def limits(self) -> dict:
-        """The largest call per kind: lm prefill rows/seq, lm decode rows/past, max context, voice samples
-        of acoustic_encoder, rows of text_embed and of the per-frame graphs (the smallest of their
-        maxima). A kind whose engine is not loaded is None. Each is a maximum over the profiles of that
-        kind; `check_fits` is the exact test of one call."""
+        """The largest call per kind: lm prefill rows/seq, lm decode rows/past (and the (rows, past) maxima
+        of each decode profile), max context, voice samples of acoustic_encoder, rows of text_embed and
+        of the per-frame graphs (the smallest of their maxima). A kind whose engine is not loaded is None.
+        Each is a maximum over the profiles of that kind (the most rows and the longest past may come from
+        different profiles); `check_fits` is the exact test of one call."""
         per_frame = [m for g in self.per_frame if (m := self._max(g, "batch")) is not None]
         return {
             "plan": self.plan,
@@ -155,6 +156,11 @@ class PlanLimits:
             "lm_prefill_seq": self._max("lm", "seq", self._is_prefill),
             "lm_decode_rows": self._max("lm", "batch", self._is_decode),
             "lm_decode_past": self._max("lm", "past", self._is_decode),
+            # per decode profile (rows, past) maxima: the largest rows at a long context may be fewer
+            "lm_decode_profiles": ([{"name": p.get("name"), "rows": self._dim(p, "batch")[2],
+                                     "past": self._dim(p, "past")[2]}
+                                    for p in self.profiles("lm") if self._is_decode(p)]
+                                   if "lm" in self.records else None),
             "max_context": self._max("lm", "total"),
             "text_embed_rows": self._max("text_embed", "batch"),
             "text_embed_seq": self._max("text_embed", "seq"),

@@ -233,6 +233,8 @@ def test_plan_limits(plan_limits):
         "plan": "limits-test",
         "lm_prefill_rows": 6, "lm_prefill_seq": 100,
         "lm_decode_rows": 6, "lm_decode_past": 1999,  # the largest over both decode profiles
+        "lm_decode_profiles": [{"name": "decode-long", "rows": 2, "past": 1999},
+                               {"name": "decode", "rows": 6, "past": 1023}],
         "max_context": 2000,
         "text_embed_rows": 6, "text_embed_seq": 100,
         "acoustic_encoder_rows": 3, "acoustic_encoder_samples": 2 * 24000 // 3200 * 3200,
