@@ -381,3 +381,73 @@ def test_device_cache_growth_drops_the_graphs_of_its_old_buffer(monkeypatch):
     assert cache.past(63).data_ptr() == first.data_ptr() and not forgotten  # same bucket: same address
     grown = cache.past(64)                                                      # 65 slots: the 128 bucket
     assert tuple(grown.shape)[4] == 128 and forgotten == [first.data_ptr()] and key not in graphs
+
+
+# --- on a GPU: LM decode steps replayed as CUDA graphs (`make check-accuracy` runs -m gpu) ------------
+
+def _no_gpu() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+    except Exception as exc:
+        return f"TensorRT or PyTorch is not installed ({type(exc).__name__})"
+    return None if torch.cuda.is_available() else "no CUDA GPU is visible to PyTorch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_no_gpu() is not None, reason=_no_gpu() or "")
+def test_decode_graphs_replay_the_plain_execution(tiny_engine_dir, tmp_path):
+    """An fp32 lm engine (plan ci): decode steps on the device cache are captured once per (shape, cache
+    address), replayed with new host inputs, equal plain execution, and a cache that grows drops them."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from vv_export.trt_build import build_engines
+    from vv_runtime.manifest import load_manifest
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_engine_dir, out)
+    build_engines(out, plan="ci", precision="fp32", graphs=["lm"], progress=lambda line: None)
+    manifest = load_manifest(out)
+    notes = []
+    graphs = TrtBackend(out, manifest, graphs=["lm"], notice=notes.append)
+    plain = TrtBackend(out, manifest, graphs=["lm"], cuda_graphs=False)
+    try:
+        m = manifest["model"]
+        L, KV, D, H = m["num_layers"], m["num_kv_heads"], m["head_dim"], m["hidden_size"]
+        rows, live = 2, 10
+        rng = np.random.default_rng(0)
+        cache = graphs.kv_cache((L, 2, rows, KV, 4096, D))
+        cache.write(slice(0, rows), 0, rng.standard_normal((L, 2, rows, KV, live, D)).astype(np.float32))
+        past = cache.past(live)
+        slots = int(past.shape[4])
+
+        def step(backend, kv, seed):
+            r = np.random.default_rng(seed)
+            mask = np.zeros((rows, slots + 1), dtype=np.int64)
+            mask[:, :live] = 1
+            mask[:, -1] = 1
+            feeds = {"inputs_embeds": r.standard_normal((rows, 1, H)).astype(np.float32), "attention_mask": mask,
+                     "position_ids": np.full((rows, 1), live, dtype=np.int64), "past_kv": kv}
+            got = backend.run("lm", feeds)
+            return {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in got.items()}
+
+        lm = graphs.engines["lm"]
+        for seed in (1, 2, 3):  # capture, then two replays with other host inputs
+            got = step(graphs, past, seed)
+            want = step(plain, past.clone(), seed)
+            for name in want:
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=f"{name} seed {seed}")
+        assert len(lm.decode_graphs) == 1, notes
+        (_, cuda_graph, _), = lm.decode_graphs.entries.values()
+        assert cuda_graph is not None, f"no CUDA graph captured: {notes}"
+        cache.past(slots)  # grows to the next bucket: the buffer moves, its graphs go
+        assert len(lm.decode_graphs) == 0
+        assert graphs.limits()["plan"] == "ci" and plain.limits() == graphs.limits()
+        with pytest.raises(RuntimeInputError, match="beyond the TensorRT plan 'ci'"):
+            graphs.check_fits("lm", {"batch": rows, "seq": 1, "past": 10**6})
+    finally:
+        graphs.close()
+        plain.close()
