@@ -498,3 +498,21 @@ def test_old_default_would_not_fit(full_manifest, default_data):
     assert not est["fits"]
     assert est["total_bytes"] > 80e9
     assert any(s.startswith("lm/decode:past_kv [28, 2, 32, 2, 65535, 128]") for s in est["over_int32"])
+
+
+def test_bench_plan_is_tuned_for_the_measured_batches(full_manifest):
+    """bench: one decode profile per measured batch size (1/4/16 scripts: 2/8/32 rows), each the one the
+    runtime picks for that batch's decode steps (nearest opt among the profiles containing the shapes)."""
+    plan = resolve_plan("bench", full_manifest)
+    lm = plan.graphs["lm"]
+    decode = {p.name: p for p in lm.profiles if p.name.startswith("decode")}
+    assert {n: p.dims["batch"][1] for n, p in decode.items()} == {"decode_1": 2, "decode_4": 8, "decode_16": 32}
+    L, KV, D, H = (full_manifest["model"][k] for k in ("num_layers", "num_kv_heads", "head_dim", "hidden_size"))
+    for scripts, name in ((1, "decode_1"), (4, "decode_4"), (16, "decode_16")):
+        rows = 2 * scripts
+        for past in (256, 512, 1024, 4096):  # the buckets of 200-1024-token prompts plus the frames
+            shapes = {"inputs_embeds": (rows, 1, H), "attention_mask": (rows, past + 1), "position_ids": (rows, 1),
+                      "past_kv": (L, 2, rows, KV, past, D)}
+            holding = [p.name for p in lm.profiles if p.contains(shapes)]
+            assert holding == [name], (scripts, past, holding)
+    assert lm.profiles[0].name == "prefill" and lm.profiles[0].dims["batch"] == (1, 1, 16)
