@@ -513,8 +513,7 @@ class _Engine:
                 self._execute(context)
             return out_shapes
         context = self._graph_context(profile)
-        if self.num_profiles > 1 and not context.set_optimization_profile_async(profile,
-                                                                                self.owner.stream.cuda_stream):
+        if context is None:
             # TensorRT lets one profile serve one context at a time here: decode without graphs
             self.owner.note(f"{self.graph}: no second execution context for profile "
                             f"{self.profile_names[profile]}; decode steps run without CUDA graphs")
@@ -531,11 +530,16 @@ class _Engine:
         return self.decode_graphs.forget_address(address)
 
     def _graph_context(self, profile: int | None = None):
-        """A new execution context sharing one activation buffer with the other per-shape contexts (of
-        `profile`, sized for that profile where TensorRT tells the size per profile: the decode contexts
-        of the LM do not reserve its prefill's activation memory). Contexts run one at a time, on one stream."""
+        """A new execution context sharing one activation buffer with the other per-shape contexts; with
+        `profile`, set to that profile (None when TensorRT refuses it) and given memory sized for it where
+        TensorRT tells the size per profile (the LM's decode contexts do not reserve its prefill's
+        activation memory). Contexts run one at a time, on one stream."""
         owner = self.owner
         context, user_managed = owner.create_context(self.engine, user_managed=True)
+        if profile is not None and self.num_profiles > 1:
+            # the profile first: its activation memory is what the context is given below
+            if not context.set_optimization_profile_async(profile, owner.stream.cuda_stream):
+                return None
         if user_managed:
             size = _device_memory_size(self.engine, profile)
             key = profile if profile is not None and _has_profile_sizes(self.engine) else None
