@@ -384,6 +384,17 @@ def test_timeout_and_sigterm_drain(random_engine_dir, presets):
             assert_error(late, 504, "timeout", "timeout")
             assert time.monotonic() - started < 60
             assert metrics(c)['vv_engine_errors_total{kind="timeout"}'] == 1
+            # streamed, the audio flows until the deadline, then the connection is cut without the final
+            # chunk: the client sees a truncated response, never a short one that looks complete
+            received = 0
+            with c.stream("POST", "/v1/audio/speech", json={**LONG, "stream": True, "response_format": "pcm"}) as r:
+                assert r.status_code == 200
+                with pytest.raises(httpx.RemoteProtocolError):
+                    for data in r.iter_bytes():
+                        received += len(data)
+            assert received > 0 and received % (2 * HOP) == 0
+            assert metrics(c)['vv_engine_errors_total{kind="timeout"}'] == 2
+            assert metrics(c)['vv_http_errors_total{type="timeout"}'] == 2
 
             # SIGTERM while a request streams: it completes, new requests are refused, exit 0
             got: dict = {}
