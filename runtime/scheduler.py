@@ -233,14 +233,18 @@ class Scheduler:
             return 0, 0
         return len(self.row_owner), int(self.kv.data.shape[4])
 
-    def step(self) -> StepOutput:
-        """One step of every running job (and the admission of waiting ones)."""
+    def step(self, emit: Callable[[Job, np.ndarray], None] | None = None) -> StepOutput:
+        """One step of every running job (and the admission of waiting ones).
+
+        emit(job, chunk), when given, receives each frame as soon as the acoustic decoder made it, before
+        the semantic encoder runs for the next step's input (earlier first audio for a streaming caller);
+        the frames are in the returned StepOutput too."""
         left = self.retire_cancelled()
         stepped = self.decode()
         admitted = self.admit()
         stepped += admitted
         self.choose(stepped)
-        chunks = self.diffuse(stepped)
+        chunks = self.diffuse(stepped, emit)
         left += self.retire_finished()
         self.steps += 1
         return StepOutput(chunks, left, admitted)
@@ -347,8 +351,9 @@ class Scheduler:
             if finished:
                 job.choice = self.i_eos
 
-    def diffuse(self, jobs: list[Job]) -> list[tuple[Job, np.ndarray]]:
-        """Diffusion, audio decoder and semantic encoder for the jobs whose token is speech_diffusion."""
+    def diffuse(self, jobs: list[Job], emit=None) -> list[tuple[Job, np.ndarray]]:
+        """Diffusion, audio decoder and semantic encoder for the jobs whose token is speech_diffusion;
+        emit (see step) gets each frame between the decoder and the semantic encoder."""
         diffusing = sorted((j for j in jobs if j.choice == self.i_diff), key=lambda j: j.index)
         chunks = []
         by_cfg: dict[float, list[Job]] = {}
@@ -368,6 +373,11 @@ class Scheduler:
             dec = run("acoustic_decoder", {"latent": np.asarray(sampled["latent"])[:, None, :],
                                            "state": np.stack([j.dec_state for j in group])})
             audio = np.asarray(dec["audio"], dtype=np.float32)
+            group_chunks = [(job, audio[i, 0].copy()) for i, job in enumerate(group)]
+            if emit is not None:
+                for job, chunk in group_chunks:
+                    emit(job, chunk)
+            chunks += group_chunks
             sem = run("semantic_encoder", {"audio": audio, "state": np.stack([j.sem_state for j in group])})
             next_embed = np.asarray(sampled["acoustic_embed"]) + np.asarray(sem["semantic_embed"])[:, 0]
             new_dec = np.asarray(dec["new_state"], dtype=np.float32)
@@ -378,7 +388,6 @@ class Scheduler:
                 job.sem_state = new_sem[i].copy()
                 job.next_embed = next_embed[i].astype(np.float32)
                 job.frames += 1
-                chunks.append((job, audio[i, 0].copy()))
         chunks.sort(key=lambda item: item[0].index)
         return chunks
 

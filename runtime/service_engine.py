@@ -520,7 +520,7 @@ class SpeechEngine:
                         sched.cancel(job)
                 try:
                     with self.voices.lock:
-                        out = sched.step()
+                        out = sched.step(emit=self._deliver)
                 except Exception as exc:  # noqa: BLE001 -- a failed shared call fails the requests in it
                     failed = list(sched.jobs) + list(sched.waiting)
                     sched = self._new_scheduler()
@@ -529,9 +529,6 @@ class SpeechEngine:
                         self._retire(job.tag, reasons.pop(id(job), exc))
                     continue
                 self._active_rows = sched.rows_in_use
-                for job, chunk in out.chunks:
-                    job.tag._emit(chunk)
-                    self._count_frame(job.tag)
                 for job in out.finished:
                     handle = job.tag
                     handle.tokens = list(job.tokens)
@@ -551,6 +548,11 @@ class SpeechEngine:
             for handle in pending:
                 error = self.fatal if self.fatal is not None else Cancelled("the engine stopped without draining")
                 self._retire(handle, error)
+
+    def _deliver(self, job, chunk: np.ndarray) -> None:
+        """A frame, to its client as soon as the decoder made it (see Scheduler.step)."""
+        job.tag._emit(chunk)
+        self._count_frame(job.tag)
 
     def _placeholder(self, handle: RequestHandle):
         """A job that is cancelled before it starts (its request was cancelled or timed out in the queue)."""
