@@ -1,4 +1,8 @@
-"""`vv-run`: speak a script (or a batch of scripts) with the graphs of an ENGINE_DIR."""
+"""`vv-run`: speak a script (or a batch of scripts) with the graphs of an ENGINE_DIR.
+
+It drives the same step-wise scheduler as the speech service (`Pipeline.generate` ->
+`vv_runtime.scheduler`): the scripts of a batch run together, each equal to itself run alone.
+"""
 
 from __future__ import annotations
 
@@ -72,7 +76,9 @@ def read_batch_file(path: Path) -> list[str]:
               help="Voice prompt audio, one per speaker in order (Speaker 1 = first --voice). Repeatable.")
 @click.option("--out", required=True, type=click.Path(), metavar="OUT.wav", help="Output wav file (24 kHz mono).")
 @click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale [default: 1.3].")
-@click.option("--seed", type=int, default=None, help="Seed of the diffusion noise [default: random, reported].")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the diffusion noise [default: random, reported]; script i of a --batch-file uses "
+                   "SEED + i, so each output equals its script run alone with that seed.")
 @click.option("--max-new-frames", type=click.IntRange(min=1), default=None,
               help="Cap on generation steps (each makes at most one 3200-sample frame per script).")
 @click.option("--stream", is_flag=True,
