@@ -493,11 +493,18 @@ class SpeechEngine:
                         break
                     if self._stopping and not self._queue and not sched.busy:
                         break
+                    now = time.monotonic()
+                    # queued requests cancelled or past their deadline leave the queue at once
+                    expired = [h for h in self._queue
+                               if h.cancelled or (h.deadline is not None and now > h.deadline)]
+                    for handle in expired:
+                        self._queue.remove(handle)
                     moved = []
                     while self._queue and len(sched.jobs) + len(sched.waiting) < self.max_batch:
                         moved.append(self._queue.popleft())
-                    self._active.extend(moved)
-                now = time.monotonic()
+                    self._active.extend(moved + expired)
+                for handle in expired:
+                    self._retire(handle, self._placeholder(handle).error)
                 for handle in moved:
                     if handle.cancelled or (handle.deadline is not None and now > handle.deadline):
                         sched.add(self._placeholder(handle))  # leaves at once, through the same path

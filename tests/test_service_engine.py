@@ -318,3 +318,26 @@ def test_timeout_mid_stream_frees_rows(random_engine_dir):
     finally:
         eng.stop(drain=False, timeout=60)
         pipe.close()
+
+
+def test_queued_request_cancelled_or_expired_leaves_the_queue(random_engine_dir):
+    pipe = Pipeline.from_engine_dir(random_engine_dir, backend="ort")
+    eng = SpeechEngine(pipe, max_batch=1, max_queue=2).start()
+    try:
+        script = "Speaker 1: " + " ".join(["a long one that keeps talking"] * 8)
+        busy = eng.submit(SpeechRequest(script, seed=7))
+        assert _wait_for(lambda: eng.stats()["active_requests"] == 1)
+        queued = eng.submit(SpeechRequest("Speaker 1: Next.", seed=1))
+        expiring = eng.submit(SpeechRequest("Speaker 1: Later.", seed=1, timeout_s=0.05))
+        queued.cancel()
+        with pytest.raises(Cancelled):
+            queued.audio(timeout=60)
+        with pytest.raises(TimeoutError, match="still queued"):
+            expiring.audio(timeout=60)
+        assert not busy.done, "both left the queue while the first request was still running"
+        assert eng.stats()["queue_depth"] == 0
+        busy.audio(timeout=120)
+        assert busy.error is None
+    finally:
+        eng.stop(drain=False, timeout=60)
+        pipe.close()
