@@ -21,6 +21,7 @@ import numpy as np
 from .engine_dir import FORMAT, FORMAT_VERSION, ROLES, sha256_file
 from .errors import ExportError, ValidationError
 from .specs import CONTROL_TOKENS, DIMS, ExportContext, GraphSpec, build_specs, sample_inputs
+from .wrappers import FP32_STORAGE_PREFIXES
 
 OPSET = 17
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weight bytes keep them in a side file (protobuf caps at 2 GB)
@@ -73,8 +74,8 @@ def _store_weights_as(model_proto, dtype: str) -> None:
     graph = model_proto.graph
     casts = []
     for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT:
-            continue
+        if init.data_type != TensorProto.FLOAT or init.name.startswith(FP32_STORAGE_PREFIXES):
+            continue  # fp32 tables (RoPE cos/sin): exact at any storage dtype
         n = int(np.prod(init.dims)) if len(init.dims) else 1
         if n < 1024:
             continue

@@ -25,6 +25,9 @@ class TextEmbed(nn.Module):
 # bias + score stays above -65504 (fp16's largest magnitude) for any score above -35000, so a masked
 # score never overflows to -inf in an fp16/bf16 engine. -30000 is exact in fp16 and -29952 in bf16.
 MASK_BIAS = -30000.0
+# Initializers the exporter stores in fp32 whatever --dtype says (the RoPE table: values that must stay
+# exact; 32 MiB at the 1.5B).
+FP32_STORAGE_PREFIXES = ("rope_table.",)
 
 
 class RopeTable(nn.Module):
