@@ -145,6 +145,9 @@ def emulate_model(model, precision: str, keep_ops=(), keep_names=()):
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise ExportError(f"node {node.name!r} ({node.op_type}) has a subgraph: not supported by the emulation")
     types = _value_types(out)
+    untyped = [o for n in graph.node for o in n.output if o and not types.get(o)]
+    if untyped:  # an unknown type would silently escape the rounding
+        raise ExportError(f"emulation: no inferred type for {len(untyped)} tensors (first: {untyped[0]!r})")
     FLOAT = TensorProto.FLOAT
 
     def is_float(name: str) -> bool:
