@@ -1,0 +1,426 @@
+"""fp32, int8 and int4 ENGINE_DIRs on the CPU side by side with PyTorch, in one run.
+
+    python benchmarks/bench_quant.py --model mid|full [--threads 2] [--frames 16] [--repeats 3]
+                                     [--modes fp32,int8,int4] [--no-torch] [--out benchmarks/results]
+
+The model is a random one of the real architecture: `mid` is bench_runtime's 104 M-parameter model,
+`full` the VibeVoice-1.5B config (`shared/reference/vibevoice-1.5b-original-config.json`, as
+bench_export; it needs ~16 GB of RAM for the export and 15+ minutes of two cores). It is exported once
+per mode (`vv-export onnx` with `--quantize none|int8|int4`: each graph quantized only where it stays
+within its tolerance and is faster here, decided at export on this CPU). Then each side runs in its own
+process, one after the other (its peak memory is then its own; VmHWM of the process):
+
+- `ort-<mode>`: `vv_runtime.pipeline.Pipeline` on the ENGINE_DIR;
+- `transformers`: transformers' own `VibeVoiceForConditionalGeneration.generate` (fp32 eager, the
+  prompt's token ids, audio token forced; bench_gpu's helpers on the CPU) -- the issue's baseline;
+- `torch`: `benchmarks/torch_reference.py`, the original generation loop on the same transformers model
+  (bench_runtime's baseline; it streams, so its first audio is comparable).
+
+Every run has the same prompt (the shared fixture's script and voice, tokenized by the model's
+tokenizer), the same noise, the same cfg and the same thread count, and every step forced to
+speech_diffusion (exactly --frames frames; one LM step for the positive rows, one for the negative rows,
+the sampler, the decoder and the semantic encoder per frame). Figures (median of --repeats timed runs
+after a warm-up run): ms per frame (steady state, between the first and last chunk), RTF (wall / audio
+seconds), time to first audio (call to first chunk, voice encoding and prompt prefill included), prompt
+prefill (the lm calls of more than one position), peak RSS, ENGINE_DIR size, and for ORT the time per
+frame spent in each graph. Speedups are against `torch` in the same run.
+
+Writes `<out>/bench_quant_<model>.json` and `<out>/bench_quant_<model>.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import FULL_SIZE_CONFIG, ForcedDiffusion, load_average, provenance, write_result  # noqa: E402
+
+SAMPLE_RATE = 24000
+GOAL = {"full": {"ms_per_frame_max": 125.0, "speedup_vs_transformers_min": 12.0}}
+
+
+# --- models ---------------------------------------------------------------------------------------------
+
+def load_model(name: str):
+    if name == "mid":
+        from bench_runtime import load_model as bench_load
+
+        return bench_load("mid")
+    if name == "full":
+        from vv_export.checkpoint import byte_level_tokenizer_json, perturb_, random_model
+
+        config = json.loads(Path(FULL_SIZE_CONFIG).read_text())
+        loaded = random_model(config, seed=0, source="random-full-size(vibevoice-1.5b config, seed=0)")
+        loaded.tokenizer_json = byte_level_tokenizer_json()
+        perturb_(loaded.model, seed=0)  # realistic activations, as the mid-size and tiny random models
+        return loaded
+    raise ValueError(f"--model {name}: expected mid or full")
+
+
+def describe(name: str) -> str:
+    if name == "mid":
+        from bench_runtime import MID_DESCRIPTION
+
+        return MID_DESCRIPTION
+    return "VibeVoice-1.5B config (Qwen2 hidden 1536, 28 layers), random weights perturbed like the tiny models"
+
+
+def _peak_rss_gb() -> float:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+# --- one side (runs in its own process) -----------------------------------------------------------------
+
+class GraphTimer:
+    """Backend wrapper: seconds spent in each graph, and in lm calls of more than one position (prefill)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.seconds: dict[str, float] = {}
+        self.prefill_s = 0.0
+
+    def run(self, graph, feeds):
+        t = time.perf_counter()
+        out = self.backend.run(graph, feeds)
+        dt = time.perf_counter() - t
+        self.seconds[graph] = self.seconds.get(graph, 0.0) + dt
+        if graph == "lm" and feeds["inputs_embeds"].shape[1] > 1:
+            self.prefill_s += dt
+        return out
+
+    def reset(self):
+        self.seconds, self.prefill_s = {}, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+def _timed(chunks):
+    stamps = []
+    start = time.perf_counter()
+    while True:
+        try:
+            next(chunks)
+            stamps.append(time.perf_counter())
+        except StopIteration as stop:
+            return stop.value, stamps, start, time.perf_counter()
+
+
+def _figures(stamps, start, end, frames, hop):
+    audio_s = frames * hop / SAMPLE_RATE
+    return {"frames": frames, "wall_s": end - start,
+            "ms_per_frame": (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3 if len(stamps) > 1 else None,
+            "time_to_first_audio_s": stamps[0] - start if stamps else None,
+            "rtf": (end - start) / audio_s if audio_s else None}
+
+
+def _median(runs: list[dict]) -> dict:
+    out = {}
+    for k in runs[0]:
+        values = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+        out[k] = statistics.median(values) if values else None
+    return out
+
+
+def run_side(side: str, model: str, engine_dir: Path, threads: int, frames: int, repeats: int) -> dict:
+    from bench_runtime import fixture_inputs
+
+    script, voice, _, _ = fixture_inputs()
+    manifest = json.loads((Path(engine_dir) / "manifest.json").read_text())
+    hop = int(manifest["model"]["hop_length"])
+    A = int(manifest["model"]["acoustic_vae_dim"])
+    cfg = float(manifest["diffusion"]["default_cfg_scale"])
+    noise = np.random.default_rng(1234).standard_normal((frames, 1, A)).astype(np.float32)
+    runs, per_graph, prefill = [], [], []
+    if side == "transformers":
+        import torch
+
+        from bench_gpu import align_generation_tokens, measure_transformers
+        from vv_runtime.pipeline import Pipeline
+
+        torch.set_num_threads(threads)
+        loaded = load_model(model)
+        loaded.token_ids = {k: int(v) for k, v in manifest["tokens"].items()}
+        align_generation_tokens(loaded.model, loaded.token_ids)
+        pipe = Pipeline.from_engine_dir(engine_dir, backend="ort", threads=1)
+        ids = pipe.prepare(script, [voice])[0].prompt.input_ids
+        pipe.close()
+        out = measure_transformers(loaded.model.eval(), ids, 1, frames, repeats, hop / SAMPLE_RATE,
+                                   torch.device("cpu"), int(manifest["diffusion"]["steps"]), cfg)
+        if out.get("first_chunk_ms") is not None:
+            out["time_to_first_audio_s"] = out["first_chunk_ms"] / 1e3
+        return {**out, "peak_rss_gb": _peak_rss_gb(),
+                "note": "transformers' VibeVoiceForConditionalGeneration.generate (prompt ids, no voice "
+                        "embedding), audio token forced; ms per frame = (frames run - 2-frame run) / (frames - 2); "
+                        "first audio = a whole generate() of one frame (it returns audio at the end)"}
+    if side == "torch":
+        import torch
+
+        from torch_reference import TorchReference
+        from vv_runtime.pipeline import Pipeline
+
+        torch.set_num_threads(threads)
+        loaded = load_model(model)
+        ref = TorchReference(loaded.model, loaded.token_ids, diffusion_steps=int(manifest["diffusion"]["steps"]))
+        # the prompt exactly as the runtime builds it (tokenizer from the ENGINE_DIR), then the model alone
+        pipe = Pipeline.from_engine_dir(engine_dir, backend="ort", threads=1)
+        row = pipe.prepare(script, [voice])[0]
+        pipe.close()
+        speech = row.voices[0][None, :] if row.voices else None
+
+        def once(n):
+            gen = ref.stream(row.prompt.input_ids, row.prompt.speech_input_mask, speech=speech,
+                             noise=lambda k: noise[k], cfg_scale=cfg, max_new_tokens=n, force_diffusion=True)
+            result, stamps, start, end = _timed(gen)
+            return result.frames, stamps, start, end
+
+        once(2)
+        for _ in range(repeats):
+            n_frames, stamps, start, end = once(frames)
+            runs.append(_figures(stamps, start, end, n_frames, hop))
+    else:
+        from vv_runtime.pipeline import Pipeline
+
+        pipe = Pipeline.from_engine_dir(engine_dir, backend="ort", threads=threads)
+        rows = pipe.prepare(script, [voice])
+        timer = GraphTimer(ForcedDiffusion(pipe.backend, manifest["control_tokens"].index("speech_diffusion")))
+        pipe.backend = timer
+
+        def once(n):
+            gen = pipe.generate(rows, cfg_scale=cfg, max_new_frames=n, noise=noise, stream=True)
+            result, stamps, start, end = _timed(gen)
+            return result.frames[0], stamps, start, end
+
+        once(2)
+        for _ in range(repeats):
+            timer.reset()
+            n_frames, stamps, start, end = once(frames)
+            runs.append(_figures(stamps, start, end, n_frames, hop))
+            per_graph.append({g: s / n_frames * 1e3 for g, s in timer.seconds.items()})
+            prefill.append(timer.prefill_s)
+        pipe.close()
+    out = {**_median(runs), "runs": len(runs), "peak_rss_gb": _peak_rss_gb()}
+    if per_graph:
+        out["ms_per_frame_by_graph"] = {g: statistics.median(r.get(g, 0.0) for r in per_graph) for g in per_graph[0]}
+        out["prompt_prefill_ms"] = statistics.median(prefill) * 1e3
+    return out
+
+
+# --- the whole benchmark ----------------------------------------------------------------------------------
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file())
+
+
+def export_all(model: str, work: Path, modes: list[str], threads: int, log) -> tuple[dict, dict]:
+    import torch
+
+    from vv_export.onnx_export import export_onnx
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    dirs, info = {}, {"parameters": int(params), "export_s": {}}
+    for mode in modes:
+        t = time.perf_counter()
+        dirs[mode] = export_onnx(loaded, work / mode, force=True, progress=False, threads=threads,
+                                 quantize="none" if mode == "fp32" else mode)
+        info["export_s"][mode] = time.perf_counter() - t
+        log(f"[{model}] exported {mode} in {info['export_s'][mode]:.0f} s")
+    info["export_peak_rss_gb"] = _peak_rss_gb()
+    return dirs, info
+
+
+def _side_in_subprocess(side, model, engine_dir, threads, frames, repeats, modes=()) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--model", model,
+           "--engine-dir", str(engine_dir), "--threads", str(threads), "--frames", str(frames),
+           "--repeats", str(repeats), "--modes", ",".join(modes)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": tail}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def quant_summary(engine_dir: Path) -> dict:
+    manifest = json.loads((Path(engine_dir) / "manifest.json").read_text())
+    out = {}
+    for g, e in manifest["graphs"].items():
+        q = e.get("quantization")
+        if q:
+            out[g] = {k: q.get(k) for k in ("status", "method", "bits", "nodes_quantized", "weight_bytes_before",
+                                            "weight_bytes_after", "speedup", "reason")}
+    return out
+
+
+def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames: int = 16, repeats: int = 3,
+                  modes=("fp32", "int8", "int4"), torch_sides=("transformers", "torch"), log=print) -> dict:
+    load_before = load_average()
+    modes = list(modes)
+    with tempfile.TemporaryDirectory(prefix="vv-bench-quant-") as tmp:
+        # the export in its own process too: its memory (the torch model, ~16 GB at full size) is gone after it
+        info = _side_in_subprocess("export", model, Path(tmp), threads, frames, repeats, modes)
+        if "error" in info:
+            raise RuntimeError(f"export failed: {info['error']}")
+        dirs = {mode: Path(tmp) / mode for mode in modes}
+        for mode in modes:
+            log(f"[{model}] exported {mode} in {info['export_s'][mode]:.0f} s")
+        sides = {}
+        for mode in modes:
+            r = _side_in_subprocess("ort", model, dirs[mode], threads, frames, repeats)
+            r["engine_dir_bytes"] = _dir_bytes(dirs[mode])
+            if mode != "fp32":
+                r["quantization"] = quant_summary(dirs[mode])
+            sides[f"ort-{mode}"] = r
+            log(f"[{model}] ort-{mode}: {r.get('ms_per_frame') or float('nan'):.1f} ms/frame, "
+                f"rtf {r.get('rtf') or float('nan'):.3f}, peak {r.get('peak_rss_gb') or float('nan'):.2f} GB "
+                f"{r.get('error', '')}")
+        for side in torch_sides:
+            r = _side_in_subprocess(side, model, dirs[modes[0]], threads, frames, repeats)
+            sides[side] = r
+            log(f"[{model}] {side}: {r.get('ms_per_frame') or float('nan'):.1f} ms/frame, "
+                f"rtf {r.get('rtf') or float('nan'):.3f}, peak {r.get('peak_rss_gb') or float('nan'):.2f} GB "
+                f"{r.get('error', '')}")
+    for base in torch_sides:
+        base_ms = sides.get(base, {}).get("ms_per_frame")
+        base_first = sides.get(base, {}).get("time_to_first_audio_s")
+        for name, r in sides.items():
+            if name.startswith("ort-") and base_ms and r.get("ms_per_frame"):
+                r[f"speedup_per_frame_vs_{base}"] = base_ms / r["ms_per_frame"]
+                if base_first and r.get("time_to_first_audio_s"):
+                    r[f"speedup_first_audio_vs_{base}"] = base_first / r["time_to_first_audio_s"]
+        if name.startswith("ort-") and name != "ort-fp32" and sides.get("ort-fp32", {}).get("ms_per_frame") \
+                and r.get("ms_per_frame"):
+            r["speedup_per_frame_vs_fp32"] = sides["ort-fp32"]["ms_per_frame"] / r["ms_per_frame"]
+    result = {"benchmark": "quant_cpu", "model_name": model, "model": describe(model), **info,
+              "threads": threads, "frames": frames, "repeats": repeats, "diffusion_steps": 10, "hop": 3200,
+              "sample_rate": SAMPLE_RATE, "mode": "forced speech_diffusion on every step",
+              "sides": sides,
+              "sides_note": "each side in its own process, one after the other (not interleaved); peak_rss_gb is "
+                            "that process's VmHWM",
+              **provenance(load_average_1min_before=load_before)}
+    if model in GOAL:
+        best = min((r["ms_per_frame"] for n, r in sides.items() if n.startswith("ort-") and r.get("ms_per_frame")),
+                   default=None)
+        speed = max((r.get("speedup_per_frame_vs_transformers") or 0 for n, r in sides.items()
+                     if n.startswith("ort-")), default=0)
+        result["goal"] = {**GOAL[model], "best_ms_per_frame": best, "best_speedup_vs_transformers": speed,
+                          "met": bool(best and best <= GOAL[model]["ms_per_frame_max"]
+                                      and speed >= GOAL[model]["speedup_vs_transformers_min"])}
+    if out_dir is not None:
+        write_result(out_dir, f"bench_quant_{model}.json", result)
+        plot(result, Path(out_dir) / f"bench_quant_{model}.png")
+    return result
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG", file=sys.stderr)
+        return None
+    sides = {k: v for k, v in result["sides"].items() if v.get("ms_per_frame")}
+    names = list(sides)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    # per-frame time, ORT sides stacked per graph
+    ax = axes[0]
+    graphs = sorted({g for v in sides.values() for g in v.get("ms_per_frame_by_graph", {})})
+    for i, name in enumerate(names):
+        v = sides[name]
+        by = v.get("ms_per_frame_by_graph")
+        if by:
+            bottom = 0.0
+            for j, g in enumerate(graphs):
+                ax.bar(i, by.get(g, 0.0), bottom=bottom, color=plt.cm.tab10(j % 10), label=g if i == 0 else None)
+                bottom += by.get(g, 0.0)
+            rest = v["ms_per_frame"] - bottom
+            if rest > 0:
+                ax.bar(i, rest, bottom=bottom, color="lightgrey", label="loop" if i == 0 else None)
+        else:
+            ax.bar(i, v["ms_per_frame"], color="dimgrey")
+        ax.text(i, v["ms_per_frame"], f"{v['ms_per_frame']:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("ms per frame")
+    ax.set_title(f"per frame ({result['threads']} threads)")
+    ax.legend(fontsize=7)
+    for ax, key, label in ((axes[1], "time_to_first_audio_s", "time to first audio (s)"),
+                           (axes[2], "peak_rss_gb", "peak RSS (GB)")):
+        vals = [sides[n].get(key) or 0.0 for n in names]
+        ax.bar(range(len(names)), vals, color="steelblue")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_title(label)
+    fig.suptitle(f"bench_quant, {result['model_name']} model: fp32 / int8 / int4 ONNX Runtime vs PyTorch")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["mid", "full"], default="mid")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="fp32,int8,int4")
+    parser.add_argument("--baselines", default="transformers,torch",
+                        help="PyTorch sides: transformers (its generate), torch (the original loop port); '' for none")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--side", choices=["ort", "torch", "transformers", "export"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.side == "export":
+        _, info = export_all(args.model, args.engine_dir, [m for m in args.modes.split(",") if m], args.threads,
+                             lambda line: print(line, file=sys.stderr))
+        print(json.dumps(info))
+        return 0
+    if args.side:
+        print(json.dumps(run_side(args.side, args.model, args.engine_dir, args.threads, args.frames, args.repeats)))
+        return 0
+    result = run_benchmark(args.model, args.out, threads=args.threads, frames=args.frames, repeats=args.repeats,
+                           modes=[m for m in args.modes.split(",") if m],
+                           torch_sides=tuple(b for b in args.baselines.split(",") if b))
+    for name, r in result["sides"].items():
+        if "error" in r:
+            print(f"{name:10s} error: {r['error']}")
+            continue
+        nan = float("nan")
+        print(f"{name:12s} {r.get('ms_per_frame') or nan:8.1f} ms/frame  rtf {r.get('rtf') or nan:.3f}  first audio "
+              f"{r.get('time_to_first_audio_s') or nan:.2f} s  prefill {r.get('prompt_prefill_ms') or nan:.0f} ms  "
+              f"peak {r.get('peak_rss_gb') or nan:.2f} GB  x{r.get('speedup_per_frame_vs_transformers') or nan:.1f} "
+              f"vs transformers, x{r.get('speedup_per_frame_vs_torch') or nan:.1f} vs the loop port")
+    if "goal" in result:
+        print(f"goal: {result['goal']}")
+    if args.out is not None:
+        print(f"wrote {args.out / ('bench_quant_' + args.model + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
