@@ -3,9 +3,15 @@
     python benchmarks/bench_serve.py --out benchmarks/results [--models tiny,mid] [--clients 1,2,4,8,16]
                                      [--requests 4] [--frames 32] [--threads N]
 
-For each model an ENGINE_DIR is exported here (the README's tiny random model; `mid`: the 104 M-parameter
-random model of bench_runtime.py), `vv-serve` is started on it as a child process (`--max-batch` = the
-largest client count, so no request is refused) and driven over HTTP:
+For each model an ENGINE_DIR is exported here and a server is started on it as a child process
+(`--max-batch` = the largest client count, so no request is refused), then driven over HTTP:
+
+- `tiny` (natural): the README's tiny random model served by `vv-serve` itself; the model chooses its
+  tokens, so requests end after 20-30 frames, depending on their seed;
+- `mid` (forced): the 104 M-parameter random model of bench_runtime.py. Left to itself it says eos at
+  its first step (no audio), so, as in bench_runtime's forced runs, its server is this script's
+  `--serve-forced` harness: the same app (`create_app`) and engine (`SpeechEngine`) over a Pipeline whose
+  `lm` control logits always pick speech_diffusion; every request then makes exactly `--frames` frames.
 
 - reference pass: every distinct request (same text and voice, seeds 0..S-1, at most `--frames` steps)
   once, alone, streamed: its audio bytes are what that request must return under load (a request's audio
@@ -14,8 +20,10 @@ largest client count, so no request is refused) and driven over HTTP:
   (`response_format` pcm) one after the other, request k of client c with seed (c * requests + k) mod S.
 
 Figures per client count:
-- failed / lost / incomplete: non-200 answers, transport errors, and streams whose bytes differ from the
-  reference of their seed (all must be 0);
+- failed / lost / incomplete: non-200 answers, transport errors (including a stream cut before its end),
+  and streams whose length differs from the reference of their seed (all must be 0);
+- differ_from_alone / max_diff_pcm16_steps: complete streams whose samples differ from the same request
+  alone, and the largest difference in 16-bit steps (batched fp32 kernels may round differently);
 - ttfa_p50_s / ttfa_p95_s: time from sending a request to its first audio bytes, at the client;
 - audio_seconds_per_second: seconds of audio received by all clients / wall time of the level (first send
   to last byte);
@@ -30,14 +38,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -132,11 +142,17 @@ async def run_level(url: str, clients: int, requests: int, frames: int) -> tuple
 def summarise(records: list[dict], wall: float, reference: dict[int, bytes]) -> dict:
     failed = sum(1 for r in records if r["error"] is None and r["status"] != 200)
     lost = sum(1 for r in records if r["error"] is not None)
-    incomplete = sum(1 for r in records if r["status"] == 200 and r["bytes"] != reference[r["seed"]])
+    incomplete = sum(1 for r in records if r["status"] == 200 and len(r["bytes"]) != len(reference[r["seed"]]))
+    # same length; are the samples those of the request alone? (fp32 kernels may round differently at
+    # another batch size: counted and measured in PCM16 steps, not hidden)
+    diffs = [int(np.abs(np.frombuffer(r["bytes"], "<i2").astype(np.int32)
+                        - np.frombuffer(reference[r["seed"]], "<i2").astype(np.int32)).max(initial=0))
+             for r in records if r["status"] == 200 and len(r["bytes"]) == len(reference[r["seed"]])]
     ttfa = [r["ttfa_s"] for r in records if r["ttfa_s"] is not None]
     audio_s = sum(len(r["bytes"]) for r in records) / 2 / SAMPLE_RATE
     return {
         "requests": len(records), "failed": failed, "lost": lost, "incomplete": incomplete,
+        "differ_from_alone": sum(1 for d in diffs if d), "max_diff_pcm16_steps": max(diffs, default=0),
         "errors": sorted({r["error"] for r in records if r["error"]})[:5],
         "ttfa_p50_s": round(percentile(ttfa, 50), 4) if ttfa else None,
         "ttfa_p95_s": round(percentile(ttfa, 95), 4) if ttfa else None,
@@ -149,15 +165,22 @@ def summarise(records: list[dict], wall: float, reference: dict[int, bytes]) -> 
     }
 
 
+MODES = {"tiny": "natural", "mid": "forced"}
+
+
 def bench_model(name: str, engine_dir: Path, client_counts: list[int], requests: int, frames: int,
-                threads: int | None, voices: Path, log) -> dict:
+                threads: int | None, voices: Path, log, mode: str = "natural") -> dict:
     from vv_runtime.serve.launch import ServerProcess
 
     args = ["--engine-dir", engine_dir, "--voices", voices, "--max-batch", str(max(client_counts)),
-            "--max-queue", str(4 * max(client_counts)), "--log-level", "warning"]
+            "--max-queue", str(4 * max(client_counts))]
     if threads:
         args += ["--threads", str(threads)]
-    server = ServerProcess(args, startup_timeout=600).start()
+    if mode == "forced":
+        server = ServerProcess(args, startup_timeout=600,
+                               command=[sys.executable, str(Path(__file__).resolve()), "--serve-forced"]).start()
+    else:
+        server = ServerProcess(args + ["--log-level", "warning"], startup_timeout=600).start()
     try:
         url = server.url
         reference: dict[int, bytes] = {}
@@ -169,6 +192,9 @@ def bench_model(name: str, engine_dir: Path, client_counts: list[int], requests:
             reference[seed] = record["bytes"]
             alone.append(record)
         log(f"{name}: reference audio {[len(b) // 2 // 3200 for b in reference.values()]} frames per seed")
+        if not all(reference.values()):
+            raise RuntimeError(f"{name}: some reference requests made no audio (the model said eos at once): "
+                               f"a load test needs speech")
         levels = []
         for clients in client_counts:
             before = scrape(url)
@@ -187,14 +213,15 @@ def bench_model(name: str, engine_dir: Path, client_counts: list[int], requests:
             levels.append(entry)
             log(f"{name}: {clients:>2} clients: {entry['audio_seconds_per_second']:.2f} s of audio/s, "
                 f"ttfa p50 {entry['ttfa_p50_s']} s p95 {entry['ttfa_p95_s']} s, failed {entry['failed']}, "
-                f"lost {entry['lost']}, incomplete {entry['incomplete']}")
+                f"lost {entry['lost']}, incomplete {entry['incomplete']}, differ from alone {entry['differ_from_alone']} "
+                f"(max {entry['max_diff_pcm16_steps']} PCM16 steps)")
         base = levels[0]["audio_seconds_per_second"] if levels and levels[0]["clients"] == 1 else None
         for entry in levels:
             entry["ratio_to_one_at_a_time"] = round(entry["audio_seconds_per_second"] / base, 3) if base else None
         code = server.stop(timeout=300)
         return {
             "engine_dir_manifest_model": json.loads((Path(engine_dir) / "manifest.json").read_text()).get("model", {}),
-            "requests_per_client": requests, "max_new_frames": frames, "seeds": SEEDS, "text": TEXT,
+            "mode": mode, "requests_per_client": requests, "max_new_frames": frames, "seeds": SEEDS, "text": TEXT,
             "server_args": [str(a) for a in args], "server_exit_status": code,
             "alone": [{"seed": r["seed"], "ttfa_s": round(r["ttfa_s"], 4), "total_s": round(r["total_s"], 4),
                        "audio_seconds": round(len(r["bytes"]) / 2 / SAMPLE_RATE, 3)} for r in alone],
@@ -271,7 +298,7 @@ def run_benchmark(out_dir: Path | None, models: list[str], client_counts: list[i
             log(f"{name}: exporting")
             engine_dir = export_model(name, work / "engines")
             result["models"][name] = bench_model(name, engine_dir, client_counts, requests, frames, threads,
-                                                 voices, log)
+                                                 voices, log, MODES[name])
             shutil.rmtree(engine_dir, ignore_errors=True)
         result["all_complete"] = all(e["failed"] == e["lost"] == e["incomplete"] == 0
                                      for m in result["models"].values() for e in m["levels"])
@@ -285,7 +312,49 @@ def run_benchmark(out_dir: Path | None, models: list[str], client_counts: list[i
         shutil.rmtree(work, ignore_errors=True)
 
 
+def serve_forced(argv: list[str]) -> int:
+    """The `mid` server: vv-serve's app and engine over a Pipeline whose LM always picks speech_diffusion."""
+    from common import ForcedDiffusion
+
+    from vv_runtime.manifest import CONTROL_TOKENS
+    from vv_runtime.pipeline import Pipeline
+    from vv_runtime.serve import Limits, create_app
+    from vv_runtime.serve.cli import _bind, draining_server
+    from vv_runtime.service_engine import SpeechEngine, VoiceStore
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser()
+    for flag in ("--engine-dir", "--voices"):
+        parser.add_argument(flag, required=True)
+    for flag in ("--max-batch", "--max-queue", "--threads", "--port"):
+        parser.add_argument(flag, type=int, default=None)
+    args = parser.parse_args(argv)
+    sock = _bind("127.0.0.1", args.port or 0)
+    pipeline = Pipeline.from_engine_dir(args.engine_dir, backend="ort", threads=args.threads)
+    pipeline.backend = ForcedDiffusion(pipeline.backend, CONTROL_TOKENS.index("speech_diffusion"))
+    limits = Limits()
+    voices = VoiceStore(pipeline, max_seconds=limits.max_voice_seconds)
+    voices.load_dir(args.voices)
+    engine = SpeechEngine(pipeline, max_batch=args.max_batch or 8, max_queue=args.max_queue or 64,
+                          voices=voices).start()
+    app = create_app(engine, limits)
+    server = draining_server(uvicorn.Config(app, log_level="warning", lifespan="off"), app.state.service)
+    print(f"vv-serve: listening on http://127.0.0.1:{sock.getsockname()[1]} (forced speech_diffusion)", flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop(drain=True, timeout=60)
+        pipeline.close()
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--serve-forced"]:
+        return serve_forced(argv[1:])
+    # SIGTERM ends the run through `finally` blocks (the server child is stopped, the temp dir removed)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_serve_cpu.json/.png")
     parser.add_argument("--models", default="tiny", help="comma-separated: tiny, mid")

@@ -507,9 +507,19 @@ def test_bench_serve_small_run(random_engine_dir, presets):
     assert model["server_exit_status"] == 0
     assert [e["clients"] for e in model["levels"]] == [1, 2]
     for entry in model["levels"]:
-        assert entry["failed"] == entry["lost"] == entry["incomplete"] == 0
+        assert entry["failed"] == entry["lost"] == entry["incomplete"] == entry["differ_from_alone"] == 0
         assert entry["requests"] == entry["clients"] and entry["audio_seconds"] > 0
         assert 0 < entry["ttfa_p50_s"] <= entry["ttfa_p95_s"]
         assert entry["server"]["engine_errors"] == {} and entry["server"]["ttfa_observed"] == entry["requests"]
     assert model["levels"][0]["ratio_to_one_at_a_time"] == 1.0
     assert bench.percentile([3.0, 1.0, 2.0], 50) == 2.0 and bench.percentile([], 95) is None
+
+
+def test_serve_package_imports_no_exporter_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, vv_runtime.serve, vv_runtime.serve.cli, vv_runtime.serve.launch, vv_runtime.pipeline; "
+            "print(sorted(m for m in ('torch', 'transformers', 'vv_export') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

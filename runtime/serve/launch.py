@@ -3,7 +3,8 @@
     with ServerProcess(["--engine-dir", "engines/tiny-random", "--voices", "examples"]) as server:
         requests.post(server.url + "/v1/audio/speech", json={...})
 
-The server is started with `--port 0` unless a port is given; the port it picked is read from its
+`command` replaces `python -m vv_runtime.serve` (a harness printing the same line). The server is
+started with `--port 0` unless a port is given; the port it picked is read from its
 "listening on" line. Its output goes to a log file (`server.log_path`) so that a full pipe never
 blocks it.
 """
@@ -24,7 +25,8 @@ LISTENING = re.compile(r"vv-serve: listening on (http://\S+)")
 
 class ServerProcess:
     def __init__(self, args: list[str], startup_timeout: float = 120.0, env: dict | None = None,
-                 log_path: str | Path | None = None):
+                 log_path: str | Path | None = None, command: list[str] | None = None):
+        self.command = list(command) if command else [sys.executable, "-m", "vv_runtime.serve"]
         self.args = [str(a) for a in args]
         if "--port" not in self.args:
             self.args += ["--port", "0"]
@@ -38,7 +40,7 @@ class ServerProcess:
         log = open(self.log_path, "wb")
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vv_runtime.serve", *self.args], stdout=log,
+        self.proc = subprocess.Popen([*self.command, *self.args], stdout=log,
                                      stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + self.startup_timeout
