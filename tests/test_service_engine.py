@@ -26,6 +26,33 @@ def pipeline(tiny_engine_dir):
     pipe.close()
 
 
+class ForcedSpeech:
+    """The real backend, its LM always choosing speech_diffusion: a request speaks until its step limit."""
+
+    def __init__(self, backend, column):
+        self.backend = backend
+        self.column = column
+
+    def run(self, graph, feeds):
+        out = self.backend.run(graph, feeds)
+        if graph == "lm":
+            out = dict(out)
+            logits = np.array(out["control_logits"], dtype=np.float32, copy=True)
+            logits[:, self.column] = np.abs(logits).max() + 1e4
+            out["control_logits"] = logits
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+@pytest.fixture(scope="module")
+def forced(pipeline):
+    """The tiny pipeline speaking until each request's step limit (2 x prompt length): long requests."""
+    column = pipeline.manifest["control_tokens"].index("speech_diffusion")
+    return Pipeline(pipeline.engine_dir, pipeline.manifest, ForcedSpeech(pipeline.backend, column))
+
+
 @pytest.fixture(scope="module")
 def voice_wav(fixture_reference):
     _, ref = fixture_reference
@@ -173,8 +200,18 @@ def test_bad_requests_refused_before_queueing(engine, request_, message):
     assert stats["queue_depth"] == 0 and stats["requests_total"] == 0
 
 
-def test_cancel_and_timeout(engine, pipeline):
-    long = SpeechRequest(SCRIPT, voices=["alice"], seed=1, max_new_frames=60)
+def test_cancel_and_timeout(forced, voice_wav):
+    engine = SpeechEngine(forced, max_batch=4, max_queue=8)
+    engine.voices.add(voice_wav, name="alice")
+    engine.start()
+    try:
+        _cancel_and_timeout(engine)
+    finally:
+        engine.stop(drain=False, timeout=60)
+
+
+def _cancel_and_timeout(engine):
+    long = SpeechRequest(SCRIPT, voices=["alice"], seed=1, max_new_frames=2000)  # ~2 x 120 frames
     handle = engine.submit(long)
     it = handle.chunks(timeout=60)
     next(it)
@@ -183,7 +220,7 @@ def test_cancel_and_timeout(engine, pipeline):
         for _ in it:
             pass
     assert handle.done and isinstance(handle.error, Cancelled)
-    assert handle.frames < 30
+    assert handle.frames < 200
 
     slow = engine.submit(SpeechRequest(SCRIPT, voices=["alice"], seed=1, max_new_frames=60, timeout_s=1e-6))
     with pytest.raises(TimeoutError, match="timeout"):
@@ -204,13 +241,13 @@ def _wait_for(predicate, timeout=60.0):
     return False
 
 
-def test_queue_full_and_drain(pipeline):
-    eng = SpeechEngine(pipeline, max_batch=1, max_queue=1)
+def test_queue_full_and_drain(forced):
+    eng = SpeechEngine(forced, max_batch=1, max_queue=1)
     with pytest.raises(EngineStopped):
         eng.submit(SpeechRequest("Speaker 1: a"))  # not started
     eng.start()
     try:
-        first = eng.submit(SpeechRequest(SCRIPT, seed=3, max_new_frames=40))
+        first = eng.submit(SpeechRequest(SCRIPT, seed=3, max_new_frames=150))
         assert _wait_for(lambda: eng.stats()["active_requests"] == 1)
         second = eng.submit(SpeechRequest(SCRIPT, seed=4, max_new_frames=40))
         with pytest.raises(QueueFull):
@@ -219,19 +256,20 @@ def test_queue_full_and_drain(pipeline):
         assert not eng.accepting
         with pytest.raises(EngineStopped):
             eng.submit(SpeechRequest("Speaker 1: a"))
-        for h in (first, second):  # both finished, none cut
-            assert h.done and h.error is None and h.tokens
+        for h, frames in ((first, 150), (second, 40)):  # both finished, none cut
+            assert h.done and h.error is None and h.frames == frames
     finally:
         eng.stop(drain=False, timeout=60)
 
 
-def test_stop_without_drain_cancels(pipeline):
-    eng = SpeechEngine(pipeline, max_batch=1, max_queue=4).start()
-    running = eng.submit(SpeechRequest(SCRIPT, seed=3, max_new_frames=60))
+def test_stop_without_drain_cancels(forced):
+    eng = SpeechEngine(forced, max_batch=1, max_queue=4).start()
+    running = eng.submit(SpeechRequest(SCRIPT, seed=3, max_new_frames=2000))
     queued = eng.submit(SpeechRequest(SCRIPT, seed=4, max_new_frames=60))
-    assert _wait_for(lambda: running.frames > 0 or running.done)
+    assert _wait_for(lambda: running.frames > 0)
     eng.stop(drain=False, timeout=60)
     assert running.done and queued.done
+    assert isinstance(running.error, Cancelled) and running.frames < 200
     assert isinstance(queued.error, (Cancelled, EngineStopped))
     with pytest.raises((Cancelled, EngineStopped)):
         queued.audio(timeout=1)
@@ -300,32 +338,27 @@ def test_staggered_requests_equal_alone(pipeline, voice_wav):
         eng.stop(drain=False, timeout=60)
 
 
-def test_timeout_mid_stream_frees_rows(random_engine_dir):
-    pipe = Pipeline.from_engine_dir(random_engine_dir, backend="ort")
-    eng = SpeechEngine(pipe, max_batch=2).start()
+def test_timeout_mid_stream_frees_rows(forced):
+    eng = SpeechEngine(forced, max_batch=2).start()
     try:
-        script = "Speaker 1: " + " ".join(["a long one that keeps talking"] * 8)
-        full = pipe.generate(script, seed=7)
-        assert full.frames[0] > 20
-        handle = eng.submit(SpeechRequest(script, seed=7, timeout_s=0.2))
-        with pytest.raises(TimeoutError, match="timeout of 0.2 s"):
-            handle.audio(timeout=60)
-        assert handle.frames < full.frames[0]
+        handle = eng.submit(SpeechRequest(SCRIPT, seed=7, max_new_frames=2000, timeout_s=0.3))
+        with pytest.raises(TimeoutError, match="timeout of 0.3 s"):
+            handle.audio(timeout=120)
+        limit = 2 * len(handle.prepared.prompt.input_ids)  # the request would speak this many frames
+        assert handle.frames < limit
         assert _wait_for(lambda: eng.stats()["active_rows"] == 0)
         ok = eng.submit(SpeechRequest("Speaker 1: Short.", seed=1, max_new_frames=4))
         ok.audio(timeout=60)
-        assert ok.error is None and ok.tokens == pipe.generate("Speaker 1: Short.", seed=1, max_new_frames=4).tokens[0]
+        assert ok.error is None and ok.frames == 4
+        assert ok.tokens == forced.generate("Speaker 1: Short.", seed=1, max_new_frames=4).tokens[0]
     finally:
         eng.stop(drain=False, timeout=60)
-        pipe.close()
 
 
-def test_queued_request_cancelled_or_expired_leaves_the_queue(random_engine_dir):
-    pipe = Pipeline.from_engine_dir(random_engine_dir, backend="ort")
-    eng = SpeechEngine(pipe, max_batch=1, max_queue=2).start()
+def test_queued_request_cancelled_or_expired_leaves_the_queue(forced):
+    eng = SpeechEngine(forced, max_batch=1, max_queue=2).start()
     try:
-        script = "Speaker 1: " + " ".join(["a long one that keeps talking"] * 8)
-        busy = eng.submit(SpeechRequest(script, seed=7))
+        busy = eng.submit(SpeechRequest(SCRIPT, seed=7, max_new_frames=2000))  # ~2 x 117 frames
         assert _wait_for(lambda: eng.stats()["active_requests"] == 1)
         queued = eng.submit(SpeechRequest("Speaker 1: Next.", seed=1))
         expiring = eng.submit(SpeechRequest("Speaker 1: Later.", seed=1, timeout_s=0.05))
@@ -336,8 +369,9 @@ def test_queued_request_cancelled_or_expired_leaves_the_queue(random_engine_dir)
             expiring.audio(timeout=60)
         assert not busy.done, "both left the queue while the first request was still running"
         assert eng.stats()["queue_depth"] == 0
-        busy.audio(timeout=120)
-        assert busy.error is None
+        busy.cancel()
+        with pytest.raises(Cancelled):
+            busy.audio(timeout=60)
+        assert eng.stats()["errors"] == {"cancelled": 2, "timeout": 1}
     finally:
         eng.stop(drain=False, timeout=60)
-        pipe.close()
