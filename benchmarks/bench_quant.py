@@ -291,12 +291,14 @@ def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames:
             r["engine_dir_bytes"] = _dir_bytes(dirs[mode])
             if mode != "fp32":
                 r["quantization"] = quant_summary(dirs[mode])
+            r["load_average_1min_after"] = load_average()  # other work on the machine during this side
             sides[f"ort-{mode}"] = r
             log(f"[{model}] ort-{mode}: {r.get('ms_per_frame') or float('nan'):.1f} ms/frame, "
                 f"rtf {r.get('rtf') or float('nan'):.3f}, peak {r.get('peak_rss_gb') or float('nan'):.2f} GB "
                 f"{r.get('error', '')}")
         for side in torch_sides:
             r = _side_in_subprocess(side, model, dirs[modes[0]], threads, frames, repeats)
+            r["load_average_1min_after"] = load_average()
             sides[side] = r
             log(f"[{model}] {side}: {r.get('ms_per_frame') or float('nan'):.1f} ms/frame, "
                 f"rtf {r.get('rtf') or float('nan'):.3f}, peak {r.get('peak_rss_gb') or float('nan'):.2f} GB "
@@ -317,7 +319,9 @@ def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames:
               "sample_rate": SAMPLE_RATE, "mode": "forced speech_diffusion on every step",
               "sides": sides,
               "sides_note": "each side in its own process, one after the other (not interleaved); peak_rss_gb is "
-                            "that process's VmHWM",
+                            "that process's VmHWM. PyTorch eager (both baselines, transformers' generate most) "
+                            "slows down far more than ONNX Runtime when other processes load the cores: compare "
+                            "runs whose load averages are low",
               **provenance(load_average_1min_before=load_before)}
     if model in GOAL:
         best = min((r["ms_per_frame"] for n, r in sides.items() if n.startswith("ort-") and r.get("ms_per_frame")),
@@ -344,13 +348,24 @@ def plot(result: dict, path: Path) -> Path | None:
         return None
     sides = {k: v for k, v in result["sides"].items() if v.get("ms_per_frame")}
     names = list(sides)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    # per-frame time, ORT sides stacked per graph
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
+    # ms per frame of every side (log scale: PyTorch eager can be 100x slower)
     ax = axes[0]
+    vals = [sides[n]["ms_per_frame"] for n in names]
+    ax.bar(range(len(names)), vals, color=["seagreen" if n.startswith("ort-") else "dimgrey" for n in names])
+    for i, v in enumerate(vals):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("ms per frame (log)")
+    ax.set_title(f"per frame, all sides ({result['threads']} threads)")
+    # ORT sides: where the time of a frame goes, stacked per graph
+    ax = axes[1]
+    names_ort = [n for n in names if sides[n].get("ms_per_frame_by_graph")]
     graphs = sorted({g for v in sides.values() for g in v.get("ms_per_frame_by_graph", {})})
-    for i, name in enumerate(names):
+    for i, name in enumerate(names_ort):
         v = sides[name]
-        by = v.get("ms_per_frame_by_graph")
+        by = v["ms_per_frame_by_graph"]
         if by:
             bottom = 0.0
             for j, g in enumerate(graphs):
@@ -359,15 +374,13 @@ def plot(result: dict, path: Path) -> Path | None:
             rest = v["ms_per_frame"] - bottom
             if rest > 0:
                 ax.bar(i, rest, bottom=bottom, color="lightgrey", label="loop" if i == 0 else None)
-        else:
-            ax.bar(i, v["ms_per_frame"], color="dimgrey")
         ax.text(i, v["ms_per_frame"], f"{v['ms_per_frame']:.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_xticks(range(len(names_ort)), names_ort, rotation=20)
     ax.set_ylabel("ms per frame")
-    ax.set_title(f"per frame ({result['threads']} threads)")
+    ax.set_title("ONNX Runtime: ms per frame by graph")
     ax.legend(fontsize=7)
-    for ax, key, label in ((axes[1], "time_to_first_audio_s", "time to first audio (s)"),
-                           (axes[2], "peak_rss_gb", "peak RSS (GB)")):
+    for ax, key, label in ((axes[2], "time_to_first_audio_s", "time to first audio (s)"),
+                           (axes[3], "peak_rss_gb", "peak RSS (GB)")):
         vals = [sides[n].get(key) or 0.0 for n in names]
         ax.bar(range(len(names)), vals, color="steelblue")
         for i, v in enumerate(vals):
