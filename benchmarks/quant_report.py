@@ -274,8 +274,8 @@ def print_report(result: dict) -> None:
             if c.get("frames_compared"):
                 extra = (f", latent err/peak {c['latent_rel_peak']:.4f}, audio err/peak {c['audio_rel_peak']:.4f}"
                          f" (SNR {c['audio_snr_db'] if c['audio_snr_db'] is not None else float('inf'):.1f} dB)")
-            print(f"  generation {run:8s} tokens equal: {c['tokens_equal']} (agreement {c['token_agreement']:.3f}), "
-                  f"frames {c['frames']}{extra}")
+            print(f"  generation {run:8s} tokens equal: {c['tokens_equal']} (agreement {c['token_agreement']:.3f}, "
+                  f"first divergence at step {c['first_divergence']}), frames {c['frames']}{extra}")
 
 
 def main(argv=None) -> int:
