@@ -400,19 +400,28 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
             cdir.mkdir()
             conv_nodes = 0
             source = fp32_path
-            if convs:
-                conv_nodes = quantize_convs(fp32_path, cdir / "conv.onnx")
-                source = cdir / "conv.onnx"
-            model = onnx.load(str(source), load_external_data=True)
-            model, mm_nodes = quantize_matmuls(model, bits)
-            after = weight_bytes(model)
-            path = cdir / entry["file"]
-            files = save_graph(model, path)
-            del model
-            for extra in (cdir / "conv.onnx", cdir / "conv.onnx.data"):
-                if extra.exists():
-                    extra.unlink()
-            errors, failure = validate_quantized(name, path, directory, tolerance, threads)
+            try:
+                if convs:
+                    conv_nodes = quantize_convs(fp32_path, cdir / "conv.onnx")
+                    source = cdir / "conv.onnx"
+                model = onnx.load(str(source), load_external_data=True)
+                model, mm_nodes = quantize_matmuls(model, bits)
+                after = weight_bytes(model)
+                path = cdir / entry["file"]
+                files = save_graph(model, path)
+                del model
+                for extra in (cdir / "conv.onnx", cdir / "conv.onnx.data"):
+                    if extra.exists():
+                        extra.unlink()
+                errors, failure = validate_quantized(name, path, directory, tolerance, threads)
+            except (MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # a candidate ORT's tools or kernels cannot handle: recorded, graph stays fp32
+                detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+                tried.append({"method": method, "within_tolerance": False, "nodes_quantized": 0,
+                              "validated_max_abs_error": {},
+                              "failure": f"graph {name}: {method} candidate failed ({detail})"})
+                continue
             cand = {"method": method, "nodes_quantized": mm_nodes + conv_nodes, "weight_bytes_after": int(after),
                     "validated_max_abs_error": errors, "within_tolerance": failure is None, "path": path,
                     "files": files}
@@ -441,7 +450,9 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
             chosen = max(fast, key=lambda c: c["speedup"][primary]) if fast else None
         if chosen is None:
             if not good:
-                record["reason"] = "exceeds its quantization tolerance: " + tried[0]["failure"]
+                failure = tried[0]["failure"]
+                record["reason"] = (failure if " candidate failed (" in failure
+                                    else "exceeds its quantization tolerance: " + failure)
             elif primary is None:
                 record["reason"] = "no timing shape is stated for this graph (TIMING_DIMS): not measured"
             else:
