@@ -25,7 +25,7 @@ setup: $(BIN)/vv-run browser
 
 # Headless Chromium for the web page test (tests/test_serve_browser.py): installed with apt-get where it is
 # missing and we are root with apt-get (CI); elsewhere a note, and that test skips (it fails under CI=true).
-.PHONY: browser bench-serve
+.PHONY: browser bench-serve bench-quant precision-report
 browser:
 	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || [ -x /usr/lib/chromium/chromium ]; }; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -57,6 +57,12 @@ bench: setup
 
 bench-serve: setup
 	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
+
+bench-quant: setup
+	$(BIN)/python benchmarks/bench_quant.py --model $(or $(QUANT_MODEL),mid) --out benchmarks/results
+
+precision-report: setup
+	$(BIN)/python benchmarks/precision_report.py
 
 bench-export: setup
 	$(BIN)/python benchmarks/bench_export.py --out benchmarks/results

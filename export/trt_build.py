@@ -427,7 +427,14 @@ def resolve_for_engine_dir(engine_dir, plan: str = "default", precision: str | N
     """(manifest, resolved plan) of an ENGINE_DIR, validating both; needs neither TensorRT nor a GPU."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
-    return manifest, resolve_plan(plan, manifest, precision=precision, graphs=graphs)
+    resolved = resolve_plan(plan, manifest, precision=precision, graphs=graphs)
+    quantized = [g for g in resolved.graphs
+                 if ((manifest["graphs"][g].get("quantization") or {}).get("status")) == "quantized"]
+    if quantized:
+        raise ExportError(f"{engine_dir}: graphs {', '.join(quantized)} hold ONNX Runtime int8/int4 weights "
+                          f"(MatMulNBits), which TensorRT cannot parse; build engines from an ENGINE_DIR "
+                          f"exported without --quantize")
+    return manifest, resolved
 
 
 def build_engines(engine_dir, plan: str = "default", precision: str | None = None, force: bool = False,

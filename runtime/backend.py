@@ -74,7 +74,9 @@ class OrtBackend(Backend):
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         threads = self.threads
-        if not threads and entry.get("weight_bytes", 0) < SMALL_GRAPH_BYTES:
+        # the fp32 size decides (a quantized graph's work per call stays that of its fp32 original)
+        fp32_bytes = (entry.get("quantization") or {}).get("weight_bytes_before") or entry.get("weight_bytes", 0)
+        if not threads and fp32_bytes < SMALL_GRAPH_BYTES:
             threads = 1  # small graphs: thread hand-offs cost more than they save (6x on the tiny model)
         if threads:
             opts.intra_op_num_threads = int(threads)

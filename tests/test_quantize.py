@@ -187,3 +187,15 @@ def test_cli_quantize_measures_and_records(tmp_path):
     result = pipe.generate("Speaker 1: Hello.", max_new_frames=2, seed=0)
     pipe.close()
     assert np.isfinite(result.audio[0]).all()
+
+
+def test_trt_build_refuses_quantized_graphs(quant_dirs):
+    """MatMulNBits is an ONNX Runtime contrib op: `vv-export trt` says so in one line, before any TensorRT
+    or GPU check, and names the fix (an ENGINE_DIR exported without --quantize)."""
+    from vv_export.errors import ExportError
+    from vv_export.trt_build import resolve_for_engine_dir
+
+    with pytest.raises(ExportError) as info:
+        resolve_for_engine_dir(quant_dirs["int8"], plan="ci")
+    message = str(info.value)
+    assert "\n" not in message and "MatMulNBits" in message and "without --quantize" in message
