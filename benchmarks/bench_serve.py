@@ -222,7 +222,8 @@ def bench_model(name: str, engine_dir: Path, client_counts: list[int], requests:
         return {
             "engine_dir_manifest_model": json.loads((Path(engine_dir) / "manifest.json").read_text()).get("model", {}),
             "mode": mode, "requests_per_client": requests, "max_new_frames": frames, "seeds": SEEDS, "text": TEXT,
-            "server_args": [str(a) for a in args], "server_exit_status": code,
+            # paths as the scratch directory's names only: no machine paths in committed results
+            "server_args": [Path(a).name if "/" in str(a) else str(a) for a in args], "server_exit_status": code,
             "alone": [{"seed": r["seed"], "ttfa_s": round(r["ttfa_s"], 4), "total_s": round(r["total_s"], 4),
                        "audio_seconds": round(len(r["bytes"]) / 2 / SAMPLE_RATE, 3)} for r in alone],
             "levels": levels,
