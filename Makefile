@@ -43,6 +43,8 @@ test: setup
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 test-slow: setup
+	@# the Ray Serve test needs the `ray` extra (large: not part of the default set-up)
+	$(BIN)/python -c "import ray.serve" 2>/dev/null || $(BIN)/pip install -q -e ".[dev,ray]"
 	$(BIN)/python -m pytest -m slow -q
 
 # GPU jobs (docs/GPU.md). First an NVIDIA GPU is looked for with the system's python3 alone: without one
