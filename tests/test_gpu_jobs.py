@@ -130,6 +130,66 @@ def test_preflight_reads_nvidia_smi_and_the_driver(tmp_path):
     assert gpus[0]["driver"] == "550.54.15"
 
 
+def _failing_nvidia_smi(tmp_path) -> tuple[Path, Path]:
+    """A bin directory whose nvidia-smi fails as it does with the driver not loaded (exit 9), and a device
+    node that exists: the state in which the device node must not be taken for a working GPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+                   "Make sure that the latest NVIDIA driver is installed and running.\" >&2\nexit 9\n")
+    smi.chmod(0o755)
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    return bin_dir, device
+
+
+def test_preflight_failing_nvidia_smi_is_an_error_even_with_a_device_node(tmp_path):
+    bin_dir, device = _failing_nvidia_smi(tmp_path)
+    with pytest.raises(gpu_preflight.PreflightError) as info:
+        gpu_preflight.find_gpus("job", smi=str(bin_dir / "nvidia-smi"), device=str(device))
+    assert str(info.value).startswith("error: nvidia-smi failed (exit 9: NVIDIA-SMI has failed because")
+    assert str(info.value).endswith("job needs a working GPU")
+    # the command line, nvidia-smi found on PATH, the device node from the environment: one line, exit 2
+    env = _env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", VV_NVIDIA_DEVICE=str(device))
+    proc = subprocess.run([sys.executable, str(PREFLIGHT), "--job", "make bench-gpu"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, lines)
+    assert lines[0].startswith("error: nvidia-smi failed (exit 9: NVIDIA-SMI has failed") and "make bench-gpu" in lines[0]
+    # nvidia-smi absent: the same device node (from the environment) is accepted
+    env = _env(PATH=str(tmp_path / "empty"), VV_NVIDIA_DEVICE=str(device))
+    proc = subprocess.run([sys.executable, str(PREFLIGHT), "--job", "job"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and f"NVIDIA device {device} (nvidia-smi unavailable)" in proc.stdout, proc
+
+
+def test_preflight_nvidia_smi_listing_no_gpu_is_an_error(tmp_path):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'No devices were found'\nexit 0\n")
+    smi.chmod(0o755)
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    with pytest.raises(gpu_preflight.PreflightError, match=r"no NVIDIA GPU found \(nvidia-smi lists none: exit 0: "
+                                                           r"No devices were found\): job needs one"):
+        gpu_preflight.find_gpus("job", smi=str(smi), device=str(device))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_gpu_job_with_failing_nvidia_smi_stops_at_once(tmp_path):
+    """nvidia-smi there but failing, /dev/nvidia0 there: make stops in the preflight, installing nothing."""
+    bin_dir, device = _failing_nvidia_smi(tmp_path)
+    venv = tmp_path / "venv"
+    env = _env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", VV_NVIDIA_DEVICE=str(device))
+    start = time.monotonic()
+    proc = subprocess.run(["make", "--no-print-directory", "bench-gpu", f"VENV={venv}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode != 0 and time.monotonic() - start < 15, lines
+    assert len(lines) == 1 and "error: nvidia-smi failed (exit 9" in lines[0], lines
+    assert not venv.exists()
+
+
 @pytest.mark.skipif(HAS_GPU, reason="this machine has an NVIDIA GPU: the make targets would install the GPU stack")
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 @pytest.mark.parametrize("target", ["check-accuracy", "bench-gpu", "test-gpu"])

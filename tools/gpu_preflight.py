@@ -8,8 +8,11 @@ Two checks, each one line on failure (exit status 2) and one line of facts on su
 
 The first runs with the system's python3 and the standard library only, before any virtual
 environment or package exists, so that a machine without a GPU is told so within seconds having
-installed nothing. It asks `nvidia-smi` for the GPUs and the driver version; where nvidia-smi is
-missing it accepts a device node (/dev/nvidia0) and reads the driver version from the kernel module.
+installed nothing. It asks `nvidia-smi` for the GPUs and the driver version; only where nvidia-smi is
+not installed does it accept a device node (/dev/nvidia0, or $VV_NVIDIA_DEVICE) and read the driver
+version from the kernel module. An nvidia-smi that is there but fails (driver not loaded, no device) is
+a one-line error: the device node alone does not prove the driver works, and the stack would otherwise be
+installed (several GB) before the stack check failed.
 The second imports torch, TensorRT and ONNX Runtime from the environment the job will use and checks
 that they are the pinned, coherent set of requirements-gpu.txt and that each sees the GPU.
 """
@@ -65,25 +68,40 @@ def driver_from_proc(path: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def find_gpus(job: str, smi: str | None = None, device: str = "/dev/nvidia0",
+DEVICE_ENV = "VV_NVIDIA_DEVICE"  # the device node looked for where nvidia-smi is not installed (tests)
+
+
+def default_device() -> str:
+    return os.environ.get(DEVICE_ENV) or "/dev/nvidia0"
+
+
+def find_gpus(job: str, smi: str | None = None, device: str | None = None,
               proc_version: str = "/proc/driver/nvidia/version", timeout: float = 20.0) -> list[dict]:
-    """The NVIDIA GPUs of this machine with the driver version, or PreflightError naming what was tried."""
-    smi = smi if smi is not None else shutil.which("nvidia-smi")
+    """The NVIDIA GPUs of this machine with the driver version, or PreflightError naming what was tried.
+
+    nvidia-smi decides where it is installed (`smi` given, or found on PATH): GPUs it lists, or an error
+    carrying its first line. Only where it is not installed is the device node accepted."""
+    device = device or default_device()
+    found = smi if smi is not None else shutil.which("nvidia-smi")
+    if found and not os.path.exists(found) and not shutil.which(found):
+        found = None  # a path given that does not exist: nvidia-smi is not installed
     tried = []
-    if smi:
+    if found:
         try:
-            proc = subprocess.run([smi, *SMI_QUERY], capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run([found, *SMI_QUERY], capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            tried.append(f"{smi} failed: {' '.join(str(exc).split())[:120]}")
-        else:
-            gpus = parse_smi(proc.stdout) if proc.returncode == 0 else []
-            if gpus:
-                return gpus
-            said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-            tried.append(f"nvidia-smi lists no GPU (exit {proc.returncode}"
-                         + (f": {said[0].strip()[:120]}" if said else "") + ")")
-    else:
-        tried.append("nvidia-smi not found")
+            raise PreflightError(f"error: nvidia-smi failed ({' '.join(str(exc).split())[:150]}): "
+                                 f"the NVIDIA driver does not answer; {job} needs a working GPU") from None
+        gpus = parse_smi(proc.stdout) if proc.returncode == 0 else []
+        if gpus:
+            return gpus
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        reason = f"exit {proc.returncode}" + (f": {' '.join(said[0].split())[:150]}" if said else "")
+        if proc.returncode != 0:
+            raise PreflightError(f"error: nvidia-smi failed ({reason}): the NVIDIA driver is not working; "
+                                 f"{job} needs a working GPU")
+        raise PreflightError(f"error: no NVIDIA GPU found (nvidia-smi lists none: {reason}): {job} needs one")
+    tried.append("nvidia-smi not found")
     if os.path.exists(device):
         return [{"name": f"NVIDIA device {device} (nvidia-smi unavailable)",
                  "driver": driver_from_proc(Path(proc_version)), "memory_mib": None}]
@@ -175,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--job", default="this job", help="what needs the GPU (named in the error line)")
     parser.add_argument("--stack", action="store_true", help="check the installed GPU stack instead")
     parser.add_argument("--nvidia-smi", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="/dev/nvidia0", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default=None, help=argparse.SUPPRESS)  # default: $VV_NVIDIA_DEVICE or /dev/nvidia0
     args = parser.parse_args(argv)
     try:
         if args.stack:
