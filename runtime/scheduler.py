@@ -56,7 +56,7 @@ from typing import Callable, Hashable
 import numpy as np
 
 from .backend import bucket_slots
-from .errors import RuntimeInputError
+from .errors import CapacityError, RuntimeInputError
 from .manifest import CONTROL_TOKENS
 from .prompt import Prompt
 
@@ -123,11 +123,15 @@ class Job:
 
 
 class PrefixCache:
-    """LM caches of voice prefixes, LRU, bounded by bytes: key -> new_kv [L, 2, 1, KV, P, D]."""
+    """LM caches of voice prefixes: key -> new_kv [L, 2, 1, KV, P, D].
+
+    Pinned entries (the stored voices' prefixes, computed once when the voice is added) are never
+    evicted; the other entries are LRU, evicted while the whole cache is over `max_bytes`."""
 
     def __init__(self, max_bytes: int = 256 << 20):
         self.max_bytes = int(max_bytes)
         self._items: collections.OrderedDict = collections.OrderedDict()
+        self._pinned: set = set()
         self.hits = 0
         self.misses = 0
 
@@ -140,17 +144,35 @@ class PrefixCache:
             self.misses += 1
         return item
 
-    def put(self, key, kv) -> None:
+    def put(self, key, kv, pin: bool = False) -> None:
         self._items[key] = kv
         self._items.move_to_end(key)
-        while len(self._items) > 1 and sum(_nbytes(v) for v in self._items.values()) > self.max_bytes:
-            self._items.popitem(last=False)
+        if pin:
+            self._pinned.add(key)
+        while sum(_nbytes(v) for v in self._items.values()) > self.max_bytes:
+            victim = next((k for k in self._items if k not in self._pinned and k != key), None)
+            if victim is None:
+                break
+            del self._items[victim]
+
+    def pin(self, key) -> None:
+        """Keep `key` (when present) for good: it is no longer evicted."""
+        if key in self._items:
+            self._pinned.add(key)
+
+    def unpin(self, key) -> None:
+        self._pinned.discard(key)
+
+    @property
+    def pinned(self) -> int:
+        return sum(1 for k in self._items if k in self._pinned)
 
     def __len__(self) -> int:
         return len(self._items)
 
     def clear(self) -> None:
         self._items.clear()
+        self._pinned.clear()
 
 
 def _nbytes(kv) -> int:
@@ -183,11 +205,22 @@ class Scheduler:
         self.cap = p.max_positions
         limits = getattr(self.backend, "limits", None)
         limits = limits() if limits is not None else None
+        # (rows, past) maxima of each lm decode profile (TensorRT); None: any decode shape runs
+        self.decode_profiles: list[tuple[int, int]] | None = None
         if isinstance(limits, dict):  # a profile-bound backend (TensorRT): stay inside its engines
-            if isinstance(limits.get("lm_decode_past"), int):
-                self.cap = min(self.cap, int(limits["lm_decode_past"]))
-            if isinstance(limits.get("lm_decode_rows"), int):
-                self.max_batch = max(1, min(self.max_batch, int(limits["lm_decode_rows"]) // 2))
+            profiles = limits.get("lm_decode_profiles")
+            if isinstance(profiles, list):
+                self.decode_profiles = [(int(p["rows"]), int(p["past"])) for p in profiles
+                                        if isinstance(p, dict) and isinstance(p.get("rows"), int)
+                                        and isinstance(p.get("past"), int)]
+            if self.decode_profiles is not None and self.decode_profiles:
+                self.cap = min(self.cap, max(past for _, past in self.decode_profiles))
+                self.max_batch = max(1, min(self.max_batch, max(rows for rows, _ in self.decode_profiles) // 2))
+            else:
+                if isinstance(limits.get("lm_decode_past"), int):
+                    self.cap = min(self.cap, int(limits["lm_decode_past"]))
+                if isinstance(limits.get("lm_decode_rows"), int):
+                    self.max_batch = max(1, min(self.max_batch, int(limits["lm_decode_rows"]) // 2))
         self.i_start, self.i_end, self.i_diff, self.i_eos = (p.idx[n] for n in CONTROL_TOKENS)
         self.waiting: collections.deque[Job] = collections.deque()
         self.jobs: list[Job] = []      # running, in admission order
@@ -258,10 +291,14 @@ class Scheduler:
                 self.waiting.remove(job)
                 job.done = True
                 left.append(job)
+        running = False
         for job in list(self.jobs):
             if job.cancelled:
                 self._free(job)
                 left.append(job)
+                running = True
+        if running:
+            self._compact()
         return left
 
     def retire_finished(self) -> list[Job]:
@@ -311,16 +348,83 @@ class Scheduler:
         """Prefill waiting jobs alone, up to max_batch running; place their rows into the cache."""
         admitted = []
         while self.waiting and len(self.jobs) < self.max_batch:
-            job = self.waiting.popleft()
+            job = self.waiting[0]
             try:
+                if not self._room_for(job):
+                    break  # fits alone, not beside the running jobs: it waits (in order) for them to leave
+                self.waiting.popleft()
                 self._prefill(job)
-            except RuntimeInputError as exc:
-                job.error = exc
-                job.done = True
-                self._failed.append(job)  # reported by retire_finished()
+            except Exception as exc:  # noqa: BLE001 -- one job's failure fails that job only
+                if self.waiting and self.waiting[0] is job:
+                    self.waiting.popleft()
+                self._drop(job, exc)
                 continue
             admitted.append(job)
         return admitted
+
+    def _drop(self, job: Job, exc: BaseException) -> None:
+        """A job that failed at admission leaves (its rows, if it took any, are freed)."""
+        if job in self.jobs or any(owner is job for owner in self.row_owner):
+            self._free(job)
+        job.error = exc
+        job.done = True
+        self._failed.append(job)  # reported by retire_finished()
+
+    # --- capacity (the decode profiles of a profile-bound backend) -------------------------------
+
+    @staticmethod
+    def rows_for(jobs: int) -> int:
+        """The cache rows bucket of `jobs` jobs: the next power of two of 2 * jobs (at least MIN_ROWS)."""
+        return max(MIN_ROWS, 1 << (2 * max(jobs, 1) - 1).bit_length())
+
+    @staticmethod
+    def reach(job: Job) -> int:
+        """Cache slots the job can need before it ends: its next position + its remaining steps (an upper
+        bound: a waiting job's next position is its prompt length)."""
+        nxt = job.pos_next if job.steps else len(job.prompt.input_ids)
+        return nxt + max(job.limit - job.steps, 0)
+
+    def decode_fits(self, rows: int, slots: int) -> bool:
+        """Whether a decode call of `rows` rows over `slots` cache slots fits one lm decode profile
+        (always true on a backend without profiles)."""
+        if self.decode_profiles is not None and not any(rows <= r and slots <= p for r, p in self.decode_profiles):
+            return False
+        fits = getattr(self.backend, "check_fits", None)
+        if fits is None:
+            return True
+        try:
+            fits("lm", {"batch": int(rows), "seq": 1, "past": int(slots)})
+        except RuntimeInputError:
+            return False
+        return True
+
+    def _room_for(self, job: Job) -> bool:
+        """True: the job can join now (rows after its admission and the largest cache any running job,
+        or it, can reach fit one decode profile). False: it fits alone but not now (it waits).
+        CapacityError: it cannot run even alone. RuntimeInputError: a prompt beyond the context."""
+        n = len(job.prompt.input_ids)
+        if n >= self.cap:
+            raise CapacityError(f"prompt is {n} tokens, longer than the context of {self.cap} positions the "
+                                f"model and the loaded engines hold")
+        if job.limit < 1:
+            raise CapacityError("the prompt leaves no room in the context the loaded engines hold")
+        own = bucket_slots(self.reach(job), self.cap)
+        if not self.decode_fits(MIN_ROWS, own):
+            raise CapacityError(f"a request of {n} prompt tokens and up to {job.limit} steps needs an LM cache of "
+                                f"{own} slots, beyond every decode profile of the loaded engines "
+                                f"({self._profiles_text()}); rebuild the engines with a larger plan or ask for "
+                                f"fewer frames (max_new_frames)")
+        if not self.jobs:
+            return True
+        free = sum(o is None for o in self.row_owner)
+        rows = len(self.row_owner) if free >= 2 else self.rows_for(len(self.jobs) + 1)
+        need = max([self.reach(j) for j in self.jobs] + [self.reach(job), self.shape[1]])
+        return self.decode_fits(rows, bucket_slots(need, self.cap))
+
+    def _profiles_text(self) -> str:
+        if not self.decode_profiles:
+            return "no decode profile"
+        return ", ".join(f"{r} rows x {p} slots" for r, p in self.decode_profiles)
 
     def choose(self, jobs: list[Job]) -> None:
         """Token of each job's positive row and its bookkeeping (see the module docstring)."""
@@ -432,36 +536,39 @@ class Scheduler:
         self.prefill_tokens += n
         return self.backend.run("lm", feeds)
 
-    def prefix(self, job: Job):
+    def prefix(self, job: Job, pin: bool = False):
         """The LM cache of the job's voice prefix (its first prompt.prefix_len tokens), from the prefix cache
-        or computed now and kept there; None when the job has no reusable prefix. Sets job.prefix_reused."""
+        or computed now and kept there (`pin`: for good, never evicted: a stored voice's); None when the job
+        has no reusable prefix. Sets job.prefix_reused."""
         P = int(getattr(job.prompt, "prefix_len", 0) or 0)
         if job.prefix_key is None or not 0 < P < len(job.prompt.input_ids):
             return None
         key = (job.prefix_key, P, tuple(job.prompt.voice_frames))
         kv = self.prefix_cache.get(key)
         if kv is not None:
+            if pin:
+                self.prefix_cache.pin(key)
             job.prefix_reused = True
             return kv
         head = Job(Prompt(job.prompt.input_ids[:P], job.prompt.speech_input_mask[:P], job.prompt.voice_frames),
                    job.voice_audio, job.voice_embeds)
         empty = np.zeros((self.L, 2, 1, self.KV, 0, self.D), dtype=np.float32)
         kv = self._lm_alone(self._embeds(head, 0), 0, empty)["new_kv"]
-        self.prefix_cache.put(key, kv)
+        self.prefix_cache.put(key, kv, pin=pin)
         return kv
 
     def _prefill(self, job: Job) -> None:
         n = len(job.prompt.input_ids)
         if n >= self.cap:
-            raise RuntimeInputError(f"prompt is {n} tokens, longer than the model's context of {self.cap} positions")
+            raise CapacityError(f"prompt is {n} tokens, longer than the context of {self.cap} positions the "
+                                f"model and the loaded engines hold")
         if job.limit < 1:
-            raise RuntimeInputError("the prompt leaves no room in the model's context")
-        rows_after = len(self.row_owner) if sum(o is None for o in self.row_owner) >= 2 else \
-            max(MIN_ROWS, 1 << (2 * (len(self.jobs) + 1) - 1).bit_length())
-        self._check_fits({"batch": rows_after, "seq": 1, "past": bucket_slots(max(n + 1, self.shape[1]), self.cap)})
+            raise CapacityError("the prompt leaves no room in the context the loaded engines hold")
         empty = np.zeros((self.L, 2, 1, self.KV, 0, self.D), dtype=np.float32)
         P = int(getattr(job.prompt, "prefix_len", 0) or 0)
-        prefix_kv = self.prefix(job) if self.reuse_prefix else None
+        prefix_kv = None
+        if self.reuse_prefix and 0 < P < n and self._lm_fits({"batch": 1, "seq": n - P, "past": P}):
+            prefix_kv = self.prefix(job)  # else (no profile takes the extend call): a full prefill
         if prefix_kv is not None:
             out = self._lm_alone(self._embeds(job, P), P, prefix_kv)
         else:
@@ -487,11 +594,23 @@ class Scheduler:
     # --- the shared cache -----------------------------------------------------------------------
 
     def _check_fits(self, dims: dict) -> None:
-        """The backend's `check_fits("lm", dims)` (TensorRT: its profiles) raises RuntimeInputError when the
-        call cannot run; backends without it accept everything."""
+        """The backend's `check_fits("lm", dims)` (TensorRT: its profiles): CapacityError when the call cannot
+        run; backends without it accept everything."""
         fits = getattr(self.backend, "check_fits", None)
         if fits is not None:
-            fits("lm", dims)
+            try:
+                fits("lm", dims)
+            except CapacityError:
+                raise
+            except RuntimeInputError as exc:
+                raise CapacityError(str(exc)) from None
+
+    def _lm_fits(self, dims: dict) -> bool:
+        try:
+            self._check_fits(dims)
+        except CapacityError:
+            return False
+        return True
 
     def _new_cache(self, rows: int, slots: int):
         kv = self.backend.kv_cache((self.L, 2, rows, self.KV, self.cap, self.D))
@@ -555,17 +674,19 @@ class Scheduler:
         job.done = True
 
     def _compact(self) -> None:
-        """Move to a smaller bucket when at most a quarter of the rows or of the slots are in use."""
+        """Move to a smaller bucket: rows to the bucket of the running jobs whenever it is smaller; slots
+        when at most a quarter are in use or when no running job can reach the current bucket."""
         if self.kv is None:
             return
         rows, slots = self.shape
         used = [r for r, owner in enumerate(self.row_owner) if owner is not None]
-        if not used:
+        if not used or not self.jobs:
             self.kv, self.feed, self.mask, self.row_owner = None, None, None, []
             return
         need_slots = max(max(j.pos_next, j.neg_slot) for j in self.jobs) + 1
-        want_rows = max(MIN_ROWS, 1 << (len(used) - 1).bit_length()) if 4 * len(used) <= rows else rows
-        want_slots = bucket_slots(need_slots, self.cap) if 4 * need_slots <= slots else slots
+        reach = bucket_slots(max(max(self.reach(j) for j in self.jobs), need_slots), self.cap)
+        want_rows = min(rows, max(MIN_ROWS, 1 << (len(used) - 1).bit_length()))
+        want_slots = bucket_slots(need_slots, self.cap) if 4 * need_slots <= slots or reach < slots else slots
         if want_rows >= rows and want_slots >= slots:
             return
         moves = list(zip(used, range(len(used)))) if want_rows < rows else [(r, r) for r in used]

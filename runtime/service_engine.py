@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .audio import SAMPLE_RATE, prepare_voice, read_audio, to_mono, resample
-from .errors import RuntimeInputError
+from .errors import BackendFault, RuntimeInputError
 from .prompt import Prompt
 from .script import SPEAKER_LINE, parse_script
 
@@ -180,7 +180,8 @@ class VoiceStore:
         prompt = self.pipeline.prompts.build([(0, " .")], [voice.frames])
         with self.lock:
             Scheduler(self.pipeline, reuse_prefix=True, prefix_cache=self.prefixes).prefix(
-                Job(prompt, voice_audio=[voice.audio], voice_embeds=[voice.embeds], prefix_key=(voice.key,)))
+                Job(prompt, voice_audio=[voice.audio], voice_embeds=[voice.embeds], prefix_key=(voice.key,)),
+                pin=True)  # a stored voice's prefix is kept for good (never evicted by derived entries)
 
     def known(self, voice: Voice) -> bool:
         """Whether `voice` is one of the stored voices (a preset), not a request's own audio."""
@@ -421,7 +422,8 @@ class SpeechEngine:
         with self._lock:
             if not self.accepting:
                 raise EngineStopped("the engine is not accepting requests")
-            if len(self._queue) >= self.max_queue:
+            # requests about to start (free places in the batch) do not count against max_queue
+            if len(self._queue) >= self.max_queue + max(0, self.max_batch - len(self._active)):
                 raise QueueFull(f"the queue holds {self.max_queue} requests")
             handle = RequestHandle(f"req-{next(self._ids)}", request, prepared)
             self._queue.append(handle)
@@ -483,7 +485,8 @@ class SpeechEngine:
 
     def _run(self) -> None:
         sched = self._new_scheduler()
-        reasons: dict[int, BaseException] = {}  # id(job) -> why it was cancelled
+        # why a running job was cancelled (its request cancelled or past its deadline) is kept on the job
+        # itself (job.error), so no table can outlive its job
         try:
             while True:
                 with self._lock:
@@ -512,34 +515,43 @@ class SpeechEngine:
                         try:
                             with self.voices.lock:
                                 sched.add(self._job(handle))
-                        except RuntimeInputError as exc:
-                            self._retire(handle, exc)
+                        except Exception as exc:  # noqa: BLE001 -- one bad request fails alone
+                            self._retire(handle, _request_error(exc, "voice encoding"))
                 for job in list(sched.jobs) + list(sched.waiting):
                     handle = job.tag
                     if job.cancelled:
                         continue
                     if handle.cancelled:
-                        reasons[id(job)] = Cancelled(f"request {handle.id} cancelled")
+                        job.error = job.error or Cancelled(f"request {handle.id} cancelled")
                         sched.cancel(job)
                     elif handle.deadline is not None and now > handle.deadline:
-                        reasons[id(job)] = TimeoutError(f"request {handle.id}: past its timeout of "
-                                                        f"{handle.request.timeout_s:g} s")
+                        job.error = job.error or TimeoutError(f"request {handle.id}: past its timeout of "
+                                                              f"{handle.request.timeout_s:g} s")
                         sched.cancel(job)
                 try:
                     with self.voices.lock:
                         out = sched.step(emit=self._deliver)
                 except Exception as exc:  # noqa: BLE001 -- a failed shared call fails the requests in it
-                    failed = list(sched.jobs) + list(sched.waiting)
+                    # every active request belonged to the broken scheduler (running, waiting, or left in
+                    # this very step: cancelled, timed out, failed at admission): finish them all
+                    known = {id(j.tag): j for j in list(sched.jobs) + list(sched.waiting) + list(sched._failed)}
                     sched = self._new_scheduler()
                     self._active_rows = 0
-                    for job in failed:
-                        self._retire(job.tag, reasons.pop(id(job), exc))
+                    with self._lock:
+                        failed = list(self._active)
+                    error = _request_error(exc, "a batch step")
+                    for handle in failed:
+                        job = known.get(id(handle))
+                        own = job.error if job is not None and job.error is not None else None
+                        if own is None and handle.cancelled:
+                            own = Cancelled(f"request {handle.id} cancelled")
+                        self._retire(handle, own or error)
                     continue
                 self._active_rows = sched.rows_in_use
                 for job in out.finished:
                     handle = job.tag
                     handle.tokens = list(job.tokens)
-                    error = job.error if job.error is not None else reasons.pop(id(job), None)
+                    error = None if job.error is None else _request_error(job.error, "admission")
                     if error is None and job.cancelled:
                         error = Cancelled(f"request {handle.id} cancelled")
                     self._retire(handle, error)
@@ -587,6 +599,16 @@ def parse_request_script(script) -> list[tuple[int, str]]:
     if not any(SPEAKER_LINE.match(line) for line in lines):
         lines = [f"Speaker 1: {line}" for line in lines]
     return parse_script("\n".join(lines))
+
+
+def _request_error(exc: BaseException, where: str) -> BaseException:
+    """The error a request fails with: input errors (CapacityError included) as they are, anything else
+    as a one-line BackendFault (not the request's fault; the engine goes on)."""
+    if isinstance(exc, (RuntimeInputError, BackendFault, Cancelled, TimeoutError, EngineStopped)):
+        return exc
+    fault = BackendFault(f"{where} failed: {type(exc).__name__}: {_one_line(exc)}")
+    fault.__cause__ = exc
+    return fault
 
 
 def error_kind(error: BaseException) -> str:
