@@ -3,7 +3,7 @@ against PyTorch, all measured in the same run (`make bench-gpu`).
 
     python benchmarks/bench_gpu.py --out benchmarks/results [--plan bench] [--batches 1,4,16] [--prompt 200]
         [--frames 48] [--repeats 3] [--sides tensorrt,ort_cuda,pytorch_reference,transformers_generate]
-        [--engine-dir DIR] [--precision fp16|bf16|fp32] [--torch-dtype fp32|bf16]
+        [--engine-dir DIR] [--precision fp16|bf16|fp32] [--torch-dtype bf16,fp32]
 
 Needs an NVIDIA GPU (checked first, by tools/gpu_preflight.py's device check), CUDA torch, TensorRT and
 onnxruntime-gpu (`make bench-gpu` installs the pinned stack); without them it exits with status 2 and
@@ -25,18 +25,26 @@ What runs (the same prompt and frame count everywhere; every side keeps its cach
      scripts one after another (it runs one script at a time);
    - transformers_generate: transformers' `VibeVoiceForConditionalGeneration.generate` on the GPU, B
      scripts batched, a logits processor forcing the audio token (the same frames).
+   The two PyTorch sides run in every --torch-dtype (default bf16 and fp32: TensorRT's bench plan is
+   reduced precision, LM bf16 and the rest fp16); each figure, speed-up and goal uses the faster dtype
+   and says which (`torch_dtype`, `speedup_torch_dtypes`), every dtype's figures under `by_torch_dtype`.
+   After the TensorRT side's timed runs its backend's `graph_stats()` (CUDA graph captures, replays and
+   plain runs per graph) and notices are recorded (`backends`); the side fails when LM decode or a
+   per-frame graph never replayed a CUDA graph.
    Figures: ms per frame (steady-state wall time of one step, which makes one frame of every script),
    real-time factor per script (ms per frame / 133.3 ms of audio per frame) and aggregate x real time
    (B x 133.3 ms / ms per frame), first-chunk latency (call to first audio chunk, prompt prefill
-   included), GPU memory (torch.cuda.max_memory_allocated during the side, and nvidia-smi's used memory
-   after it).
+   included), GPU memory per side (`memory`, each figure labelled in `memory_labels`): device memory in
+   use (torch.cuda.mem_get_info, every allocation: TensorRT engines and activations, ONNX Runtime's
+   arena, torch) before the side and after its timed runs with its backend alive, their difference,
+   torch.cuda.max_memory_allocated (torch tensors only) and nvidia-smi's used memory at the same moment.
 3. Speed-ups of tensorrt (and ort_cuda) over each other side at each B, and the goals of issue #7
    (H100, 1.5B): <= 3 ms per frame at batch 1, >= 20x the PyTorch reference, first audio <= 60 ms after
    a 200-token prompt, >= 300x real time at 16 scripts: measured value and "met" (null when not measured).
 
 Writes `<out>/bench_gpu.json` (device, driver, CUDA, TensorRT, torch, ONNX Runtime versions, plan,
-every figure) and `<out>/bench_gpu.png`. A side that fails is recorded with its one-line error and the
-exit status is 1.
+every figure) and `<out>/bench_gpu.png`. A side that fails (or a TensorRT side whose CUDA graphs did not
+run) is recorded with its one-line error and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ RESULT_NAME = "bench_gpu.json"
 PLOT_NAME = "bench_gpu.png"
 SIDES = ("tensorrt", "ort_cuda", "pytorch_reference", "transformers_generate")
 PIPELINE_SIDES = ("tensorrt", "ort_cuda")
+TORCH_DTYPES = ("bf16", "fp32", "fp16")
+# The PyTorch sides run in both: TensorRT runs the bench plan in reduced precision (LM bf16, the rest
+# fp16), so comparing it with fp32 PyTorch alone would flatter it; the speed-ups use the faster dtype.
+DEFAULT_TORCH_DTYPES = ("bf16", "fp32")
 # issue #7's goals on an H100 for the 1.5B
 GOALS = (
     {"name": "ms_per_frame_batch_1", "text": "TensorRT <= 3 ms per frame at batch 1 (RTF <= 0.025)",
@@ -258,6 +270,45 @@ def IOBindingOrtBackend(engine_dir, manifest, device: str = "cuda", **kw):  # no
     return _ort_backend_class()(engine_dir, manifest, device=device, **kw)
 
 
+# --- CUDA graphs of the TensorRT side ---------------------------------------------------------------
+
+# the per-frame graphs TrtBackend replays as CUDA graphs (its `per_frame`, where it says)
+PER_FRAME_GRAPHS = ("diffusion_sampler", "acoustic_decoder", "semantic_encoder")
+
+
+def graph_replay_failures(stats: dict | None, per_frame=PER_FRAME_GRAPHS) -> list[str]:
+    """What says that TensorRT's CUDA graphs did not run: LM decode ("lm") or a per-frame graph with no
+    replay in TrtBackend.graph_stats() ({graph: {"captures", "replays", "plain_runs", "notes", ...}}).
+    Empty when every one of them replayed at least one graph."""
+    if stats is None:
+        return ["TrtBackend.graph_stats() is not available: whether CUDA graphs ran is unknown"]
+    failures = []
+    for graph in ("lm", *per_frame):
+        entry = stats.get(graph)
+        if entry is None:
+            failures.append(f"{graph}: no graph statistics")
+            continue
+        if int(entry.get("replays") or 0) > 0:
+            continue
+        notes = entry.get("notes") or []
+        notes = [notes] if isinstance(notes, str) else list(notes)
+        failures.append(f"{graph}: no CUDA graph replayed (captures {entry.get('captures', 0)}, plain runs "
+                        f"{entry.get('plain_runs', 0)}" + (f"; {' '.join(str(notes[0]).split())[:160]}" if notes
+                                                            else "") + ")")
+    return failures
+
+
+def backend_report(backend, notices: list[str]) -> dict:
+    """What the benchmark records of a side's backend after its timed runs: its description, its notices,
+    and (TensorRT) its CUDA graph statistics."""
+    out = {"backend": backend.describe() if hasattr(backend, "describe") else type(backend).__name__,
+           "notices": list(notices)}
+    stats = getattr(backend, "graph_stats", None)
+    if callable(stats):
+        out["graph_stats"] = stats()
+    return out
+
+
 # --- prompt -----------------------------------------------------------------------------------------
 
 def fit_script(prepare, tokens: int) -> str:
@@ -331,26 +382,73 @@ def median_figures(runs: list[dict]) -> dict:
     return out
 
 
+GB = 1e9
+MIB = 1 << 20
+
+
+def memory_figures(before: tuple[int, int] | None, at_peak: tuple[int, int] | None, torch_max_allocated: int | None,
+                   smi_used_mib: int | None) -> dict:
+    """A side's GPU memory figures, each labelled by how it was measured (bytes in, GB out, 1 GB = 1e9 B).
+
+    before / at_peak: torch.cuda.mem_get_info() (free, total) before the side started and after its timed
+    runs with its backend still alive; device_used = total - free counts every allocation on the device
+    (TensorRT engines and activations, ONNX Runtime's arena, torch's cache, other processes)."""
+    out = {}
+    used_before = used_peak = None
+    if before is not None:
+        used_before = before[1] - before[0]
+        out["device_used_before_side_gb"] = round(used_before / GB, 3)
+        out["device_total_gb"] = round(before[1] / GB, 3)
+    if at_peak is not None:
+        used_peak = at_peak[1] - at_peak[0]
+        out["device_used_after_timed_runs_gb"] = round(used_peak / GB, 3)
+    if used_before is not None and used_peak is not None:
+        out["side_device_gb"] = round((used_peak - used_before) / GB, 3)
+    if torch_max_allocated is not None:
+        out["torch_max_allocated_gb"] = round(torch_max_allocated / GB, 3)
+    if smi_used_mib is not None:
+        out["nvidia_smi_used_after_timed_runs_gb"] = round(smi_used_mib * MIB / GB, 3)
+    return out
+
+
+MEMORY_LABELS = {
+    "device_used_before_side_gb": "torch.cuda.mem_get_info() total - free before the side started (every "
+                                  "process; earlier sides' leftovers included)",
+    "device_used_after_timed_runs_gb": "torch.cuda.mem_get_info() total - free after the side's timed runs, its "
+                                       "backend (engines, execution contexts, CUDA graphs, caches, ONNX Runtime "
+                                       "arena) still alive: the side's resident peak, sampled once",
+    "side_device_gb": "device_used_after_timed_runs_gb - device_used_before_side_gb: what the side holds",
+    "torch_max_allocated_gb": "torch.cuda.max_memory_allocated() during the side: torch tensors only (not "
+                              "TensorRT engine weights/activations, not ONNX Runtime's arena)",
+    "nvidia_smi_used_after_timed_runs_gb": "nvidia-smi memory.used (every process) at the same moment as "
+                                           "device_used_after_timed_runs_gb",
+    "device_total_gb": "torch.cuda.mem_get_info() total",
+}
+
+
 class GpuMemory:
-    """Peak torch allocation during a side and nvidia-smi's used memory after it."""
+    """A side's GPU memory (memory_figures): device use before it, and after its timed runs (`sample`,
+    called with the backend alive), torch's peak allocation during it, nvidia-smi at the sample."""
 
     def __init__(self, torch, device):
         self.torch, self.device = torch, device
+        self.before = None
 
     def __enter__(self):
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
             self.torch.cuda.empty_cache()
             self.torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = self.torch.cuda.mem_get_info(self.device)
         self.figures = {}
         return self
 
     def sample(self) -> dict:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
-            self.figures = {"torch_max_allocated_gb": round(self.torch.cuda.max_memory_allocated(self.device) / 1e9, 3),
-                            "nvidia_smi_used_gb": (lambda m: None if m is None else round(m * 1.048576e-3, 3))(
-                                nvidia_smi_used_mib(self.device.index or 0))}
+            at_peak = self.torch.cuda.mem_get_info(self.device)
+            self.figures = memory_figures(self.before, at_peak, self.torch.cuda.max_memory_allocated(self.device),
+                                          nvidia_smi_used_mib(self.device.index or 0))
         return self.figures
 
     def __exit__(self, *exc):
@@ -507,6 +605,10 @@ def summarize(result: dict) -> dict:
                 if slow != fast and mine and theirs:
                     entry[f"{fast}_vs_{slow}"] = round(theirs / mine, 2)
         speedups[b] = entry
+    # which dtype each PyTorch side's figure (the faster of those run) was measured in
+    basis = {b: {side: (sides.get(side) or {}).get("torch_dtype") for side in SIDES
+                 if side not in PIPELINE_SIDES and (sides.get(side) or {}).get("torch_dtype")}
+             for b, sides in table.items()}
     goals = []
     for goal in GOALS:
         b = str(goal["batch"])
@@ -515,9 +617,13 @@ def summarize(result: dict) -> dict:
         else:
             value = ((table.get(b) or {}).get(goal["side"]) or {}).get(goal["figure"])
         met = None if value is None else (value <= goal["target"] if goal["op"] == "<=" else value >= goal["target"])
-        goals.append({"name": goal["name"], "goal": goal["text"], "target": goal["target"], "op": goal["op"],
-                      "measured": None if value is None else round(float(value), 4), "met": met})
+        entry = {"name": goal["name"], "goal": goal["text"], "target": goal["target"], "op": goal["op"],
+                 "measured": None if value is None else round(float(value), 4), "met": met}
+        if goal["figure"] == "speedup_vs_pytorch_reference":
+            entry["pytorch_dtype"] = basis.get(b, {}).get("pytorch_reference")
+        goals.append(entry)
     result["speedups"] = speedups
+    result["speedup_torch_dtypes"] = {b: v for b, v in basis.items() if v}
     result["goals"] = goals
     return result
 
@@ -540,10 +646,13 @@ def plot(result: dict, path: Path) -> Path | None:
     width = 0.8 / len(sides)
     x = np.arange(len(batches))
     for i, side in enumerate(sides):
+        dtype = next(((table[b].get(side) or {}).get("torch_dtype") for b in batches
+                      if (table[b].get(side) or {}).get("torch_dtype")), None)
+        label = f"{side} ({dtype})" if dtype else side
         ms = [(table[b].get(side) or {}).get("ms_per_frame") or np.nan for b in batches]
         rt = [(table[b].get(side) or {}).get("realtime_x") or np.nan for b in batches]
-        ax1.bar(x + i * width - 0.4 + width / 2, ms, width, label=side)
-        ax2.bar(x + i * width - 0.4 + width / 2, rt, width, label=side)
+        ax1.bar(x + i * width - 0.4 + width / 2, ms, width, label=label)
+        ax2.bar(x + i * width - 0.4 + width / 2, rt, width, label=label)
     ax1.axhline(3.0, color="k", linestyle="--", linewidth=1, label="goal: 3 ms at batch 1")
     ax2.axhline(300.0, color="k", linestyle="--", linewidth=1, label="goal: 300x at 16")
     for ax, title, label in ((ax1, "ms per frame (one step: a frame of every script)", "ms"),
@@ -604,8 +713,30 @@ def torch_model(config: Path, manifest: dict, device, dtype: str):
     return loaded
 
 
-def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict, dict, dict]:
-    """results[batch][side], memory[side], errors[side] for the sides asked for."""
+class GraphCheckFailed(Exception):
+    """The TensorRT side ran, but LM decode or a per-frame graph never replayed a CUDA graph."""
+
+
+def fastest(entries: dict) -> dict | None:
+    """Of {torch dtype: figures}, the entry with the lowest ms per frame (labelled with its dtype), the
+    others under `by_torch_dtype`; None when none has a figure."""
+    timed = {d: e for d, e in entries.items() if e.get("ms_per_frame")}
+    if not timed:
+        return None
+    best = min(timed, key=lambda d: timed[d]["ms_per_frame"])
+    out = dict(timed[best], torch_dtype=best)
+    if len(entries) > 1:
+        out["by_torch_dtype"] = {d: dict(e) for d, e in entries.items()}
+    return out
+
+
+def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict, dict, dict, dict]:
+    """results[batch][side], memory[label], errors[label], backends[side] for the sides asked for.
+
+    The PyTorch sides run once per --torch-dtype; results[batch][side] is the fastest dtype's figures
+    (`torch_dtype` says which; every dtype's under `by_torch_dtype` when there are several), memory and
+    errors are keyed "side (dtype)". The TensorRT side fails (errors) when graph_stats() shows that LM
+    decode or a per-frame graph never replayed a CUDA graph."""
     import torch
 
     from vv_runtime.pipeline import Pipeline
@@ -614,16 +745,28 @@ def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict
     frame_s = hop / sr
     column = manifest["control_tokens"].index("speech_diffusion")
     results = {str(b): {} for b in args.batches}
-    memory, errors, shared = {}, {}, {}
+    memory, errors, backends, shared = {}, {}, {}, {}
+    torch_entries: dict[str, dict[str, dict]] = {}  # batch -> dtype -> figures, per PyTorch side
     script, input_ids = prompt_script(engine_dir, manifest, args.prompt)
-    for side in args.sides:
+    torch_sides = [s for s in args.sides if s not in PIPELINE_SIDES]
+    runs = [(side, None) for side in args.sides if side in PIPELINE_SIDES]
+    runs += [(side, dtype) for dtype in args.torch_dtype for side in torch_sides]  # one model load per dtype
+    for index, (side, dtype) in enumerate(runs):
+        label = side if dtype is None else f"{side} ({dtype})"
+        mem = GpuMemory(torch, device)
         try:
-            with GpuMemory(torch, device) as mem:
-                if side in PIPELINE_SIDES:
+            with mem:
+                if dtype is None:
+                    notices: list[str] = []
+
+                    def notice(text, notices=notices):
+                        notices.append(str(text))
+                        log(text)
+
                     if side == "tensorrt":
                         from vv_runtime.trt_backend import TrtBackend
 
-                        backend = TrtBackend(engine_dir, manifest, notice=log)
+                        backend = TrtBackend(engine_dir, manifest, notice=notice)
                     else:
                         backend = IOBindingOrtBackend(engine_dir, manifest, device=str(device))
                     try:
@@ -632,14 +775,25 @@ def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict
                             results[str(b)][side] = measure_pipeline(pipe, script, b, args.frames, args.repeats,
                                                                      frame_s)
                             log(f"[{side}] batch {b}: {_fmt(results[str(b)][side])}")
-                        mem.sample()
+                        mem.sample()  # the backend alive: its engines, contexts, graphs and caches count
+                        report = backends[side] = backend_report(backend, notices)
+                        if hasattr(backend, "bound_calls"):
+                            report["bound_calls"] = int(backend.bound_calls)
+                        if side == "tensorrt":
+                            per_frame = sorted(getattr(backend, "per_frame", None) or PER_FRAME_GRAPHS)
+                            failures = graph_replay_failures(report.get("graph_stats"), per_frame)
+                            report["cuda_graphs_replayed"] = not failures
+                            if failures:
+                                raise GraphCheckFailed("CUDA graphs did not run: " + "; ".join(failures))
                     finally:
                         backend.close()
                         del backend
                 else:
-                    if "model" not in shared:  # one copy for both PyTorch sides
-                        shared["model"] = torch_model(args.config, manifest, device, args.torch_dtype)
-                    loaded = shared["model"]
+                    if dtype not in shared:  # one copy for both PyTorch sides
+                        shared.clear()
+                        gc.collect()
+                        shared[dtype] = torch_model(args.config, manifest, device, dtype)
+                    loaded = shared[dtype]
                     try:
                         for b in args.batches:
                             if side == "pytorch_reference":
@@ -647,30 +801,37 @@ def run_sides(args, engine_dir: Path, manifest: dict, device, log) -> tuple[dict
 
                                 ref = TorchReference(loaded.model, loaded.token_ids,
                                                      diffusion_steps=int(manifest["diffusion"]["steps"]))
-                                results[str(b)][side] = measure_reference(
+                                entry = measure_reference(
                                     ref, input_ids, b, args.frames, args.repeats, frame_s, device,
                                     int(manifest["model"]["acoustic_vae_dim"]))
                             else:
-                                results[str(b)][side] = measure_transformers(
+                                entry = measure_transformers(
                                     loaded.model, input_ids, b, args.frames, args.repeats, frame_s, device,
                                     diffusion_steps=int(manifest["diffusion"]["steps"]))
-                            log(f"[{side}] batch {b}: {_fmt(results[str(b)][side])}")
+                            torch_entries.setdefault(side, {}).setdefault(str(b), {})[dtype] = entry
+                            log(f"[{label}] batch {b}: {_fmt(entry)}")
                         mem.sample()
                     finally:
                         del loaded
-                        if not [s for s in args.sides[args.sides.index(side) + 1:] if s not in PIPELINE_SIDES]:
-                            shared.clear()  # the last PyTorch side: free the model
-            memory[side] = mem.figures
+                        if not any(d == dtype for _s, d in runs[index + 1:]):
+                            shared.clear()  # the last PyTorch side of this dtype: free the model
         except Exception as exc:
-            errors[side] = one_line(exc)
-            log(f"[{side}] failed: {errors[side]}")
+            errors[label] = one_line(exc)
+            log(f"[{label}] failed: {errors[label]}")
             if args.debug:
                 traceback.print_exc()
         finally:
+            if mem.figures:
+                memory[label] = mem.figures
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return results, memory, errors
+    for side, per_batch in torch_entries.items():
+        for b, entries in per_batch.items():
+            best = fastest(entries)
+            results[b][side] = best if best is not None else dict(next(iter(entries.values())),
+                                                                  torch_dtype=next(iter(entries)))
+    return results, memory, errors, backends
 
 
 def _fmt(entry: dict) -> str:
@@ -710,8 +871,9 @@ def run(args, log=print) -> tuple[dict, bool]:
         manifest = load_manifest(engine_dir)
         result["model"] = {k: manifest["model"][k] for k in ("hidden_size", "num_layers", "vocab_size",
                                                               "max_position_embeddings")}
-        results, memory, errors = run_sides(args, engine_dir, manifest, device, log)
-        result.update(results=results, memory=memory, errors=errors)
+        results, memory, errors, backends = run_sides(args, engine_dir, manifest, device, log)
+        result.update(results=results, memory=memory, errors=errors, backends=backends)
+        result["memory_labels"] = MEMORY_LABELS
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -729,8 +891,17 @@ def parse_args(argv=None):
     parser.add_argument("--plan", default="bench", help="TensorRT plan (default: bench, sized to what this measures)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
                         help="TensorRT precision of every graph (default: the plan's)")
-    parser.add_argument("--torch-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                        help="dtype of the PyTorch sides")
+    def dtype_list(text):
+        values = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [v for v in values if v not in TORCH_DTYPES]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"unknown dtype {bad[0] if bad else text!r} "
+                                             f"(known: {', '.join(TORCH_DTYPES)})")
+        return list(dict.fromkeys(values))
+
+    parser.add_argument("--torch-dtype", type=dtype_list, default=list(DEFAULT_TORCH_DTYPES),
+                        help="dtypes of the PyTorch sides, comma-separated (default bf16,fp32: each side runs in "
+                             "both, and the speed-ups and goals use the faster one)")
 
     def int_list(text):
         try:

@@ -254,9 +254,12 @@ def test_bench_gpu_arguments(bench_gpu):
     args = bench_gpu.parse_args([])
     assert args.plan == "bench" and args.batches == [1, 4, 16] and args.prompt == 200
     assert args.sides == list(bench_gpu.SIDES)
+    assert args.torch_dtype == ["bf16", "fp32"]  # reduced-precision TensorRT is not compared with fp32 alone
+    assert bench_gpu.parse_args(["--torch-dtype", "fp32, bf16,fp32"]).torch_dtype == ["fp32", "bf16"]
     args = bench_gpu.parse_args(["--batches", "2,8", "--sides", "tensorrt,pytorch_reference", "--frames", "10"])
     assert args.batches == [2, 8] and args.sides == ["tensorrt", "pytorch_reference"] and args.frames == 10
-    for bad in (["--batches", "1,x"], ["--batches", "0"], ["--sides", "tensorrt,cuda"], ["--frames", "2"]):
+    for bad in (["--batches", "1,x"], ["--batches", "0"], ["--sides", "tensorrt,cuda"], ["--frames", "2"],
+                ["--torch-dtype", "int8"], ["--torch-dtype", ","]):
         with pytest.raises(SystemExit) as info:
             bench_gpu.parse_args(bad)
         assert info.value.code == 2
@@ -367,8 +370,12 @@ def test_bench_gpu_sides_orchestration_on_cpu(bench_gpu, tiny_engine_dir, tmp_pa
     args = bench_gpu.parse_args(["--sides", "ort_cuda", "--batches", "1,2", "--frames", "4", "--repeats", "1",
                                  "--prompt", "80"])
     notes = []
-    results, memory, errors = bench_gpu.run_sides(args, tiny_engine_dir, manifest, torch.device("cpu"), notes.append)
+    results, memory, errors, backends = bench_gpu.run_sides(args, tiny_engine_dir, manifest, torch.device("cpu"),
+                                                            notes.append)
     assert errors == {} and set(results) == {"1", "2"}
+    assert memory == {}  # the CPU device: no GPU figures claimed
+    assert backends["ort_cuda"]["bound_calls"] > 0 and backends["ort_cuda"]["notices"] == []
+    assert "graph_stats" not in backends["ort_cuda"]  # ONNX Runtime has none
     for b in ("1", "2"):
         fig = results[b]["ort_cuda"]
         assert fig["scripts"] == int(b) and fig["frames_per_script"] == 4 and fig["prompt_tokens"] >= 80
@@ -377,3 +384,92 @@ def test_bench_gpu_sides_orchestration_on_cpu(bench_gpu, tiny_engine_dir, tmp_pa
     goals = {g["name"]: g for g in result["goals"]}
     assert all(g["met"] is None for g in goals.values())  # no TensorRT side: nothing claimed
     assert [p.name for p in bench_gpu.write_outputs(result, tmp_path)] == ["bench_gpu.json", "bench_gpu.png"]
+
+
+def test_bench_gpu_graph_replay_check(bench_gpu):
+    """The TensorRT side fails unless LM decode and every per-frame graph replayed a CUDA graph."""
+    replayed = {"captures": 2, "replays": 90, "plain_runs": 1, "notes": []}
+    stats = {g: dict(replayed) for g in ("lm", *bench_gpu.PER_FRAME_GRAPHS)}
+    stats["text_embed"] = {"captures": 0, "replays": 0, "plain_runs": 4, "notes": []}  # not per-frame: no claim
+    assert bench_gpu.graph_replay_failures(stats) == []
+    stats["lm"] = {"captures": 0, "replays": 0, "plain_runs": 150,
+                   "notes": ["lm: CUDA graph capture failed at (1, 1) (operation not permitted when stream is capturing)"]}
+    del stats["acoustic_decoder"]
+    failures = bench_gpu.graph_replay_failures(stats)
+    assert failures == ["lm: no CUDA graph replayed (captures 0, plain runs 150; lm: CUDA graph capture failed at "
+                        "(1, 1) (operation not permitted when stream is capturing))",
+                        "acoustic_decoder: no graph statistics"]
+    assert bench_gpu.graph_replay_failures(None) == [
+        "TrtBackend.graph_stats() is not available: whether CUDA graphs ran is unknown"]
+    assert bench_gpu.graph_replay_failures({"lm": replayed}, per_frame=()) == []
+
+    class WithStats:
+        def describe(self):
+            return "trt[cuda:0]"
+
+        def graph_stats(self):
+            return {"lm": replayed}
+
+    report = bench_gpu.backend_report(WithStats(), ["a notice"])
+    assert report == {"backend": "trt[cuda:0]", "notices": ["a notice"], "graph_stats": {"lm": replayed}}
+
+
+def test_bench_gpu_memory_figures_are_labelled(bench_gpu):
+    gb = 10 ** 9
+    fig = bench_gpu.memory_figures(before=(70 * gb, 80 * gb), at_peak=(45 * gb, 80 * gb),
+                                   torch_max_allocated=3 * gb, smi_used_mib=34_000)
+    assert fig == {"device_used_before_side_gb": 10.0, "device_total_gb": 80.0,
+                   "device_used_after_timed_runs_gb": 35.0, "side_device_gb": 25.0, "torch_max_allocated_gb": 3.0,
+                   "nvidia_smi_used_after_timed_runs_gb": round(34_000 * 2 ** 20 / gb, 3)}
+    assert set(fig) <= set(bench_gpu.MEMORY_LABELS)  # every figure explained in the JSON
+    assert bench_gpu.memory_figures(None, None, None, None) == {}
+
+
+def test_bench_gpu_speedups_use_the_faster_torch_dtype(bench_gpu):
+    """Both PyTorch dtypes measured: the figure (and the 20x goal) is the faster one's, labelled."""
+    bf16 = {"ms_per_frame": 40.0, "first_chunk_ms": 200.0}
+    fp32 = {"ms_per_frame": 60.0, "first_chunk_ms": 300.0}
+    best = bench_gpu.fastest({"fp32": fp32, "bf16": bf16})
+    assert best["ms_per_frame"] == 40.0 and best["torch_dtype"] == "bf16"
+    assert best["by_torch_dtype"] == {"fp32": fp32, "bf16": bf16}
+    assert bench_gpu.fastest({"bf16": {"error": "x"}}) is None
+    assert "by_torch_dtype" not in bench_gpu.fastest({"fp32": fp32})
+    result = _sample_result()
+    result["results"]["1"]["pytorch_reference"] = best
+    result = bench_gpu.summarize(result)
+    assert result["speedups"]["1"]["tensorrt_vs_pytorch_reference"] == 16.0  # 40 / 2.5, not 60 / 2.5
+    assert result["speedup_torch_dtypes"]["1"] == {"pytorch_reference": "bf16"}
+    goal = next(g for g in result["goals"] if g["name"] == "speedup_vs_pytorch_batch_1")
+    assert goal["met"] is False and goal["pytorch_dtype"] == "bf16"
+
+
+@pytest.mark.slow
+def test_bench_gpu_torch_sides_in_both_dtypes(bench_gpu, fixture_dir, tiny_engine_dir, monkeypatch):
+    """run_sides drives both PyTorch sides in bf16 and fp32 (CPU, the tiny fixture's weights in place of the
+    full-size random model): each figure is the faster dtype's, labelled, both dtypes kept."""
+    import torch
+
+    from vv_export.checkpoint import load_checkpoint
+
+    loads = []
+
+    def fixture_model(config, manifest, device, dtype):
+        loaded = load_checkpoint(str(fixture_dir))
+        tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        loaded.model.to(device=device, dtype=tdtype).eval()
+        bench_gpu.align_generation_tokens(loaded.model, loaded.token_ids)
+        loads.append(dtype)
+        return loaded
+
+    monkeypatch.setattr(bench_gpu, "torch_model", fixture_model)
+    manifest = json.loads((tiny_engine_dir / "manifest.json").read_text())
+    args = bench_gpu.parse_args(["--sides", "pytorch_reference,transformers_generate", "--batches", "1",
+                                 "--frames", "4", "--repeats", "1", "--prompt", "20"])
+    results, memory, errors, backends = bench_gpu.run_sides(args, tiny_engine_dir, manifest, torch.device("cpu"),
+                                                            lambda _t: None)
+    assert errors == {} and backends == {} and loads == ["bf16", "fp32"]  # one model load per dtype
+    for side in ("pytorch_reference", "transformers_generate"):
+        fig = results["1"][side]
+        assert set(fig["by_torch_dtype"]) == {"bf16", "fp32"}
+        assert fig["torch_dtype"] == min(fig["by_torch_dtype"], key=lambda d: fig["by_torch_dtype"][d]["ms_per_frame"])
+        assert fig["ms_per_frame"] == fig["by_torch_dtype"][fig["torch_dtype"]]["ms_per_frame"]
