@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import RuntimeInputError
+from .errors import CapacityError, RuntimeInputError
 
 SMALL_GRAPH_BYTES = 64 << 20  # below this many weight bytes a graph runs on one intra-op thread by default
 
@@ -205,7 +205,7 @@ class PlanLimits:
                                      f"({', '.join(dims)})")
                 if all(dims[k][0] <= v <= dims[k][2] for k, v in want.items()):
                     return i
-        raise RuntimeInputError(self._refusal(graph, want, profiles, by_input))
+        raise CapacityError(self._refusal(graph, want, profiles, by_input))
 
     def _refusal(self, graph: str, want: dict, profiles: list[dict], by_input: bool) -> str:
         if by_input:

@@ -9,20 +9,38 @@ this ENGINE_DIR's ONNX graph, with the running TensorRT version, for this GPU's 
 deserialized, and its I/O tensor names are checked against the manifest's graph I/O; each problem is
 one line naming both sides.
 
-Execution: one CUDA stream; torch CUDA tensors are the device buffers, allocated once per binding at
-the largest shape of the engine's profiles (bindings whose maximum exceeds ``buffer_budget_bytes``,
-e.g. the LM's KV cache at full context, grow on demand instead); ``set_input_shape`` and
-``set_tensor_address`` by name, ``execute_async_v3``. An engine with several optimisation profiles (the
-LM: prefill, decode) switches with ``set_optimization_profile_async`` to the profile that contains the
-call's shapes and whose opt shape is nearest. The graphs whose manifest role is "per-frame"
-(diffusion_sampler, acoustic_decoder, semantic_encoder) are replayed as CUDA graphs: one execution
-context per input shape (sharing one activation buffer), captured on first use after a warm-up run,
-keyed by shape. LM decode steps on the device cache (seq 1, ``past_kv`` a CUDA tensor) are replayed as
-CUDA graphs too: one context per (input shapes, cache address) on the decode profile, its small host
-inputs (embeds, mask, positions) copied into fixed device buffers of its own before each replay, the
-cache bound where it lives; a cache that grows to the next bucket moves, and the graphs bound at its old
-address are dropped (at most MAX_DECODE_GRAPHS are kept, least recently used first out). Prefill runs
-plainly. Device feeds are converted (dtype, layout) on the engine's stream, after the caller's stream.
+Execution (this design has not run on a GPU yet: written against the TensorRT 10 Python API, its
+CPU-checkable logic unit-tested in tests/test_trt_backend.py): one CUDA stream; torch CUDA tensors are
+the device buffers, allocated on that stream once per binding at the largest shape of the engine's
+profiles (bindings whose maximum exceeds ``buffer_budget_bytes``, e.g. the LM's KV cache at full
+context, grow on demand instead); ``set_input_shape`` and ``set_tensor_address`` by name,
+``execute_async_v3``.
+
+Profiles and contexts: TensorRT lets each live execution context hold its own optimisation profile, so
+every engine gets ONE EXECUTION CONTEXT PER PROFILE at load (context p: created, then
+``set_optimization_profile_async(p)``; the first context has profile 0), never switched afterwards. A
+call picks its profile (the one containing its shapes, nearest opt first; none: ``CapacityError``) and
+runs on that profile's context. All contexts of an engine share ONE activation buffer (USER_MANAGED
+memory) sized to the engine's largest need over its profiles. INVARIANT: this sharing is safe only
+because every execution of the backend is enqueued on its single stream, one after another; never run
+two contexts of one backend concurrently.
+
+CUDA graphs: each context keeps at most one captured graph, keyed by its input shapes and the device
+addresses it is bound at (``ContextSlot``); a call with that key replays it, a call with another key
+drops it, runs plainly (warm-up, and this call's result) and captures anew. The graphs whose manifest
+role is "per-frame" (diffusion_sampler, acoustic_decoder, semantic_encoder) are padded: their batch is
+filled with zero rows up to the chosen profile's maximum (the plans give them one profile per batch
+bucket) and the outputs sliced back, so each per-frame context sees one shape and replays one graph.
+LM decode steps on the device cache (seq 1, ``past_kv`` a CUDA tensor) replay the decode profile's
+graph, the cache bound where it lives; a new (rows, cache bucket, cache address) re-captures (rare). A
+cache that grows, is closed or garbage-collected tells the backend (``forget_address``): graphs bound at
+its memory are dropped. Prefill and other profiles run plainly. When capture fails on a context, that
+context runs plainly from then on (one notice); ``graph_stats()`` says what ran. Device feeds are
+converted (dtype, layout) on the engine's stream, after the caller's stream.
+
+Errors: shapes beyond every profile raise ``CapacityError`` (one line naming the plan's ranges and the
+fix); an execution failure (``execute_async_v3`` refused, out of GPU memory) raises ``BackendFault``;
+problems of the engines at load stay ``TrtBackendError``.
 
 By default only the engines the generation loop calls are loaded (roles "loop" and "per-frame");
 ``graphs=`` loads others (the GPU accuracy check asks for all). ``limits()`` / ``check_fits()`` tell
@@ -46,7 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend_base import Backend, PlanLimits, bucket_slots
-from .errors import RuntimeInputError
+from .errors import BackendFault, CapacityError, RuntimeInputError
 from .manifest import graphs_with_role, required_graphs
 
 # Outputs returned as CUDA tensors when the call was given a CUDA tensor (the device-resident LM cache).
@@ -54,9 +72,6 @@ DEVICE_OUTPUTS = {("lm", "new_kv")}
 # LM decode calls (seq 1, past_kv a CUDA tensor) replayed as CUDA graphs: the graph's input that is bound
 # at the caller's device memory (its address is part of the graph's key) and the sequence input.
 DECODE_GRAPH = {"graph": "lm", "device_input": "past_kv", "seq_input": "inputs_embeds", "seq_axis": 1}
-# At most this many captured LM decode graphs are kept (least recently used dropped first): a few
-# (rows, cache bucket) shapes per generation, times the caches alive at once.
-MAX_DECODE_GRAPHS = 32
 # A binding whose largest profile shape needs more than this is allocated as needed (then grown by
 # GROWTH) instead of at its maximum.
 BUFFER_BUDGET_BYTES = 256 << 20
@@ -171,64 +186,97 @@ def is_decode_call(graph: str, shapes: dict, device_inputs) -> bool:
 
 
 def graph_key(inputs, shapes: dict, addresses: dict) -> tuple:
-    """Key of a captured graph: every input's shape (in input order) and the device addresses of the inputs
-    bound at the caller's memory (a graph replays fixed addresses)."""
+    """Key of a captured graph: every input's shape (in input order) and the device addresses it is bound
+    at (a graph replays fixed addresses)."""
     return (tuple(tuple(int(d) for d in shapes[n]) for n in inputs), tuple(sorted(addresses.items())))
 
 
-class GraphCache:
-    """Captured graphs by `graph_key`, the least recently used dropped beyond `capacity`."""
+def padded_shapes(shapes: dict, batched: set, profile: dict) -> dict:
+    """Per-frame calls: the inputs with a leading batch axis (`batched`) padded to the profile's maximum
+    batch, so that each per-frame context (one per profile) only ever sees one shape (one CUDA graph)."""
+    out = {}
+    for name, shape in shapes.items():
+        if name in batched and shape:
+            hi = profile[name][2][0]
+            out[name] = (max(int(hi), int(shape[0])),) + tuple(shape[1:])
+        else:
+            out[name] = tuple(shape)
+    return out
 
-    def __init__(self, capacity: int):
-        from collections import OrderedDict
 
-        self.capacity = max(1, int(capacity))
-        self.entries = OrderedDict()
+def pad_rows(arr: np.ndarray, rows: int) -> np.ndarray:
+    """`arr` with zero rows appended along axis 0 up to `rows` (itself when it has them already)."""
+    if arr.shape[0] >= rows:
+        return arr
+    out = np.zeros((rows,) + arr.shape[1:], dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
 
-    def get(self, key):
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-        return entry
 
-    def put(self, key, entry) -> list:
-        """Store `entry`; returns the keys dropped to stay within capacity."""
-        self.entries[key] = entry
-        self.entries.move_to_end(key)
-        dropped = []
-        while len(self.entries) > self.capacity:
-            old, _ = self.entries.popitem(last=False)
-            dropped.append(old)
-        return dropped
+class ContextSlot:
+    """One optimisation profile's execution context and its at most one captured CUDA graph.
 
-    def forget_address(self, address: int) -> int:
-        """Drop every graph bound at device memory `address` (freed, or moved by a growing cache)."""
-        stale = [k for k in self.entries if any(a == address for _, a in k[1])]
-        for k in stale:
-            del self.entries[k]
-        return len(stale)
+    The graph is keyed by `graph_key` (input shapes and bound addresses): `decide(key)` says what a call
+    with that key does: "replay" (the captured graph matches), "capture" (none, or another key: the old
+    graph is dropped first; the caller warms up, executes and captures) or "plain" (graphs are off for
+    this context, or capture failed here once). Counters feed `TrtBackend.graph_stats()`."""
 
-    def clear(self) -> None:
-        self.entries.clear()
+    def __init__(self, profile: int, context=None, graphs: bool = True):
+        self.profile, self.context = profile, context
+        self.graphs = graphs
+        self.graph = None  # torch.cuda.CUDAGraph
+        self.key = None
+        self.out_shapes = None
+        self.captures = self.replays = self.plain_runs = self.dropped = 0
 
-    def __len__(self) -> int:
-        return len(self.entries)
+    def decide(self, key) -> str:
+        if not self.graphs:
+            return "plain"
+        if self.graph is not None and self.key == key:
+            return "replay"
+        self.drop()
+        return "capture"
 
-    def __contains__(self, key) -> bool:
-        return key in self.entries
+    def store(self, key, graph, out_shapes) -> None:
+        """A capture's result; `graph` None: capture is impossible on this context (plain from now on)."""
+        if graph is None:
+            self.graphs = False
+            self.drop()
+            return
+        self.graph, self.key, self.out_shapes = graph, key, out_shapes
+        self.captures += 1
+
+    def drop(self) -> None:
+        if self.graph is not None:
+            self.dropped += 1
+        self.graph, self.key, self.out_shapes = None, None, None
+
+    def forget_address(self, address: int) -> bool:
+        """Drop the graph when it is bound at device memory `address` (freed, or moved)."""
+        if self.graph is not None and any(a == address for _, a in self.key[1]):
+            self.drop()
+            return True
+        return False
 
 
 # --- one engine ---------------------------------------------------------------------------------
 
 class _Buffer:
-    """A flat device tensor of one binding; grows (never shrinks) up to the binding's maximum."""
+    """A flat device tensor of one binding; grows (never shrinks) up to the binding's maximum.
 
-    def __init__(self, torch, device, dtype, max_elems: int, budget_bytes: int):
-        self.torch, self.device, self.dtype = torch, device, dtype
+    Allocated (and re-allocated) on `stream`, the engine's: the caching allocator then reuses a freed
+    block only in order with the engine work queued on it."""
+
+    def __init__(self, torch, device, dtype, max_elems: int, budget_bytes: int, stream=None):
+        self.torch, self.device, self.dtype, self.stream = torch, device, dtype, stream
         self.max_elems = max(1, int(max_elems))
         itemsize = torch.empty((), dtype=dtype).element_size()
         initial = self.max_elems if self.max_elems * itemsize <= budget_bytes else 1
-        self.tensor = torch.empty(initial, dtype=dtype, device=device)
+        with self._on_stream():
+            self.tensor = torch.empty(initial, dtype=dtype, device=device)
+
+    def _on_stream(self):
+        return self.torch.cuda.stream(self.stream) if self.stream is not None else _nothing()
 
     @property
     def capacity(self) -> int:
@@ -240,8 +288,9 @@ class _Buffer:
             return False
         new = min(self.max_elems, max(elems, int(self.capacity * GROWTH)))
         new = max(new, elems)  # a shape beyond the recorded maximum still runs (TensorRT then rejects it)
-        self.tensor = None
-        self.tensor = self.torch.empty(new, dtype=self.dtype, device=self.device)
+        with self._on_stream():
+            self.tensor = None
+            self.tensor = self.torch.empty(new, dtype=self.dtype, device=self.device)
         return True
 
     def view(self, shape):
@@ -254,8 +303,12 @@ class _Buffer:
 
 
 class _Engine:
+    """One engine: one execution context per optimisation profile (context p set to profile p at load,
+    never switched), all on ONE activation ("scratch") buffer of the engine's largest size. Sharing it is
+    safe because every execution of the backend is enqueued on its single stream, one after the other
+    (no two contexts ever run concurrently); keep it that way."""
+
     def __init__(self, owner: "TrtBackend", graph: str, engine, record: dict, entry: dict):
-        torch = owner.torch
         self.owner, self.graph, self.engine, self.record = owner, graph, engine, record
         self.inputs = [i["name"] for i in entry["inputs"]]
         self.outputs = [o["name"] for o in entry["outputs"]]
@@ -273,23 +326,43 @@ class _Engine:
                 lo, opt, hi = engine.get_tensor_profile_shape(name, p)
                 shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
             self.profiles.append(shapes)
-        # per-frame graphs (fixed shapes, once per audio frame): every call replayed as a CUDA graph
-        self.use_graphs = owner.cuda_graphs and graph in owner.per_frame and self.num_profiles == 1
-        # the LM's decode steps on the device cache: replayed as CUDA graphs keyed by shape and cache address
-        self.decode_graphs_on = owner.cuda_graphs and graph == DECODE_GRAPH["graph"]
-        self.context, _ = owner.create_context(engine, multi_profile=self.num_profiles > 1)
-        self.current_profile = 0
+        # per-frame graphs: the batch padded to the profile's maximum, every call replayed as a CUDA graph
+        self.per_frame = graph in owner.per_frame
+        self.batched_inputs = {io["name"] for io in entry["inputs"] if (io.get("shape") or [None])[0] == "batch"}
+        self.batched_outputs = {io["name"] for io in entry["outputs"] if (io.get("shape") or [None])[0] == "batch"}
+        self.notes: list[str] = []
+        self.scratch = None
+        self.slots = self._create_contexts()
         self.max_elems = self._max_elements()
-        self.buffers = self._new_buffers()
-        self.graph_contexts: dict = {}  # shape key -> (context, CUDAGraph | None, output shapes)
-        self.decode_graphs = GraphCache(MAX_DECODE_GRAPHS)  # graph_key -> (context, CUDAGraph | None, output shapes)
-        self.decode_buffers = None  # fixed-address buffers of the decode graphs (own: prefill never moves them)
-        self.scratch: dict = {}  # profile (None: any) -> activation memory shared by the per-shape contexts
+        self.buffers = {n: _Buffer(owner.torch, owner.device, self.torch_dtypes[n], self.max_elems[n],
+                                   owner.buffer_budget, owner.stream)
+                        for n in self.inputs + self.outputs}
 
-    def _new_buffers(self) -> dict:
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.owner.note(text)
+
+    def _create_contexts(self) -> list:
+        """One context per profile, all on one user-managed scratch buffer (when TensorRT lets us manage it;
+        else each context allocates its own). A profile TensorRT refuses here is a load-time error."""
         owner = self.owner
-        return {n: _Buffer(owner.torch, owner.device, self.torch_dtypes[n], self.max_elems[n], owner.buffer_budget)
-                for n in self.inputs + self.outputs}
+        stream = owner.stream
+        size = _max_device_memory_size(self.engine, self.num_profiles)
+        slots = []
+        for p in range(self.num_profiles):
+            context, managed = owner.create_context(self.engine, user_managed=True)
+            if p > 0 and not context.set_optimization_profile_async(p, stream.cuda_stream):
+                raise TrtBackendError(f"{self.graph}: TensorRT refuses an execution context for optimisation profile "
+                                      f"{self.profile_names[p]} ({p} of {self.num_profiles})")
+            if managed:
+                if self.scratch is None:
+                    with owner.torch.cuda.stream(stream):
+                        self.scratch = owner.torch.empty(max(size, 1), dtype=owner.torch.uint8, device=owner.device)
+                _set_device_memory(context, self.scratch.data_ptr(), self.scratch.numel())
+            slot_graphs = owner.cuda_graphs and (self.per_frame or self.graph == DECODE_GRAPH["graph"])
+            slots.append(ContextSlot(p, context, slot_graphs))
+        stream.synchronize()
+        return slots
 
     def _check_io(self, entry: dict) -> None:
         trt = self.owner.trt
@@ -308,23 +381,19 @@ class _Engine:
                                       f"{dtype} in the manifest")
 
     def _max_elements(self) -> dict:
-        """Largest element count of every binding over the profiles (outputs through shape inference)."""
+        """Largest element count of every binding over the profiles (outputs through shape inference on
+        each profile's own context)."""
         out = {n: 1 for n in self.inputs + self.outputs}
-        stream = self.owner.stream.cuda_stream
-        for p, shapes in enumerate(self.profiles):
-            if self.num_profiles > 1:
-                self.context.set_optimization_profile_async(p, stream)
+        for slot, shapes in zip(self.slots, self.profiles):
+            context = slot.context
             for name in self.inputs:
                 hi = shapes[name][2]
                 out[name] = max(out[name], math.prod(hi))
-                self.context.set_input_shape(name, hi)
+                context.set_input_shape(name, hi)
             for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
+                shape = tuple(context.get_tensor_shape(name))
                 if shape and all(d >= 0 for d in shape):
                     out[name] = max(out[name], math.prod(shape))
-        if self.num_profiles > 1:
-            self.context.set_optimization_profile_async(0, stream)
-            self.owner.stream.synchronize()
         return out
 
     def pick_profile(self, shapes: dict) -> int:
@@ -342,8 +411,9 @@ class _Engine:
                 f"{self.profile_names[p]}: " + ", ".join(f"{n} {list(prof[n][0])}..{list(prof[n][2])}" for n in self.inputs)
                 for p, prof in enumerate(self.profiles))
             got = ", ".join(f"{n} {list(shapes[n])}" for n in self.inputs)
-            raise TrtBackendError(f"{self.graph}: shapes {got} lie outside every optimisation profile of its engine "
-                                  f"({ranges}); rebuild with a plan that covers them")
+            raise CapacityError(f"{self.graph}: shapes {got} lie outside every optimisation profile of its engine "
+                                f"({ranges}); rebuild the engines with a plan that covers them "
+                                f"(`vv-export trt --plan <plan>` with larger settings) or make the request smaller")
         return best
 
     # --- execution ------------------------------------------------------------------------------
@@ -369,31 +439,59 @@ class _Engine:
             arrays[name] = arr
         shapes = {n: tuple(int(d) for d in a.shape) for n, a in {**arrays, **device_feeds}.items()}
         profile = self.pick_profile(shapes)
+        try:
+            return self._run(profile, shapes, arrays, device_feeds)
+        except (CapacityError, BackendFault):
+            raise
+        except Exception as exc:
+            oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+            if isinstance(exc, oom) or "out of memory" in str(exc).lower():
+                raise BackendFault(f"{self.graph}: out of GPU memory during TensorRT execution "
+                                   f"({_one_line(exc)})") from exc
+            raise BackendFault(f"{self.graph}: TensorRT execution failed ({_one_line(exc)})") from exc
+
+    def _run(self, profile: int, shapes: dict, arrays: dict, device_feeds: dict) -> dict:
+        torch = self.owner.torch
+        slot = self.slots[profile]
         stream = self.owner.stream
+        rows = None
+        pad = self.per_frame and slot.graphs  # plain per-frame runs (graphs off) need no fixed shape
+        if pad:
+            run_shapes = padded_shapes(shapes, self.batched_inputs, self.profiles[profile])
+            for name in self.batched_inputs:
+                if name in shapes and shapes[name]:
+                    rows = shapes[name][0]
+        else:
+            run_shapes = shapes
         if device_feeds:
             stream.wait_stream(torch.cuda.current_stream(self.owner.device))  # the feeds' producer first
         with torch.cuda.device(self.owner.device), torch.cuda.stream(stream):
             # dtype/layout conversion on the engine's stream, in order with the copies and the execution
             given = {n: t.data_ptr() for n, t in device_feeds.items()}
             device_feeds = {n: t.to(self.torch_dtypes[n]).contiguous() for n, t in device_feeds.items()}
-            # a decode graph binds the caller's cache where it lives: only when no conversion copied it
             in_place = all(t.data_ptr() == given[n] for n, t in device_feeds.items())
-            out_shapes = None
-            buffers = self.buffers
-            if self.use_graphs:
-                out_shapes = self._run_graph(shapes, self._stage(arrays, device_feeds, self.buffers))
-            elif self.decode_graphs_on and in_place and is_decode_call(self.graph, shapes, device_feeds):
-                out_shapes = self._run_decode_graph(profile, shapes, arrays, device_feeds)
-                buffers = self.decode_buffers
-            if out_shapes is None:
-                buffers = self.buffers
-                self._stage(arrays, {}, self.buffers)
-                direct = {n: t for n, t in device_feeds.items() if t.numel()}  # bound as they are: no copy
-                out_shapes = self._run_plain(profile, shapes, direct)
+            decode = (in_place and is_decode_call(self.graph, shapes, device_feeds)
+                      and all(t.numel() for t in device_feeds.values()))
+            use_graph = slot.graphs and (self.per_frame or decode)
+            if self.per_frame or not use_graph:
+                # per-frame: everything staged into the fixed buffers (padded); plain: device feeds bound as they are
+                staged_dev = {n: t for n, t in device_feeds.items() if self.per_frame}
+                direct = {n: t for n, t in device_feeds.items() if n not in staged_dev and t.numel()}
+            else:
+                staged_dev, direct = {}, dict(device_feeds)  # decode: the cache bound where it lives
+            self._stage(arrays, staged_dev, run_shapes)
+            if use_graph:
+                out_shapes = self._run_graph(slot, run_shapes, direct)
+            else:
+                out_shapes = self._bind(slot.context, run_shapes, direct)
+                self._execute(slot.context)
+                slot.plain_runs += 1
             results = {}
             for name in self.outputs:
                 shape = out_shapes[name]
-                view = buffers[name].view(shape)
+                view = self.buffers[name].view(shape)
+                if rows is not None and name in self.batched_outputs and shape and shape[0] > rows:
+                    view, shape = view[:rows], (rows,) + tuple(shape[1:])  # the padding rows back off
                 if device_feeds and (self.graph, name) in DEVICE_OUTPUTS:
                     results[name] = view.clone()  # stays on the device (the LM cache's write takes it)
                 elif math.prod(shape):
@@ -402,61 +500,71 @@ class _Engine:
                     results[name] = np.zeros(shape, dtype=str(self.torch_dtypes[name]).replace("torch.", ""))
         return results
 
-    def _stage(self, arrays: dict, device_feeds: dict, buffers: dict) -> bool:
-        """Copy host arrays (and device feeds) into the fixed binding buffers; True when a buffer moved."""
+    def _stage(self, arrays: dict, device_feeds: dict, shapes: dict) -> None:
+        """Copy host arrays (and device feeds) into the binding buffers at `shapes` (zero rows past the
+        given ones: per-frame padding)."""
         torch = self.owner.torch
-        moved = False
         for name, arr in arrays.items():
-            moved |= buffers[name].ensure(arr.size)
-            if arr.size:
-                buffers[name].view(arr.shape).copy_(torch.from_numpy(arr), non_blocking=False)
+            shape = shapes[name]
+            self.buffers[name].ensure(math.prod(shape))
+            if math.prod(shape):
+                self.buffers[name].view(shape).copy_(torch.from_numpy(pad_rows(arr, shape[0]) if arr.ndim else arr))
         for name, tensor in device_feeds.items():
-            moved |= buffers[name].ensure(tensor.numel())
-            if tensor.numel():
-                buffers[name].view(tensor.shape).copy_(tensor)
-        return moved
+            shape = shapes[name]
+            self.buffers[name].ensure(math.prod(shape))
+            if math.prod(shape):
+                view = self.buffers[name].view(shape)
+                n = tensor.shape[0] if tensor.dim() else None
+                if n is not None and n < shape[0]:
+                    view[n:].zero_()
+                    view[:n].copy_(tensor)
+                else:
+                    view.copy_(tensor)
 
-    def _bind(self, context, shapes: dict, direct: dict | None = None, buffers: dict | None = None,
-              on_move=None) -> dict:
+    def _addresses(self, direct: dict) -> dict:
+        return {n: (direct[n].data_ptr() if n in direct else self.buffers[n].ptr) for n in self.inputs + self.outputs}
+
+    def _bind(self, context, shapes: dict, direct: dict | None = None) -> dict:
         """Set input shapes and every tensor address on `context` (`direct`: inputs bound at their own
-        device memory; the others and the outputs at `buffers`, default the engine's); the output shapes.
-        An output buffer that has to grow moves: `on_move()` (default: drop the per-frame graphs)."""
-        buffers = self.buffers if buffers is None else buffers
+        device memory, the others and the outputs at the engine's buffers); returns the output shapes."""
+        direct = direct or {}
         for name in self.inputs:
             if not context.set_input_shape(name, shapes[name]):
-                raise TrtBackendError(f"{self.graph}: TensorRT rejects input {name!r} of shape {list(shapes[name])}")
+                raise BackendFault(f"{self.graph}: TensorRT rejects input {name!r} of shape {list(shapes[name])} "
+                                   "within its own profile")
         out_shapes = {}
         for name in self.outputs:
             shape = tuple(context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise TrtBackendError(f"{self.graph}: TensorRT cannot infer the shape of output {name!r}")
+                raise BackendFault(f"{self.graph}: TensorRT cannot infer the shape of output {name!r}")
             out_shapes[name] = shape
-            if buffers[name].ensure(math.prod(shape)):
-                (on_move or self._drop_graphs)()
-        for name in self.inputs + self.outputs:
-            tensor = (direct or {}).get(name)
-            context.set_tensor_address(name, tensor.data_ptr() if tensor is not None else buffers[name].ptr)
+            self.buffers[name].ensure(math.prod(shape))
+        for name, ptr in self._addresses(direct).items():
+            context.set_tensor_address(name, ptr)
         return out_shapes
 
     def _execute(self, context) -> None:
         if not context.execute_async_v3(self.owner.stream.cuda_stream):
-            raise TrtBackendError(f"{self.graph}: TensorRT execution failed (see the TensorRT messages above)")
+            raise BackendFault(f"{self.graph}: TensorRT execution failed (see the TensorRT messages above)")
 
-    def _run_plain(self, profile: int, shapes: dict, direct: dict | None = None) -> dict:
-        if profile != self.current_profile:
-            if not self.context.set_optimization_profile_async(profile, self.owner.stream.cuda_stream):
-                raise TrtBackendError(f"{self.graph}: cannot switch to profile {self.profile_names[profile]}")
-            self.current_profile = profile
-        out_shapes = self._bind(self.context, shapes, direct)
-        self._execute(self.context)
+    def _run_graph(self, slot: ContextSlot, shapes: dict, direct: dict) -> dict:
+        """Replay the profile context's graph when its key (shapes, bound addresses) matches; else drop it,
+        bind, execute (warm-up and this call's result) and capture for the next calls."""
+        key = graph_key(self.inputs, shapes, self._addresses(direct))
+        if slot.decide(key) == "replay":
+            slot.graph.replay()
+            slot.replays += 1
+            return slot.out_shapes
+        out_shapes = self._bind(slot.context, shapes, direct)  # may grow (move) an output buffer
+        key = graph_key(self.inputs, shapes, self._addresses(direct))
+        self._execute(slot.context)
+        slot.plain_runs += 1
+        slot.store(key, self._capture(slot.context, key), out_shapes)
         return out_shapes
 
-    def _drop_graphs(self) -> None:
-        self.graph_contexts.clear()
-
     def _capture(self, context, key) -> object | None:
-        """Capture one execute_async_v3 of `context` (bound, warmed up) as a CUDA graph; None when TensorRT
-        cannot be captured here (the caller then executes the context each time)."""
+        """Capture one execute_async_v3 of `context` (bound, warmed up) as a CUDA graph; None when it cannot
+        be captured here (one notice; the context then runs plainly)."""
         torch = self.owner.torch
         try:
             stream = self.owner.stream
@@ -466,121 +574,49 @@ class _Engine:
                 if not context.execute_async_v3(stream.cuda_stream):
                     raise RuntimeError("execute_async_v3 refused to run under stream capture")
             return graph
-        except Exception as exc:  # a layer TensorRT cannot capture: run this shape without a graph
-            self.owner.note(f"{self.graph}: CUDA graph capture failed at {list(key)} ({_one_line(exc)}); "
-                            "running without it")
+        except Exception as exc:  # a layer TensorRT cannot capture: this profile runs without a graph
+            self.note(f"{self.graph}: CUDA graph capture failed at {list(key[0])} ({_one_line(exc)}); "
+                      "this profile runs without CUDA graphs")
             with _suppress():
                 torch.cuda.synchronize(self.owner.device)
             return None
 
-    def _run_graph(self, shapes: dict, moved: bool) -> dict:
-        """Replay the CUDA graph of these shapes; on first use: own context, warm-up run, capture."""
-        if moved:
-            self._drop_graphs()
-        key = tuple(shapes[n] for n in self.inputs)
-        slot = self.graph_contexts.get(key)
-        if slot is not None:
-            context, cuda_graph, out_shapes = slot
-            if cuda_graph is not None:
-                cuda_graph.replay()
-            else:
-                self._execute(context)
-            return out_shapes
-        context = self._graph_context()
-        out_shapes = self._bind(context, shapes)
-        self._execute(context)  # warm-up at this shape (and this call's result)
-        self.graph_contexts[key] = (context, self._capture(context, key), out_shapes)
-        return out_shapes
-
-    def _run_decode_graph(self, profile: int, shapes: dict, arrays: dict, device_feeds: dict) -> dict | None:
-        """An LM decode step as a CUDA graph: host inputs copied into fixed device buffers, the device cache
-        bound where it is; the graph is keyed by every input shape and the cache's address (a cache that
-        grows moves to a new bucket: new key; `forget_address` drops the old one). Returns the output shapes
-        (in `self.decode_buffers`), or None to run the step plainly (no graph context possible)."""
-        if self.decode_buffers is None:
-            self.decode_buffers = self._new_buffers()
-        buffers = self.decode_buffers
-        if self._stage(arrays, {}, buffers):
-            self.decode_graphs.clear()  # an input buffer moved: every captured graph reads the old address
-        direct = {n: t for n, t in device_feeds.items()}
-        key = graph_key(self.inputs, shapes, {n: t.data_ptr() for n, t in direct.items()})
-        slot = self.decode_graphs.get(key)
-        if slot is not None:
-            context, cuda_graph, out_shapes = slot
-            if cuda_graph is not None:
-                cuda_graph.replay()
-            else:
-                self._execute(context)
-            return out_shapes
-        context = self._graph_context(profile)
-        if context is None:
-            # TensorRT lets one profile serve one context at a time here: decode without graphs
-            self.owner.note(f"{self.graph}: no second execution context for profile "
-                            f"{self.profile_names[profile]}; decode steps run without CUDA graphs")
-            self.decode_graphs_on = False
-            self.decode_graphs.clear()
-            return None
-        out_shapes = self._bind(context, shapes, direct, buffers=buffers, on_move=self.decode_graphs.clear)
-        self._execute(context)  # warm-up at this shape and address (and this call's result)
-        self.decode_graphs.put(key, (context, self._capture(context, key), out_shapes))
-        return out_shapes
-
     def forget_address(self, address: int) -> int:
-        """Drop the captured decode graphs bound to device memory at `address` (freed or moved)."""
-        return self.decode_graphs.forget_address(address)
+        """Drop the captured graphs bound to device memory at `address` (freed or moved)."""
+        return sum(slot.forget_address(address) for slot in self.slots)
 
-    def _graph_context(self, profile: int | None = None):
-        """A new execution context sharing one activation buffer with the other per-shape contexts; with
-        `profile`, set to that profile (None when TensorRT refuses it) and given memory sized for it where
-        TensorRT tells the size per profile (the LM's decode contexts do not reserve its prefill's
-        activation memory). Contexts run one at a time, on one stream."""
-        owner = self.owner
-        context, user_managed = owner.create_context(self.engine, user_managed=True)
-        if profile is not None and self.num_profiles > 1:
-            # the profile first: its activation memory is what the context is given below
-            if not context.set_optimization_profile_async(profile, owner.stream.cuda_stream):
-                return None
-        if user_managed:
-            size = _device_memory_size(self.engine, profile)
-            key = profile if profile is not None and _has_profile_sizes(self.engine) else None
-            scratch = self.scratch.get(key)
-            if scratch is None or scratch.numel() < size:
-                if scratch is not None:  # graphs captured on the old memory must not replay
-                    self._drop_graphs()
-                    self.decode_graphs.clear()
-                scratch = owner.torch.empty(max(size, 1), dtype=owner.torch.uint8, device=owner.device)
-                self.scratch[key] = scratch
-            _set_device_memory(context, scratch.data_ptr(), scratch.numel())
-        return context
+    def stats(self) -> dict:
+        return {"profile_contexts": len(self.slots),
+                "captures": sum(s.captures for s in self.slots),
+                "replays": sum(s.replays for s in self.slots),
+                "plain_runs": sum(s.plain_runs for s in self.slots),
+                "notes": list(self.notes)}
 
     def close(self) -> None:
-        self.graph_contexts.clear()
-        self.decode_graphs.clear()
-        self.context = None
+        for slot in self.slots:
+            slot.drop()
+            slot.context = None
+        self.slots = []
         self.buffers.clear()
-        self.decode_buffers = None
-        self.scratch = {}
+        self.scratch = None
         self.engine = None
 
 
-def _has_profile_sizes(engine) -> bool:
-    return any(hasattr(engine, a) for a in ("get_device_memory_size_for_profile_v2",
-                                            "get_device_memory_size_for_profile"))
-
-
-def _device_memory_size(engine, profile: int | None = None) -> int:
-    """Activation memory of an execution context: for one profile where TensorRT (10.1+) tells it, else the
-    engine's (the largest over its profiles)."""
-    if profile is not None:
-        for attr in ("get_device_memory_size_for_profile_v2", "get_device_memory_size_for_profile"):
-            getter = getattr(engine, attr, None)
-            if getter is not None:
-                return int(getter(profile))
+def _max_device_memory_size(engine, num_profiles: int) -> int:
+    """Activation memory for every profile's context: the engine's size (TensorRT: the largest over its
+    profiles) and, where TensorRT (10.1+) tells it, the largest per-profile size."""
+    sizes = [0]
     for attr in ("device_memory_size_v2", "device_memory_size"):
         size = getattr(engine, attr, None)
         if size is not None:
-            return int(size)
-    return 0
+            sizes.append(int(size))
+            break
+    for attr in ("get_device_memory_size_for_profile_v2", "get_device_memory_size_for_profile"):
+        getter = getattr(engine, attr, None)
+        if getter is not None:
+            sizes.extend(int(getter(p)) for p in range(num_profiles))
+            break
+    return max(sizes)
 
 
 def _set_device_memory(context, ptr: int, size: int) -> None:
@@ -599,6 +635,14 @@ class _suppress:
         return True
 
 
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 # --- the LM cache on the GPU ---------------------------------------------------------------------
 
 class DeviceKVCache:
@@ -612,7 +656,32 @@ class DeviceKVCache:
     def __init__(self, backend: "TrtBackend", shape: tuple[int, ...]):
         self.backend = backend
         self.shape = tuple(int(d) for d in shape)
-        self.data = self._zeros(bucket_slots(1, self.shape[4]))
+        self._finalizer = None
+        self.data = None
+        self._replace(self._zeros(bucket_slots(1, self.shape[4])))
+
+    def _replace(self, data) -> None:
+        """Hold `data` as the cache buffer; the backend forgets the old buffer's address now (its graphs are
+        never replayed again) and the new one's when this cache is closed or garbage-collected."""
+        import weakref
+
+        old = self.data
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self.data = data
+        forget = getattr(self.backend, "forget_address", None)
+        if old is not None and forget is not None:
+            forget(old.data_ptr())
+        self._finalizer = weakref.finalize(self, forget, data.data_ptr()) if forget is not None else None
+        if self._finalizer is not None:
+            self._finalizer.atexit = False
+
+    def close(self) -> None:
+        """Release the buffer (the graphs bound to it are dropped)."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self.data = None
 
     def _zeros(self, slots: int):
         torch = self.backend.torch
@@ -629,11 +698,7 @@ class DeviceKVCache:
             grown = self._zeros(bucket_slots(n, self.shape[4]))
             with self._ctx():
                 grown[:, :, :, :, : self.data.shape[4]] = self.data
-            old = self.data.data_ptr()
-            self.data = grown
-            forget = getattr(self.backend, "forget_address", None)
-            if forget is not None:
-                forget(old)  # the decode graphs bound at the old buffer: never replayed again
+            self._replace(grown)  # the decode graphs bound at the old buffer: never replayed again
 
     def write(self, rows: slice, start: int, new_kv) -> None:
         """new_kv [L, 2, rows, KV, seq, D] (a CUDA tensor from `run`, or numpy; rows may broadcast from 1)."""
@@ -747,8 +812,8 @@ class TrtBackend(Backend):
     def create_context(self, engine, multi_profile: bool = False, user_managed: bool = False):
         """(execution context, whether its activation memory is user managed).
 
-        USER_MANAGED memory where asked (and available); ON_PROFILE_CHANGE for an engine with several
-        profiles (the LM's prefill and decode need different activation memory); else STATIC."""
+        USER_MANAGED memory where asked (and available: the engine's contexts then share one scratch
+        buffer); ON_PROFILE_CHANGE for `multi_profile`; else STATIC (TensorRT's default)."""
         trt = self.trt
         strategies = getattr(trt, "ExecutionContextAllocationStrategy", None)
         name = "USER_MANAGED" if user_managed else ("ON_PROFILE_CHANGE" if multi_profile else None)
@@ -805,9 +870,16 @@ class TrtBackend(Backend):
         self.plan_limits.check_fits(graph, shapes)
 
     def forget_address(self, address: int) -> None:
-        """Device memory at `address` was freed or moved (a DeviceKVCache grew): drop graphs bound to it."""
-        for engine in getattr(self, "engines", {}).values():
+        """Device memory at `address` was freed or moved (a DeviceKVCache grew, closed or was collected):
+        drop the CUDA graphs bound to it."""
+        for engine in list((getattr(self, "engines", None) or {}).values()):
             engine.forget_address(address)
+
+    def graph_stats(self) -> dict:
+        """What ran, per loaded graph: {"profile_contexts": execution contexts (one per optimisation
+        profile), "captures": CUDA graphs captured, "replays": calls replayed from one, "plain_runs": plain
+        executions (including each capture's warm-up run), "notes": why graphs were not used, if so}."""
+        return {graph: engine.stats() for graph, engine in self.engines.items()}
 
     def close(self) -> None:
         engines = getattr(self, "engines", {})

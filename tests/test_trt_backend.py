@@ -14,7 +14,7 @@ import pytest
 
 from vv_runtime import trt_backend
 from vv_runtime.backend import OrtBackend, select_backend
-from vv_runtime.errors import RuntimeInputError
+from vv_runtime.errors import BackendFault, CapacityError, RuntimeInputError
 from vv_runtime.trt_backend import TrtBackend, TrtBackendError, trt_engines_match
 
 
@@ -125,11 +125,13 @@ def test_lm_profile_choice():
     assert eng.pick_profile({"x": (2, 30), "kv": (2, 0)}) == 0   # prompt
     assert eng.pick_profile({"x": (1, 1), "kv": (1, 0)}) == 0    # one-token prompt: no past
     assert eng.pick_profile({"x": (4, 1), "kv": (4, 50)}) == 1   # decode step
-    with pytest.raises(TrtBackendError) as info:
+    with pytest.raises(CapacityError) as info:
         eng.pick_profile({"x": (2, 3), "kv": (2, 5)})            # chunked prefill: not planned
     msg = str(info.value)
     assert "outside every optimisation profile" in msg and "prefill" in msg and "decode" in msg
-    with pytest.raises(TrtBackendError):
+    assert "\n" not in msg and "vv-export trt --plan" in msg
+    assert not isinstance(info.value, TrtBackendError)           # the request's size, not a broken ENGINE_DIR
+    with pytest.raises(CapacityError):
         eng.pick_profile({"x": (16, 1), "kv": (16, 5)})          # batch beyond the plan
 
 
@@ -335,7 +337,7 @@ def test_decode_calls_are_recognised():
     assert not trt_backend.is_decode_call("acoustic_decoder", {"latent": (1, 1, 16)}, {"past_kv": object()})
 
 
-def test_graph_keys_and_stale_graphs():
+def test_graph_keys():
     inputs = ["inputs_embeds", "past_kv"]
     key = trt_backend.graph_key(inputs, {"inputs_embeds": (4, 1, 64), "past_kv": (2, 2, 4, 2, 128, 16)},
                                 {"past_kv": 0x7000})
@@ -346,41 +348,189 @@ def test_graph_keys_and_stale_graphs():
     bucket = trt_backend.graph_key(inputs, {"inputs_embeds": (4, 1, 64), "past_kv": (2, 2, 4, 2, 256, 16)},
                                    {"past_kv": 0x9000})
     assert len({key, moved, bucket}) == 3
-    cache = trt_backend.GraphCache(capacity=2)
-    assert cache.put(key, "a") == [] and cache.put(moved, "b") == []
-    assert cache.get(key) == "a"                      # now the most recently used
-    assert cache.put(bucket, "c") == [moved]          # the least recently used goes
-    assert key in cache and bucket in cache and len(cache) == 2
-    assert cache.forget_address(0x9000) == 1 and bucket not in cache and key in cache
-    assert cache.forget_address(0x1234) == 0
-    cache.clear()
-    assert len(cache) == 0 and cache.get(key) is None
+
+
+def test_one_graph_per_context_recaptured_on_a_new_key():
+    """ContextSlot: at most one graph per profile context; a new key drops it and captures again, a
+    failed capture leaves the context plain, stale addresses drop the graph."""
+    shapes = {"x": (4, 1, 64), "past_kv": (2, 2, 4, 2, 128, 16)}
+    k1 = trt_backend.graph_key(["x", "past_kv"], shapes, {"past_kv": 0x7000, "x": 0x100})
+    k2 = trt_backend.graph_key(["x", "past_kv"], {**shapes, "past_kv": (2, 2, 4, 2, 256, 16)},
+                               {"past_kv": 0x9000, "x": 0x100})
+    slot = trt_backend.ContextSlot(1, context="ctx")
+    assert slot.decide(k1) == "capture"
+    slot.store(k1, "graph-1", {"y": (4, 1)})
+    assert slot.decide(k1) == "replay" and slot.out_shapes == {"y": (4, 1)} and slot.captures == 1
+    assert slot.decide(k2) == "capture" and slot.graph is None and slot.dropped == 1  # old one dropped first
+    slot.store(k2, "graph-2", {"y": (4, 1)})
+    assert slot.decide(k1) == "capture"                  # back to k1: one graph per context, so re-capture
+    slot.store(k1, "graph-1b", {"y": (4, 1)})
+    assert slot.forget_address(0x9000) is False          # not bound there (k2's graph is gone already)
+    assert slot.forget_address(0x7000) is True and slot.graph is None and slot.key is None
+    assert slot.decide(k1) == "capture"
+    slot.store(k1, None, None)                           # capture impossible here: plain from now on
+    assert slot.graphs is False and slot.decide(k1) == "plain" and slot.captures == 3
+    assert trt_backend.ContextSlot(0, graphs=False).decide(k1) == "plain"
+
+
+def test_per_frame_padding_to_the_profile_maximum():
+    """Per-frame calls are padded to the chosen profile's maximum batch (one shape per profile context):
+    batched inputs only (cfg_scale [1] stays), zero rows appended."""
+    import numpy as np
+
+    profiles = [{"noise": ((b0, 16), (b1, 16), (b1, 16)), "cfg_scale": ((1,), (1,), (1,))}
+                for b0, b1 in ((1, 1), (2, 2), (3, 4), (5, 8), (9, 16))]
+    eng = _engine_stub(profiles, ["noise", "cfg_scale"])
+    eng.profile_names = [f"rows{p['noise'][2][0]}" for p in profiles]
+    for rows, profile, padded in ((1, 0, 1), (2, 1, 2), (3, 2, 4), (4, 2, 4), (5, 3, 8), (11, 4, 16), (16, 4, 16)):
+        shapes = {"noise": (rows, 16), "cfg_scale": (1,)}
+        p = eng.pick_profile(shapes)
+        assert p == profile, rows
+        assert trt_backend.padded_shapes(shapes, {"noise"}, profiles[p]) == {"noise": (padded, 16), "cfg_scale": (1,)}
+    with pytest.raises(CapacityError):
+        eng.pick_profile({"noise": (17, 16), "cfg_scale": (1,)})
+    a = np.arange(6, dtype=np.float32).reshape(3, 2)
+    padded = trt_backend.pad_rows(a, 4)
+    assert padded.shape == (4, 2) and (padded[:3] == a).all() and (padded[3] == 0).all()
+    assert trt_backend.pad_rows(a, 3) is a
+
+
+def test_staging_pads_with_zero_rows_in_the_fixed_buffers():
+    """_stage writes the caller's rows and zeros beyond them into the binding buffers (CPU tensors stand
+    in for device memory), host arrays and device feeds alike, at a fixed address."""
+    import types
+
+    import numpy as np
+
+    torch = pytest.importorskip("torch")
+    eng = object.__new__(trt_backend._Engine)
+    eng.owner = types.SimpleNamespace(torch=torch)
+    eng.buffers = {n: trt_backend._Buffer(torch, "cpu", torch.float32, 64, 1 << 20) for n in ("a", "b")}
+    before = {n: b.ptr for n, b in eng.buffers.items()}
+    eng.buffers["a"].tensor.fill_(7.0)
+    eng.buffers["b"].tensor.fill_(7.0)
+    eng._stage({"a": np.ones((3, 2), np.float32)}, {"b": torch.full((1, 2), 2.0)}, {"a": (4, 2), "b": (4, 2)})
+    assert eng.buffers["a"].view((4, 2)).tolist() == [[1, 1]] * 3 + [[0, 0]]
+    assert eng.buffers["b"].view((4, 2)).tolist() == [[2, 2]] + [[0, 0]] * 3
+    assert {n: b.ptr for n, b in eng.buffers.items()} == before
+
+
+def test_one_context_per_profile_sharing_one_scratch(monkeypatch):
+    """_create_contexts: context p holds profile p (set explicitly for p > 0, never switched), every context
+    is given the same scratch buffer, sized to the largest of the engine's and the per-profile sizes.
+    The stand-in engine only records the TensorRT calls (no execution)."""
+    import contextlib
+    import types
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    calls = []
+
+    class Context:
+        def __init__(self, i):
+            self.i, self.profile, self.memory = i, 0 if i == 0 else None, None
+
+        def set_optimization_profile_async(self, p, stream):
+            calls.append((self.i, p))
+            self.profile = p
+            return True
+
+        def set_device_memory(self, ptr, size):
+            self.memory = (ptr, size)
+
+    class Engine:
+        device_memory_size_v2 = 1000
+        created = []
+
+        def get_device_memory_size_for_profile_v2(self, p):
+            return [300, 1500, 800][p]
+
+    def create_context(engine, user_managed=False, multi_profile=False):
+        ctx = Context(len(Engine.created))
+        Engine.created.append(ctx)
+        return ctx, user_managed
+
+    owner = types.SimpleNamespace(torch=torch, device="cpu", cuda_graphs=True, create_context=create_context,
+                                  stream=types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None))
+    eng = object.__new__(trt_backend._Engine)
+    eng.owner, eng.graph, eng.engine, eng.num_profiles = owner, "lm", Engine(), 3
+    eng.profile_names, eng.per_frame, eng.scratch = ["prefill", "decode", "extend"], False, None
+    slots = eng._create_contexts()
+    assert [s.profile for s in slots] == [0, 1, 2] and [s.context.profile for s in slots] == [0, 1, 2]
+    assert calls == [(1, 1), (2, 2)]                        # profile 0: the first context has it already
+    assert eng.scratch.numel() == 1500                       # the largest per-profile size
+    assert {s.context.memory for s in slots} == {(eng.scratch.data_ptr(), 1500)}
+    assert all(s.graphs for s in slots)                      # the LM: decode graphs possible on its contexts
+    assert trt_backend._max_device_memory_size(types.SimpleNamespace(device_memory_size_v2=5), 2) == 5
+
+
+def test_refused_profile_is_a_load_error(monkeypatch):
+    import contextlib
+    import types
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    ctx = types.SimpleNamespace(set_optimization_profile_async=lambda p, s: False, set_device_memory=lambda *a: None)
+    owner = types.SimpleNamespace(torch=torch, device="cpu", cuda_graphs=True,
+                                  create_context=lambda engine, user_managed=False: (ctx, True),
+                                  stream=types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None))
+    eng = object.__new__(trt_backend._Engine)
+    eng.owner, eng.graph, eng.engine, eng.num_profiles = owner, "lm", types.SimpleNamespace(), 2
+    eng.profile_names, eng.per_frame, eng.scratch = ["prefill", "decode"], False, None
+    with pytest.raises(TrtBackendError, match="profile decode"):
+        eng._create_contexts()
+
+
+def test_execution_failures_are_backend_faults():
+    import types
+
+    eng = object.__new__(trt_backend._Engine)
+    eng.graph = "acoustic_decoder"
+    eng.owner = types.SimpleNamespace(stream=types.SimpleNamespace(cuda_stream=0))
+    with pytest.raises(BackendFault, match="acoustic_decoder: TensorRT execution failed"):
+        eng._execute(types.SimpleNamespace(execute_async_v3=lambda stream: False))
+    assert not issubclass(BackendFault, RuntimeInputError)
 
 
 def test_device_cache_growth_drops_the_graphs_of_its_old_buffer(monkeypatch):
     """A DeviceKVCache that grows to the next bucket moves: the backend is told the old address, and a
-    GraphCache keyed on it drops exactly the graphs bound there (CPU tensors stand in for CUDA memory)."""
+    context slot whose graph is bound there drops it; so does closing or collecting the cache (CPU tensors
+    stand in for CUDA memory)."""
     import contextlib
     import types
 
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    graphs = trt_backend.GraphCache(8)
+    slot = trt_backend.ContextSlot(1)
     forgotten = []
 
     def forget(address):
         forgotten.append(address)
-        graphs.forget_address(address)
+        slot.forget_address(address)
 
     fake = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None, forget_address=forget)
     cache = trt_backend.DeviceKVCache(fake, (1, 2, 2, 1, 1024, 4))
     first = cache.past(10)
     key = trt_backend.graph_key(["past_kv"], {"past_kv": tuple(first.shape)}, {"past_kv": first.data_ptr()})
-    graphs.put(key, "graph of the 64-slot bucket")
+    slot.store(key, "graph of the 64-slot bucket", {})
     assert cache.past(63).data_ptr() == first.data_ptr() and not forgotten  # same bucket: same address
     grown = cache.past(64)                                                      # 65 slots: the 128 bucket
-    assert tuple(grown.shape)[4] == 128 and forgotten == [first.data_ptr()] and key not in graphs
+    assert tuple(grown.shape)[4] == 128 and forgotten == [first.data_ptr()] and slot.graph is None
+    # closed (or collected): its buffer's graphs go too, once
+    key = trt_backend.graph_key(["past_kv"], {"past_kv": tuple(grown.shape)}, {"past_kv": grown.data_ptr()})
+    slot.store(key, "graph of the 128-slot bucket", {})
+    address = grown.data_ptr()
+    del grown
+    cache.close()
+    assert forgotten[-1] == address and slot.graph is None and cache.data is None
+    other = trt_backend.DeviceKVCache(fake, (1, 2, 2, 1, 1024, 4))
+    address = other.data.data_ptr()
+    del other
+    import gc
+
+    gc.collect()
+    assert forgotten[-1] == address
 
 
 # --- on a GPU: LM decode steps replayed as CUDA graphs (`make check-accuracy` runs -m gpu) ------------
@@ -440,11 +590,13 @@ def test_decode_graphs_replay_the_plain_execution(tiny_engine_dir, tmp_path):
             want = step(plain, past.clone(), seed)
             for name in want:
                 np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=f"{name} seed {seed}")
-        assert len(lm.decode_graphs) == 1, notes
-        (_, cuda_graph, _), = lm.decode_graphs.entries.values()
-        assert cuda_graph is not None, f"no CUDA graph captured: {notes}"
-        cache.past(slots)  # grows to the next bucket: the buffer moves, its graphs go
-        assert len(lm.decode_graphs) == 0
+        decode = lm.slots[lm.pick_profile({"inputs_embeds": (rows, 1, H), "attention_mask": (rows, slots + 1),
+                                           "position_ids": (rows, 1), "past_kv": tuple(past.shape)})]
+        assert decode.graph is not None, f"no CUDA graph captured: {notes}"
+        stats = graphs.graph_stats()["lm"]
+        assert stats["captures"] == 1 and stats["replays"] == 2 and stats["profile_contexts"] == lm.num_profiles
+        cache.past(slots)  # grows to the next bucket: the buffer moves, its graph goes
+        assert decode.graph is None
         assert graphs.limits()["plan"] == "ci" and plain.limits() == graphs.limits()
         with pytest.raises(RuntimeInputError, match="beyond the TensorRT plan 'ci'"):
             graphs.check_fits("lm", {"batch": rows, "seq": 1, "past": 10**6})
