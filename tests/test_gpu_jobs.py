@@ -229,6 +229,17 @@ def test_gpu_requirements_are_one_coherent_pinned_set():
     assert not any(s.startswith(("onnxruntime", "nvidia-modelopt")) for s in extra)
 
 
+def test_gpu_setup_leaves_the_package_index_to_pip_environment():
+    """An offline wheelhouse works through PIP_FIND_LINKS / PIP_NO_INDEX (docs/GPU.md): the set-up's pip
+    installs carry no index option that would override them, nor --isolated (which ignores them)."""
+    recipe = (REPO / "Makefile").read_text().split("$(GPU_STAMP):", 1)[1].split("\ngpu-setup:", 1)[0]
+    installs = [line for line in recipe.splitlines() if "pip install" in line]
+    assert len(installs) >= 3, recipe
+    for line in installs:
+        assert not re.search(r"(^|\s)(-i|--index-url|--extra-index-url|--no-index|-f|--find-links|--isolated)\b",
+                             line.split("pip install", 1)[1]), line
+
+
 # --- the GPU benchmark: what the CPU can run of it --------------------------------------------------
 
 @pytest.fixture(scope="module")
