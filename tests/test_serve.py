@@ -133,6 +133,15 @@ def test_voices_presets_and_uploads(client, tmp_path):
     assert raw.status_code == 201, raw.text
     ids = {v["id"] for v in client.get("/v1/voices").json()["data"]}
     assert {"uploaded_b", raw.json()["id"]} <= ids
+    assert up.json()["created"] is True and raw.json()["created"] is True
+    # the same file again: its voice as it is (200, not encoded again), under its name or without one
+    again = client.post("/v1/voices", content=(REPO / "examples" / "voice_a.wav").read_bytes(),
+                        headers={"content-type": "audio/wav"})
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == raw.json()["id"] and again.json()["created"] is False
+    again = client.post("/v1/voices", files={"file": ("b.wav", wav, "audio/wav")}, data={"name": "uploaded_b"})
+    assert again.status_code == 200 and again.json()["id"] == "uploaded_b" and again.json()["created"] is False
+    assert len(client.get("/v1/voices").json()["data"]) == len(ids)
     # an uploaded voice speaks like the preset with the same audio (same seed, same tokens)
     a = speech(client, voice="uploaded_b", seed=1, max_new_frames=8)
     b = speech(client, voice="voice_b", seed=1, max_new_frames=8)
@@ -252,13 +261,45 @@ BAD = {
                                                                       .read_bytes(), "audio/wav")},
                                         data={"name": "../../etc/x"}), 400, "invalid_request_error", "voice name"),
     "voice json": (lambda c: c.post("/v1/voices", json={"file": "x"}), 400, "invalid_request_error", "multipart"),
+    "deeply nested json": (lambda c: raw_json(c, "/v1/audio/speech", b'{"input": ' + b"[" * 100_000 + b"]" * 100_000
+                                              + b', "voice": "voice_a"}'), 400, "invalid_request_error", "nested"),
+    "deeply nested object": (lambda c: raw_json(c, "/v1/speech/script", b'{"a":' * 50_000 + b"1" + b"}" * 50_000),
+                             400, "invalid_request_error", "nested"),
+    "lone surrogate input": (lambda c: raw_json(c, "/v1/audio/speech", rb'{"input": "hi \ud800", "voice": "voice_a"}'),
+                             400, "invalid_request_error", "input: not valid unicode"),
+    "lone surrogate script": (lambda c: raw_json(c, "/v1/speech/script",
+                                                 rb'{"script": "Speaker 1: \udfff", "voices": ["voice_a"]}'),
+                              400, "invalid_request_error", "script: not valid unicode"),
+    "lone surrogate voice": (lambda c: raw_json(c, "/v1/audio/speech", rb'{"input": "hi", "voice": "\ud800"}'),
+                             400, "invalid_request_error", "unknown voice"),
 }
 
 
+def raw_json(client, path: str, body: bytes):
+    return client.post(path, content=body, headers={"content-type": "application/json"})
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_request_is_a_json_4xx(client, case):
+def test_bad_request_is_a_json_4xx(client, server, case):
     send, status, kind, words = BAD[case]
     assert_error(send(client), status, kind, words)
+    assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+def test_engine_errors_map_to_statuses():
+    """The request errors the engine raises, by class: capacity before the generic input error."""
+    from vv_runtime.errors import BackendFault, CapacityError, RuntimeInputError
+    from vv_runtime.serve.app import _engine_error
+    from vv_runtime.service_engine import EngineStopped
+
+    assert _engine_error(CapacityError("prompt is 9000 tokens,\n longer than the context")) == (
+        503, "prompt is 9000 tokens, longer than the context", "capacity")
+    status, message, kind = _engine_error(BackendFault("TensorRT execution failed: out of memory"))
+    assert (status, kind) == (500, "backend_error") and "out of memory" in message and "\n" not in message
+    assert _engine_error(RuntimeInputError("bad line")) == (400, "bad line", "invalid_request_error")
+    assert _engine_error(TimeoutError("late"))[:3:2] == (504, "timeout")
+    assert _engine_error(EngineStopped("stopped"))[::2] == (503, "unavailable")
+    assert _engine_error(ValueError("x")) == (500, "internal error (ValueError)", "internal_error")
 
 
 def test_bad_requests_do_not_disturb_others(client):
@@ -432,6 +473,74 @@ def test_timeout_and_sigterm_drain(random_engine_dir, presets):
     log = srv.log()
     assert "Traceback" not in log, log
     assert "vv-serve: stopped" in log
+
+
+def test_client_that_stops_reading_is_cut_off(random_engine_dir, presets):
+    """A client that sends a streamed request and never reads: once a write blocks for --write-timeout
+    its request is cancelled (rows freed) and its connection aborted; others are served, and SIGTERM
+    then exits at once (nothing waits on the stuck connection)."""
+    import socket
+
+    srv = start(random_engine_dir, presets, "--write-timeout", "0.5", "--request-timeout", "600")
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # a tiny window: writes block soon
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        stuck.connect((host, int(port)))
+        body = json.dumps({**LONG, "stream": True, "response_format": "pcm"}).encode()
+        stuck.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)       # ~10 MB of audio, never read
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            wait_for(lambda: metrics(c).get('vv_http_errors_total{type="write_timeout"}') == 1, timeout=120)
+            wait_for(lambda: metrics(c)["vv_active_rows"] == metrics(c)["vv_active_requests"] == 0, timeout=20)
+            after = metrics(c)
+            assert after["vv_client_disconnects_total"] == 1
+            assert after["vv_frames_total"] < 1500          # cut short, not generated to its end
+            assert c.get("/health").json()["active_rows"] == 0
+            assert speech(c, seed=0, max_new_frames=2).status_code == 200      # the others go on
+        started = time.monotonic()
+        srv.terminate()
+        assert srv.wait(30) == 0
+        assert time.monotonic() - started < 15, "shutdown waited on the client that stopped reading"
+    finally:
+        stuck.close()
+        srv.kill()
+    log = srv.log()
+    assert "Traceback" not in log, log
+    assert "vv-serve: stopped" in log
+
+
+def test_uploads_off(random_engine_dir, presets):
+    """--no-voice-uploads (always so under --ray): POST /v1/voices is a JSON 501, /health says so, presets speak."""
+    srv = start(random_engine_dir, presets, "--no-voice-uploads")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            wav = (REPO / "examples" / "voice_b.wav").read_bytes()
+            assert_error(c.post("/v1/voices", files={"file": ("b.wav", wav, "audio/wav")}), 501, "not_supported",
+                         "--voices DIR")
+            health = c.get("/health").json()
+            assert health["voice_uploads"] is False and health["voices"] == 2
+            assert speech(c, seed=0, max_new_frames=2).status_code == 200
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+
+
+def test_graceful_timeout_and_abort_helpers():
+    from types import SimpleNamespace
+
+    from vv_runtime.serve.app import Limits
+    from vv_runtime.serve.cli import abort_connection, graceful_timeout
+
+    assert graceful_timeout(Limits(request_timeout_s=300.0, write_timeout_s=30.0)) == 370
+    assert graceful_timeout(Limits(request_timeout_s=None)) is None
+    aborted = []
+    transport = SimpleNamespace(abort=lambda: aborted.append(1))
+    server = SimpleNamespace(server_state=SimpleNamespace(connections=[
+        SimpleNamespace(client=("127.0.0.1", 5000), transport=transport)]))
+    assert abort_connection(server, ("127.0.0.1", 4999)) is False and not aborted
+    assert abort_connection(server, None) is False
+    assert abort_connection(server, ["127.0.0.1", 5000]) is True and aborted == [1]
 
 
 def test_drained_request_is_complete(random_engine_dir, presets):

@@ -1,6 +1,7 @@
 """vv-serve on Ray Serve: `vv-serve --ray --replicas 2` starts a local Ray instance with two CPU replicas;
-concurrent requests are served by both (X-Replica-Id), with the same audio whichever replica speaks, and
-SIGTERM shuts it all down with status 0. Slow (Ray's start takes ~30 s); needs the `ray` extra."""
+concurrent requests are served by both (X-Replica-Id), with the same audio whichever replica speaks, voice
+uploads are refused (they would live on one replica), and SIGTERM shuts it all down with status 0.
+Slow (Ray's start takes ~30 s); needs the `ray` extra."""
 
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ def test_two_ray_replicas_serve_requests(random_engine_dir, tmp_path):
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
         health = httpx.get(srv.url + "/health", timeout=60).json()
         assert health["status"] == "ok" and health["replica_id"] in replicas
+        # uploads would live on one replica only: refused (501, JSON), the presets are the voices
+        assert health["voice_uploads"] is False
+        wav = (REPO / "examples" / "voice_a.wav").read_bytes()
+        up = httpx.post(srv.url + "/v1/voices", files={"file": ("a.wav", wav, "audio/wav")}, timeout=60)
+        assert up.status_code == 501 and up.json()["error"]["type"] == "not_supported"
     finally:
         code = srv.stop(timeout=180)
     assert code == 0, srv.log()[-3000:]

@@ -7,19 +7,23 @@
     GET  /v1/voices         the voices known (presets from --voices DIR and uploads)
     GET  /health, /metrics, /v1/models, /  (the web page)
 
-Every error is JSON `{"error": {"message", "type", ...}}` with a 4xx status (429/503 carry Retry-After):
-bad input never reaches the engine, and a failure of one request never touches another.
+Every error is JSON `{"error": {"message", "type", ...}}` with a 4xx status (429/503 carry Retry-After),
+or a 5xx for what is not the request's fault (503 capacity/draining, 504 timeout, 500 backend or internal
+error): bad input never reaches the engine, and a failure of one request never touches another.
 
 A speech response is produced by `AudioResponse`, a raw ASGI response: a thread per request pumps
 the handle's chunks into the event loop, a watcher listens for the client's disconnect, and whatever
 ends the response (done, error, disconnect, timeout) the handle is cancelled in `finally`, so an
-abandoned request frees its rows at the engine's next step. Headers are sent with the first audio (or
-the error, as JSON, if the request fails before any audio).
+abandoned request frees its rows at the engine's next step. Every write to the client is bounded by
+`Limits.write_timeout_s`: a client that stops reading has its request cancelled and its connection
+aborted (through `Service.abort_client`, set by the server), so it neither holds rows nor blocks shutdown.
+Headers are sent with the first audio (or the error, as JSON, if the request fails before any audio).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -39,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import RuntimeInputError
+from ..errors import BackendFault, CapacityError, RuntimeInputError
 from ..service_engine import EngineStopped, QueueFull, SpeechRequest
 from . import formats
 from .metrics import ServiceMetrics
@@ -58,6 +62,8 @@ class Limits:
     max_voices: int = 256                 # voices held (presets + uploads)
     max_speakers: int = 16                # voices per script request
     request_timeout_s: float | None = 300.0   # per request, from admission to the last frame
+    write_timeout_s: float | None = 30.0      # per write to the client (one that stops reading is cut off)
+    voice_uploads: bool = True            # POST /v1/voices (off under Ray: uploads live on one replica)
     retry_after_s: int = 2                # Retry-After of 429 / 503
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
@@ -143,7 +149,11 @@ class Service:
         self.metrics = ServiceMetrics()
         self.draining = False
         self.presets = {v["id"] for v in engine.voices.list()}
-        self.voice_lock = threading.Lock()
+        self.voice_lock = threading.Lock()     # upload checks and add, together
+        self.uploads: dict[str, str] = {}      # sha256 of an uploaded file -> the voice id it made
+        # set by the server that runs the app: aborts the connection of scope["client"] (a client that
+        # stopped reading: closing it politely would wait for its unread bytes forever)
+        self.abort_client: Callable[[object], None] | None = None
 
     def start_draining(self) -> None:
         """Stop admitting speech and voice requests (answered 503); in-flight requests go on."""
@@ -209,11 +219,23 @@ class AudioResponse(Response):
                     items.put_nowait(("disconnect", None))
                     return
 
+        limit = self.service.limits.write_timeout_s
+
+        async def bounded_send(message) -> None:
+            if limit is None:
+                return await send(message)
+            try:
+                await asyncio.wait_for(send(message), timeout=limit)
+            except asyncio.TimeoutError:
+                raise _WriteTimeout() from None
+
         threading.Thread(target=pump, name=f"vv-pump-{handle.id}", daemon=True).start()
         watcher = asyncio.create_task(watch())
         outcome = "error"
         try:
-            outcome = await self._respond(items, send)
+            outcome = await self._respond(items, bounded_send)
+        except _WriteTimeout:
+            outcome = "write_timeout"
         finally:
             watcher.cancel()
             if not handle.done:
@@ -221,8 +243,18 @@ class AudioResponse(Response):
             metrics = self.service.metrics
             if outcome == "ok":
                 metrics.speech_done()
-            elif outcome == "disconnect":
+            elif outcome in ("disconnect", "write_timeout"):
                 metrics.disconnect()
+            if outcome == "write_timeout":
+                metrics.error("write_timeout")
+                log.warning("request %s: the client read nothing for %g s: cancelled, connection aborted",
+                            handle.id, limit)
+                abort = self.service.abort_client
+                if abort is not None:
+                    try:
+                        abort(scope.get("client"))
+                    except Exception as exc:  # noqa: BLE001 -- best effort; the graceful timeout bounds it
+                        log.warning("cannot abort the connection of %s: %s", scope.get("client"), exc)
 
     async def _next(self, items: asyncio.Queue):
         limit = self.service.limits.request_timeout_s
@@ -239,9 +271,10 @@ class AudioResponse(Response):
     async def _send_error(self, send, exc: BaseException) -> None:
         status, message, kind = _engine_error(exc)
         self.service.metrics.error(kind)
-        response = error_response(status, message, kind,
-                                  headers={"x-request-id": self.handle.id,
-                                           "x-replica-id": self.service.limits.replica_id})
+        headers = {"x-request-id": self.handle.id, "x-replica-id": self.service.limits.replica_id}
+        if status == 503:
+            headers["retry-after"] = str(self.service.limits.retry_after_s)
+        response = error_response(status, message, kind, headers=headers)
         await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
 
@@ -301,9 +334,18 @@ class AudioResponse(Response):
         return "error"
 
 
+class _WriteTimeout(Exception):
+    """A write to the client did not complete within `Limits.write_timeout_s` (it stopped reading)."""
+
+
 def _engine_error(exc: BaseException) -> tuple[int, str, str]:
     """(status, one-line message, type) of a request's error."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, CapacityError):
+        return 503, text, "capacity"
+    if isinstance(exc, BackendFault):
+        log.error("request failed in the backend: %s", text)
+        return 500, f"backend error: {text}", "backend_error"
     if isinstance(exc, RuntimeInputError):
         return 400, text, "invalid_request_error"
     if isinstance(exc, TimeoutError):
@@ -404,9 +446,18 @@ def create_app(engine, limits: Limits | None = None) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError):
         return fail(request, exc.status, exc.message, exc.kind, exc.param, exc.headers)
 
+    @app.exception_handler(CapacityError)
+    async def _capacity(request: Request, exc: CapacityError):
+        return fail(request, 503, " ".join(str(exc).split()), "capacity", headers=retry)
+
     @app.exception_handler(RuntimeInputError)
     async def _input_error(request: Request, exc: RuntimeInputError):
         return fail(request, 400, " ".join(str(exc).split()), "invalid_request_error")
+
+    @app.exception_handler(BackendFault)
+    async def _backend_fault(request: Request, exc: BackendFault):
+        status, message, kind = _engine_error(exc)
+        return fail(request, status, message, kind)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull):
@@ -443,7 +494,9 @@ def create_app(engine, limits: Limits | None = None) -> FastAPI:
             raise ApiError(400, "request body is empty: expected a JSON object", "invalid_request_error")
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply", "invalid_request_error") from None
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
             raise ApiError(400, "request body is not valid JSON", "invalid_request_error") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object", "invalid_request_error")
@@ -459,6 +512,12 @@ def create_app(engine, limits: Limits | None = None) -> FastAPI:
         if len(text) > limits.max_text_chars:
             raise ApiError(400, f"{param}: {len(text)} characters, more than the limit of "
                                 f"{limits.max_text_chars}", "invalid_request_error", param)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ApiError(400, f"{param}: not valid Unicode text ({exc.reason} at character {exc.start}, "
+                                f"e.g. a lone surrogate escape such as \\ud800)", "invalid_request_error",
+                           param) from None
 
     async def speak(script: str, voices: list, body: _Common) -> AudioResponse:
         if body.stream and body.response_format not in formats.STREAMABLE:
@@ -506,9 +565,30 @@ def create_app(engine, limits: Limits | None = None) -> FastAPI:
             voice["preset"] = voice["id"] in service.presets
         return {"object": "list", "data": voices}
 
+    def store_voice(data: bytes, name: str | None) -> tuple[str, bool]:
+        """(id, created): the checks and the add under one lock (uploads are rare; holding it through
+        the encode is fine); the same file uploaded again returns its voice without encoding it again."""
+        digest = hashlib.sha256(data).hexdigest()
+        with service.voice_lock:
+            known = {v["id"] for v in engine.voices.list()}
+            existing = service.uploads.get(digest)
+            if existing in known and (name is None or name == existing):
+                return existing, False
+            if name is not None and name in known:
+                raise ApiError(409, f"voice {name!r} exists already: choose another name", "conflict", "name")
+            if len(known) >= limits.max_voices:
+                raise ApiError(409, f"the service holds {len(known)} voices, its limit", "voice_limit")
+            voice_id = engine.voices.add(data, name)
+            service.uploads[digest] = voice_id
+            return voice_id, voice_id not in known
+
     @app.post("/v1/voices", status_code=201)
     async def add_voice(request: Request):
         service.refuse_if_draining()
+        if not limits.voice_uploads:
+            raise ApiError(501, "voice uploads are off on this service (Ray Serve: an upload would live on one "
+                                "replica only): start it with --voices DIR, the presets every replica loads",
+                           "not_supported")
         name = request.query_params.get("name") or None
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
@@ -535,15 +615,10 @@ def create_app(engine, limits: Limits | None = None) -> FastAPI:
         if seconds > limits.max_voice_seconds:
             raise ApiError(413, f"voice of {seconds:.1f} s is longer than the limit of {limits.max_voice_seconds:g} s",
                            "too_large", "file")
-        with service.voice_lock:
-            known = {v["id"] for v in engine.voices.list()}
-            if name is not None and name in known:
-                raise ApiError(409, f"voice {name!r} exists already: choose another name", "conflict", "name")
-            if len(known) >= limits.max_voices:
-                raise ApiError(409, f"the service holds {len(known)} voices, its limit", "voice_limit")
-        voice_id = await run_in_threadpool(engine.voices.add, data, name)
+        voice_id, created = await run_in_threadpool(store_voice, data, name)
         entry = next((v for v in engine.voices.list() if v["id"] == voice_id), {"id": voice_id})
-        return JSONResponse({**entry, "preset": voice_id in service.presets}, status_code=201)
+        return JSONResponse({**entry, "preset": voice_id in service.presets, "created": created},
+                            status_code=201 if created else 200)
 
     @app.get("/health")
     async def health():
@@ -553,7 +628,7 @@ def create_app(engine, limits: Limits | None = None) -> FastAPI:
                 "accepting": ok, "queue_depth": stats.get("queue_depth", 0),
                 "active_requests": stats.get("active_requests", 0), "active_rows": stats.get("active_rows", 0),
                 "voices": len(engine.voices.list()), "sample_rate": engine.sample_rate,
-                "replica_id": limits.replica_id}
+                "voice_uploads": limits.voice_uploads, "replica_id": limits.replica_id}
         return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else retry)
 
     @app.get("/metrics")

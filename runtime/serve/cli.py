@@ -2,11 +2,13 @@
 
     vv-serve --engine-dir ENGINE_DIR [--host 127.0.0.1] [--port 8000] [--voices DIR] [--max-batch 8]
              [--max-queue 64] [--backend auto|ort|trt] [--max-text-chars 4096] [--max-voice-seconds 60]
-             [--request-timeout 300] [--ray --replicas N]
+             [--request-timeout 300] [--write-timeout 30] [--no-voice-uploads] [--ray --replicas N]
 
 It prints `vv-serve: listening on http://HOST:PORT` once the engine is loaded and the socket is bound
 (`--port 0` picks a free port). SIGTERM (or Ctrl-C) stops admission (new requests: 503, then
-connection refused), lets in-flight requests finish, stops the engine and exits 0.
+connection refused), lets in-flight requests finish, stops the engine and exits 0. A client that
+stops reading is cut off after --write-timeout seconds (its request cancelled, its connection aborted),
+and the drain never waits longer than the request timeout plus a margin.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ from ..errors import RuntimeInputError
               help="Largest voice upload accepted, in bytes.")
 @click.option("--request-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
               help="Seconds a request may take from admission to its last frame.")
+@click.option("--write-timeout", type=click.FloatRange(min=0.01), default=30.0, show_default=True,
+              help="Seconds a write to a client may block (a client that stops reading is cancelled).")
+@click.option("--no-voice-uploads", "no_uploads", is_flag=True,
+              help="Refuse POST /v1/voices (501): only the presets of --voices (always so with --ray).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Serve with Ray Serve (extra `ray`): replicas of the same app, one per GPU where there are.")
 @click.option("--replicas", type=click.IntRange(min=1), default=None,
@@ -56,12 +62,14 @@ from ..errors import RuntimeInputError
               default="info", show_default=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks of start-up failures.")
 def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, max_text_chars,
-         max_voice_seconds, max_voice_bytes, request_timeout, use_ray, replicas, log_level, debug):
+         max_voice_seconds, max_voice_bytes, request_timeout, write_timeout, no_uploads, use_ray, replicas,
+         log_level, debug):
     """Serve speech over HTTP: OpenAI-compatible /v1/audio/speech, scripts, voices, a web page at /."""
     from .app import Limits
 
     limits = Limits(max_text_chars=max_text_chars, max_voice_seconds=max_voice_seconds,
-                    max_voice_bytes=max_voice_bytes, request_timeout_s=request_timeout)
+                    max_voice_bytes=max_voice_bytes, request_timeout_s=request_timeout,
+                    write_timeout_s=write_timeout, voice_uploads=not no_uploads)
     try:
         if replicas is not None and not use_ray:
             raise RuntimeInputError("--replicas needs --ray")
@@ -137,8 +145,10 @@ def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, th
     engine = build_engine(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits)
     app = create_app(engine, limits)
     service = app.state.service
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off",
+                            timeout_graceful_shutdown=graceful_timeout(limits))
     server = draining_server(config, service)
+    service.abort_client = lambda client: abort_connection(server, client)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     print(f"vv-serve: listening on http://{shown}:{bound[1]} ({len(engine.voices.list())} voices, "
@@ -153,6 +163,27 @@ def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, th
             pipeline.close()
         sock.close()
     print("vv-serve: stopped", flush=True)
+
+
+def graceful_timeout(limits) -> int | None:
+    """Longest wait for in-flight requests at shutdown: a request ends within its timeout (plus the
+    app's 30 s safety net) and every write within the write timeout; then uvicorn cancels what is left."""
+    if limits.request_timeout_s is None:
+        return None
+    return int(limits.request_timeout_s + 30 + (limits.write_timeout_s or 0) + 10)
+
+
+def abort_connection(server, client) -> bool:
+    """Abort (RST, no flush) the uvicorn connection whose peer is `client` (scope["client"]); True if
+    one was found. Run in the event loop's thread."""
+    if client is None:
+        return False
+    for connection in list(server.server_state.connections):
+        transport = getattr(connection, "transport", None)
+        if transport is not None and tuple(getattr(connection, "client", None) or ()) == tuple(client):
+            transport.abort()
+            return True
+    return False
 
 
 def draining_server(config, service):

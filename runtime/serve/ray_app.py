@@ -4,7 +4,8 @@ Each replica owns one `SpeechEngine` (one Pipeline, one GPU where the cluster ha
 else one CPU) and serves the app of `create_app`; Ray's HTTP proxy routes requests to the replica with
 the fewest ongoing requests and autoscales the replica count on ongoing requests per replica (target:
 `max_batch`, the rows one engine generates together). Every speech response names its replica in
-`X-Replica-Id`.
+`X-Replica-Id`. Voice uploads are off (POST /v1/voices: 501): an uploaded voice would live on the one
+replica that took it; the voices of `--voices DIR` are loaded by every replica.
 
 Started by one command, either
 
@@ -39,7 +40,8 @@ class SpeechReplica:
         from . import cli
         from .app import create_app
 
-        limits = Limits(**{**config["limits"], "replica_id": _replica_id()})
+        # uploads are off: a voice uploaded to one replica would be unknown to the others
+        limits = Limits(**{**config["limits"], "replica_id": _replica_id(), "voice_uploads": False})
         self.engine = cli.build_engine(config["engine_dir"], config.get("voices_dir"), config["max_batch"],
                                        config["max_queue"], config.get("backend", "auto"), config.get("threads"),
                                        limits)
@@ -102,7 +104,8 @@ def build(engine_dir, voices_dir=None, max_batch: int = 8, max_queue: int = 64, 
         gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
     limits = limits or Limits()
     fields = {k: getattr(limits, k) for k in ("max_text_chars", "max_voice_seconds", "max_voice_bytes",
-                                              "max_voices", "max_speakers", "request_timeout_s", "retry_after_s")}
+                                              "max_voices", "max_speakers", "request_timeout_s", "write_timeout_s",
+                                              "retry_after_s")}
     config = {"engine_dir": str(Path(engine_dir).resolve()),
               "voices_dir": None if voices_dir is None else str(Path(voices_dir).resolve()),
               "max_batch": int(max_batch), "max_queue": int(max_queue), "backend": backend,
