@@ -433,6 +433,7 @@ class GpuMemory:
     def __init__(self, torch, device):
         self.torch, self.device = torch, device
         self.before = None
+        self.figures = {}
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -621,6 +622,9 @@ def summarize(result: dict) -> dict:
                  "measured": None if value is None else round(float(value), 4), "met": met}
         if goal["figure"] == "speedup_vs_pytorch_reference":
             entry["pytorch_dtype"] = basis.get(b, {}).get("pytorch_reference")
+        failed = (result.get("errors") or {}).get(goal["side"])
+        if failed and value is not None:  # measured, but the side failed (e.g. CUDA graphs did not run)
+            entry["side_error"] = failed
         goals.append(entry)
     result["speedups"] = speedups
     result["speedup_torch_dtypes"] = {b: v for b, v in basis.items() if v}
