@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from vv_runtime.errors import RuntimeInputError
+from vv_runtime.errors import BackendFault, RuntimeInputError
 from vv_runtime.pipeline import Pipeline
 from vv_runtime.service_engine import (Cancelled, EngineStopped, QueueFull, SpeechEngine, SpeechRequest,
                                       VoiceStore)
@@ -373,5 +373,85 @@ def test_queued_request_cancelled_or_expired_leaves_the_queue(forced):
         with pytest.raises(Cancelled):
             busy.audio(timeout=60)
         assert eng.stats()["errors"] == {"cancelled": 2, "timeout": 1}
+    finally:
+        eng.stop(drain=False, timeout=60)
+
+
+class Failing:
+    """The forced backend, raising (an execution failure) on the calls `when(graph, feeds)` picks while armed."""
+
+    def __init__(self, backend, when):
+        self.backend = backend
+        self.when = when
+        self.armed = False
+
+    def run(self, graph, feeds):
+        if self.armed and self.when(graph, feeds):
+            self.armed = False
+            raise RuntimeError("injected execution failure\non two lines")
+        return self.backend.run(graph, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+def test_failed_step_finishes_every_request_and_the_engine_goes_on(forced):
+    # the decode call after a cancelled neighbour left (2 rows, one job) fails
+    failing = Failing(forced.backend, lambda g, f: g == "lm" and f["inputs_embeds"].shape == (2, 1, forced.hidden))
+    pipe = Pipeline(forced.engine_dir, forced.manifest, failing)
+    eng = SpeechEngine(pipe, max_batch=2).start()
+    try:
+        a = eng.submit(SpeechRequest(SCRIPT, seed=1, max_new_frames=2000))
+        b = eng.submit(SpeechRequest(SCRIPT, seed=2, max_new_frames=2000))
+        assert _wait_for(lambda: eng.stats()["active_rows"] == 4)
+        failing.armed = True
+        b.cancel()
+        with pytest.raises(Cancelled):
+            b.audio(timeout=60)
+        with pytest.raises(BackendFault, match="a batch step failed") as err:
+            a.audio(timeout=60)
+        assert "\n" not in str(err.value)
+        assert not failing.armed, "the injected failure happened"
+        assert _wait_for(lambda: eng.stats()["active_requests"] == 0)
+        assert eng.fatal is None
+        ok = eng.submit(SpeechRequest("Speaker 1: Short.", seed=1, max_new_frames=3))
+        ok.audio(timeout=60)
+        assert ok.error is None and ok.frames == 3
+        assert ok.tokens == forced.generate("Speaker 1: Short.", seed=1, max_new_frames=3).tokens[0]
+    finally:
+        eng.stop(drain=False, timeout=60)
+
+
+def test_voice_encoding_failure_fails_that_request_only(forced, voice_wav):
+    failing = Failing(forced.backend, lambda g, f: g == "acoustic_encoder")
+    pipe = Pipeline(forced.engine_dir, forced.manifest, failing)
+    eng = SpeechEngine(pipe, max_batch=2).start()
+    try:
+        failing.armed = True
+        bad = eng.submit(SpeechRequest(SCRIPT, voices=[voice_wav], seed=1, max_new_frames=3))
+        with pytest.raises(BackendFault, match="voice encoding failed"):
+            bad.audio(timeout=60)
+        ok = eng.submit(SpeechRequest("Speaker 1: Short.", seed=1, max_new_frames=3))
+        ok.audio(timeout=60)
+        assert ok.error is None and eng.fatal is None and eng.accepting
+        assert eng.stats()["errors"] == {"internal": 1}
+    finally:
+        eng.stop(drain=False, timeout=60)
+
+
+def test_max_queue_zero_still_serves_free_places(forced):
+    eng = SpeechEngine(forced, max_batch=1, max_queue=0).start()
+    try:
+        first = eng.submit(SpeechRequest(SCRIPT, seed=3, max_new_frames=2000))  # idle: it starts at once
+        assert _wait_for(lambda: eng.stats()["active_requests"] == 1)
+        with pytest.raises(QueueFull):
+            eng.submit(SpeechRequest(SCRIPT, seed=4, max_new_frames=4))       # no free place, no queue
+        first.cancel()
+        with pytest.raises(Cancelled):
+            first.audio(timeout=60)
+        assert _wait_for(lambda: eng.stats()["active_requests"] == 0)
+        again = eng.submit(SpeechRequest("Speaker 1: Short.", seed=1, max_new_frames=2))
+        again.audio(timeout=60)
+        assert again.error is None and again.frames == 2
     finally:
         eng.stop(drain=False, timeout=60)
