@@ -91,9 +91,20 @@ def test_other_graphs_resolve_named_dims(manifest):
     enc = plan.graphs["acoustic_encoder"].profiles[0]
     assert enc.shapes["audio"] == ((1, 1, hop), (1, 1, 10 * sr), (16, 1, 60 * sr))
     assert all(s[2] % hop == 0 for s in enc.shapes["audio"])
-    dec = plan.graphs["acoustic_decoder"].profiles[0]
+    dec = plan.graphs["acoustic_decoder"].profiles[-1]
     state = manifest["model"]["decoder_state_size"]
-    assert dec.shapes["state"] == ((1, state), (1, state), (16, state))
+    assert dec.shapes["state"] == ((9, state), (16, state), (16, state))
+    # per-frame graphs: one profile per batch bucket, opt = max (the runtime pads to it: one CUDA graph each)
+    for name in ("ci", "default", "bench"):
+        p = resolve_plan(name, manifest)
+        top = p.settings["max_rows"]
+        for g in ("acoustic_decoder", "semantic_encoder", "diffusion_sampler"):
+            buckets = [pr.dims["batch"] for pr in p.graphs[g].profiles]
+            assert all(opt == hi for _, opt, hi in buckets), (name, g, buckets)
+            assert buckets[0] == (1, 1, 1) and buckets[-1][2] == top
+            assert all(a[2] + 1 == b[0] for a, b in zip(buckets, buckets[1:])), (name, g, buckets)  # no gap, no overlap
+    assert [pr.dims["batch"] for pr in plan.graphs["diffusion_sampler"].profiles] == [
+        (1, 1, 1), (2, 2, 2), (3, 4, 4), (5, 8, 8), (9, 16, 16)]
     step = plan.graphs["diffusion_step"].profiles[0]
     assert step.shapes["cfg_scale"] == ((1,), (1,), (1,))
     conn = plan.graphs["acoustic_connector"].profiles[0]
