@@ -152,6 +152,33 @@ def test_voices_presets_and_uploads(client, tmp_path):
                  409, "conflict")
 
 
+def test_concurrent_uploads_are_checked_and_added_together(client):
+    """Uploads at once: one name is given to one voice only (the other: 409), and one file uploaded twice
+    at once is encoded once (201, then 200 with the same id)."""
+    import concurrent.futures
+
+    files = [(REPO / "examples" / "voice_a.wav").read_bytes(), (REPO / "examples" / "voice_b.wav").read_bytes()]
+
+    def upload(data, name=None):
+        with httpx.Client(base_url=client.base_url, timeout=120) as c:
+            return c.post("/v1/voices", files={"file": ("x.wav", data, "audio/wav")},
+                          data={"name": name} if name else None)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(upload, files, ["race", "race"]))
+    assert sorted(r.status_code for r in results) == [201, 409], [r.text for r in results]
+    winner = next(r for r in results if r.status_code == 201)
+    a = speech(client, voice="race", seed=1, max_new_frames=4)
+    b = speech(client, voice="voice_a" if winner is results[0] else "voice_b", seed=1, max_new_frames=4)
+    assert a.content == b.content                    # the voice named "race" is the winner's, not replaced
+
+    fresh = _long_wav(1.0)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(upload, [fresh, fresh]))
+    assert sorted(r.status_code for r in results) == [200, 201], [r.text for r in results]
+    assert results[0].json()["id"] == results[1].json()["id"]
+
+
 def test_formats_whole_and_streamed_are_the_same_audio(client):
     body = {"seed": 1, "max_new_frames": 12}
     wav = speech(client, response_format="wav", **body)
