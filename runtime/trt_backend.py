@@ -359,6 +359,9 @@ class _Engine:
                     with owner.torch.cuda.stream(stream):
                         self.scratch = owner.torch.empty(max(size, 1), dtype=owner.torch.uint8, device=owner.device)
                 _set_device_memory(context, self.scratch.data_ptr(), self.scratch.numel())
+            elif p == 0 and self.num_profiles > 1:
+                self.note(f"{self.graph}: TensorRT here cannot share activation memory between contexts; each of "
+                          f"its {self.num_profiles} profile contexts allocates its own")
             slot_graphs = owner.cuda_graphs and (self.per_frame or self.graph == DECODE_GRAPH["graph"])
             slots.append(ContextSlot(p, context, slot_graphs))
         stream.synchronize()
