@@ -35,8 +35,16 @@ audio equals its audio alone up to float reordering of the batched kernels (test
 
 Buckets: the row count R and the cache slots both come in powers of two (`bucket_slots`), so the
 decode shapes of a TensorRT profile / CUDA graph repeat. Rows of finished jobs are reused by the next
-admissions; when at most a quarter of the rows or slots are in use the cache is compacted into a
-smaller bucket (rows moved down, slots cut).
+admissions; whenever a job leaves (finished, failed or cancelled) the rows shrink to the bucket of
+2 x running jobs (rows moved down), and the slots are cut when at most a quarter are in use or no
+running job can reach the current bucket.
+
+Capacity (profile-bound backends, TensorRT): a decode call must fit ONE lm decode profile in rows AND
+slots (`limits()["lm_decode_profiles"]`: e.g. `decode` 32 rows x 4096 slots, `decode_long` 2 rows x
+the context). A waiting job joins only when (rows after its admission, the bucket of the largest cache
+any running job or it can reach = next position + remaining steps) fits some profile; otherwise it
+waits, in order; it fails (CapacityError) only when it cannot run even alone. A failure while one job
+is admitted fails that job only.
 
 Voice prefix reuse: the prompt's first `prompt.prefix_len` tokens (system prompt, voice section, text
 header) depend only on the voices. With `reuse_prefix`, their LM cache is computed once (keyed by the
@@ -403,11 +411,7 @@ class Scheduler:
         or it, can reach fit one decode profile). False: it fits alone but not now (it waits).
         CapacityError: it cannot run even alone. RuntimeInputError: a prompt beyond the context."""
         n = len(job.prompt.input_ids)
-        if n >= self.cap:
-            raise CapacityError(f"prompt is {n} tokens, longer than the context of {self.cap} positions the "
-                                f"model and the loaded engines hold")
-        if job.limit < 1:
-            raise CapacityError("the prompt leaves no room in the context the loaded engines hold")
+        self._check_context(job)
         own = bucket_slots(self.reach(job), self.cap)
         if not self.decode_fits(MIN_ROWS, own):
             raise CapacityError(f"a request of {n} prompt tokens and up to {job.limit} steps needs an LM cache of "
@@ -420,6 +424,20 @@ class Scheduler:
         rows = len(self.row_owner) if free >= 2 else self.rows_for(len(self.jobs) + 1)
         need = max([self.reach(j) for j in self.jobs] + [self.reach(job), self.shape[1]])
         return self.decode_fits(rows, bucket_slots(need, self.cap))
+
+    def _check_context(self, job: Job) -> None:
+        """RuntimeInputError: the prompt leaves no room in the model's context; CapacityError: only in the
+        (shorter) context the loaded engines hold."""
+        n = len(job.prompt.input_ids)
+        model = int(self.pipe.max_positions)
+        if n >= model:
+            raise RuntimeInputError(f"prompt is {n} tokens, longer than the model's context of {model} positions")
+        if job_limit(n, model, job.max_new_frames) < 1:
+            raise RuntimeInputError(f"prompt is {n} tokens, it leaves no room in the model's context of "
+                                    f"{model} positions")
+        if n >= self.cap or job.limit < 1:
+            raise CapacityError(f"prompt is {n} tokens, it leaves no room in the context of {self.cap} "
+                                f"positions the loaded engines hold (rebuild them with a larger plan)")
 
     def _profiles_text(self) -> str:
         if not self.decode_profiles:
@@ -559,11 +577,7 @@ class Scheduler:
 
     def _prefill(self, job: Job) -> None:
         n = len(job.prompt.input_ids)
-        if n >= self.cap:
-            raise CapacityError(f"prompt is {n} tokens, longer than the context of {self.cap} positions the "
-                                f"model and the loaded engines hold")
-        if job.limit < 1:
-            raise CapacityError("the prompt leaves no room in the context the loaded engines hold")
+        self._check_context(job)
         empty = np.zeros((self.L, 2, 1, self.KV, 0, self.D), dtype=np.float32)
         P = int(getattr(job.prompt, "prefix_len", 0) or 0)
         prefix_kv = None
