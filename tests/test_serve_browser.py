@@ -125,3 +125,26 @@ def test_page_shows_errors(browser, page_server):
     state = browser.execute_script("return window.vvState")
     assert state["state"] == "error" and "Speaker N" in state["error"], state
     assert "error:" in browser.find_element(By.ID, "status").text
+
+
+def test_page_hides_upload_where_uploads_are_off(browser, page_server, random_engine_dir, tmp_path):
+    """Where /health says "voice_uploads": false (--no-voice-uploads, always under --ray) the page hides
+    its upload form; elsewhere it shows it."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_server.url + "/")
+    wait_js(browser, "window.vvState && window.vvState.voices.length >= 2")
+    assert browser.find_element(By.ID, "upload-row").is_displayed()
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    shutil.copy(REPO / "examples" / "voice_a.wav", presets / "voice_a.wav")
+    srv = ServerProcess(["--engine-dir", random_engine_dir, "--voices", presets, "--threads", "1",
+                         "--no-voice-uploads"]).start()
+    try:
+        browser.get(srv.url + "/")
+        wait_js(browser, "window.vvState && window.vvState.voices.length >= 1")
+        wait_js(browser, "document.getElementById('upload-row').hidden === true", 30)
+        assert not browser.find_element(By.ID, "upload-row").is_displayed()
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
