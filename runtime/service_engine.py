@@ -545,7 +545,7 @@ class SpeechEngine:
                         own = job.error if job is not None and job.error is not None else None
                         if own is None and handle.cancelled:
                             own = Cancelled(f"request {handle.id} cancelled")
-                        self._retire(handle, own or error)
+                        self._retire(handle, _request_error(own, "admission") if own is not None else error)
                     continue
                 self._active_rows = sched.rows_in_use
                 for job in out.finished:
