@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engine_dir import sha256_file
 from .errors import ExportError
 
 LOW_PRECISIONS = ("fp16", "bf16")
@@ -276,22 +277,12 @@ def write_emulated_engine_dir(engine_dir, out_dir, plan, precisions: dict | None
             emulate_graph_file(src, precision, builder, dst)
             data = out_dir / (dst.name + ".data")
             entry["external_data"] = [data.name] if data.exists() else []
-        entry["sha256"] = _sha256_file(dst)
+        entry["sha256"] = sha256_file(dst)
         emulated[name] = precision
     manifest["emulated_precision"] = emulated
     manifest.pop("trt", None)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 23), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cpu_session(model_or_path, threads: int = 1):
