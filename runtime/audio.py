@@ -45,21 +45,35 @@ def resample(wav: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarra
 
 def read_audio(path: str | Path) -> np.ndarray:
     """Any format soundfile reads -> mono float32 at 24 kHz (not normalised)."""
-    import soundfile as sf
-
     path = Path(path)
     if not path.is_file():
         raise RuntimeInputError(f"voice file {path}: not found")
+    return _decode(str(path), f"voice file {path}")
+
+
+def read_audio_bytes(data: bytes | bytearray | memoryview, label: str = "voice") -> np.ndarray:
+    """The bytes of a sound file (an upload) -> mono float32 at 24 kHz (not normalised)."""
+    import io
+
+    if len(data) == 0:
+        raise RuntimeInputError(f"{label}: empty upload")
+    return _decode(io.BytesIO(bytes(data)), label)
+
+
+def _decode(source, label: str) -> np.ndarray:
+    """soundfile source (path or file object) -> mono float32 at 24 kHz; one-line errors naming `label`."""
+    import soundfile as sf
+
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         detail = " ".join(str(exc).split())
-        raise RuntimeInputError(f"voice file {path}: unreadable audio ({detail})") from exc
+        raise RuntimeInputError(f"{label}: unreadable audio ({detail})") from exc
     wav = to_mono(data)
     if wav.size == 0:
-        raise RuntimeInputError(f"voice file {path}: contains no audio samples")
+        raise RuntimeInputError(f"{label}: contains no audio samples")
     if not np.all(np.isfinite(wav)):
-        raise RuntimeInputError(f"voice file {path}: contains non-finite samples")
+        raise RuntimeInputError(f"{label}: contains non-finite samples")
     return resample(wav, rate)
 
 

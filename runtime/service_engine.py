@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import itertools
 import math
 import queue
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, prepare_voice, read_audio, to_mono, resample
+from .audio import SAMPLE_RATE, prepare_voice, read_audio, read_audio_bytes, to_mono
 from .errors import BackendFault, RuntimeInputError
 from .prompt import Prompt
 from .script import SPEAKER_LINE, parse_script
@@ -110,20 +109,7 @@ class VoiceStore:
     # inputs -> normalised audio
     def _raw(self, audio, label: str) -> np.ndarray:
         if isinstance(audio, (bytes, bytearray, memoryview)):
-            import soundfile as sf
-
-            if len(audio) == 0:
-                raise RuntimeInputError(f"{label}: empty upload")
-            try:
-                data, rate = sf.read(io.BytesIO(bytes(audio)), dtype="float32", always_2d=True)
-            except Exception as exc:  # libsndfile errors of every kind
-                raise RuntimeInputError(f"{label}: unreadable audio ({_one_line(exc)})") from exc
-            wav = to_mono(data)
-            if wav.size == 0:
-                raise RuntimeInputError(f"{label}: contains no audio samples")
-            if not np.all(np.isfinite(wav)):
-                raise RuntimeInputError(f"{label}: contains non-finite samples")
-            return resample(wav, rate)
+            return read_audio_bytes(audio, label)
         if isinstance(audio, (str, Path)):
             return read_audio(audio)
         if isinstance(audio, np.ndarray):
