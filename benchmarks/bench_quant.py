@@ -44,6 +44,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_runtime import _timed  # noqa: E402  (drains a chunk generator with a time stamp per chunk)
 from common import FULL_SIZE_CONFIG, ForcedDiffusion, load_average, provenance, write_result  # noqa: E402
 
 SAMPLE_RATE = 24000
@@ -115,17 +116,6 @@ class GraphTimer:
         return getattr(self.backend, name)
 
 
-def _timed(chunks):
-    stamps = []
-    start = time.perf_counter()
-    while True:
-        try:
-            next(chunks)
-            stamps.append(time.perf_counter())
-        except StopIteration as stop:
-            return stop.value, stamps, start, time.perf_counter()
-
-
 def _figures(stamps, start, end, frames, hop):
     audio_s = frames * hop / SAMPLE_RATE
     return {"frames": frames, "wall_s": end - start,
@@ -191,7 +181,7 @@ def run_side(side: str, model: str, engine_dir: Path, threads: int, frames: int,
         def once(n):
             gen = ref.stream(row.prompt.input_ids, row.prompt.speech_input_mask, speech=speech,
                              noise=lambda k: noise[k], cfg_scale=cfg, max_new_tokens=n, force_diffusion=True)
-            result, stamps, start, end = _timed(gen)
+            result, stamps, start, end, _ = _timed(gen)
             return result.frames, stamps, start, end
 
         once(2)
@@ -208,7 +198,7 @@ def run_side(side: str, model: str, engine_dir: Path, threads: int, frames: int,
 
         def once(n):
             gen = pipe.generate(rows, cfg_scale=cfg, max_new_frames=n, noise=noise, stream=True)
-            result, stamps, start, end = _timed(gen)
+            result, stamps, start, end, _ = _timed(gen)
             return result.frames[0], stamps, start, end
 
         once(2)

@@ -26,31 +26,14 @@ def pipeline(tiny_engine_dir):
     pipe.close()
 
 
-class ForcedSpeech:
-    """The real backend, its LM always choosing speech_diffusion: a request speaks until its step limit."""
-
-    def __init__(self, backend, column):
-        self.backend = backend
-        self.column = column
-
-    def run(self, graph, feeds):
-        out = self.backend.run(graph, feeds)
-        if graph == "lm":
-            out = dict(out)
-            logits = np.array(out["control_logits"], dtype=np.float32, copy=True)
-            logits[:, self.column] = np.abs(logits).max() + 1e4
-            out["control_logits"] = logits
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-
 @pytest.fixture(scope="module")
 def forced(pipeline):
     """The tiny pipeline speaking until each request's step limit (2 x prompt length): long requests."""
+    from conftest import load_benchmark
+
+    forced_diffusion = load_benchmark("common").ForcedDiffusion  # the benchmarks' wrapper of the real backend
     column = pipeline.manifest["control_tokens"].index("speech_diffusion")
-    return Pipeline(pipeline.engine_dir, pipeline.manifest, ForcedSpeech(pipeline.backend, column))
+    return Pipeline(pipeline.engine_dir, pipeline.manifest, forced_diffusion(pipeline.backend, column))
 
 
 @pytest.fixture(scope="module")
