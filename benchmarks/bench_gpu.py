@@ -66,7 +66,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tools"))
-from common import REPO, FULL_SIZE_CONFIG, ForcedDiffusion, machine_info, write_result  # noqa: E402
+from common import FULL_SIZE_CONFIG, ForcedDiffusion, machine_info, write_result  # noqa: E402
 
 RESULT_NAME = "bench_gpu.json"
 PLOT_NAME = "bench_gpu.png"

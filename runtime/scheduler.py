@@ -330,7 +330,6 @@ class Scheduler:
         neg_slots = np.asarray([j.neg_slot for j in jobs])
         top = int(max(pos_slots.max(), neg_slots.max()))
         past = self._past(top)
-        slots = int(past.shape[4])
         embeds = np.zeros((R, 1, self.H), dtype=np.float32)
         positions = np.zeros((R, 1), dtype=np.int64)
         for j in jobs:

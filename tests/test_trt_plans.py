@@ -465,7 +465,7 @@ def test_coverage_check_finds_the_old_gaps(manifest, full_manifest, validation_d
     short = copy.deepcopy(default_data)
     short["graphs"]["lm"]["profiles"][3]["past"] = [1, "min(8192, max_context)", "max_context - 1"]
     gaps = coverage_gaps(_resolve(short, full_manifest), full_manifest, validation_dims)
-    assert gaps == [f"default: lm decode_long {{'batch': 2, 'seq': 1, 'past': 65536}}"]
+    assert gaps == ["default: lm decode_long {'batch': 2, 'seq': 1, 'past': 65536}"]
 
 
 # --- device memory -----------------------------------------------------------------------------------
