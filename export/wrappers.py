@@ -67,14 +67,17 @@ class RopeTable(nn.Module):
 
 class ScoresSoftmaxFp32(nn.Module):
     """Attention scores `q k^T * scaling + mask bias` and their softmax: one module per layer whose ONNX nodes
-    are named `/attn_scores_fp32.<i>/...`, kept in fp32 by the TensorRT plans (`keep_fp32_names`)."""
+    are named `/attn_scores_fp32.<i>/...`, kept in fp32 by the TensorRT plans (`keep_fp32_names`).
+
+    Grouped-query attention without repeated keys: q [B, KV, groups, seq, D] (the query heads sharing a
+    key/value head), keys [B, KV, 1, total, D] broadcast over the groups, bias [B, 1, 1, seq, total]."""
 
     def __init__(self, scaling: float):
         super().__init__()
         self.scaling = scaling
 
     def forward(self, q, keys, bias):
-        scores = torch.matmul(q, keys.transpose(2, 3)) * self.scaling + bias
+        scores = torch.matmul(q, keys.transpose(-2, -1)) * self.scaling + bias
         return torch.softmax(scores, dim=-1)
 
 
@@ -123,7 +126,7 @@ class LMStep(nn.Module):
         bsz, seq, _ = inputs_embeds.shape
         past = past_kv.shape[4]
         cos, sin = self.rope_table(position_ids)
-        bias = self._attention_bias(attention_mask, past, seq)
+        bias = self._attention_bias(attention_mask, past, seq).unsqueeze(2)  # [B, 1, 1, seq, total]
         groups = self.num_heads // self.num_kv
         hidden = inputs_embeds
         new_keys, new_values = [], []
@@ -139,11 +142,12 @@ class LMStep(nn.Module):
             new_values.append(v)
             keys = torch.cat([past_kv[i, 0], k], dim=2)
             values = torch.cat([past_kv[i, 1], v], dim=2)
-            if groups > 1:
-                keys = keys.repeat_interleave(groups, dim=1)
-                values = values.repeat_interleave(groups, dim=1)
-            probs = self.attn_scores_fp32[i](q, keys, bias)
-            out = torch.matmul(probs, values).transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
+            # query head h = j * groups + g uses key/value head j: the keys and values of a group are
+            # broadcast over its queries (MatMul batch broadcasting), never repeated in memory
+            q = q.reshape(bsz, self.num_kv, groups, seq, self.head_dim)
+            probs = self.attn_scores_fp32[i](q, keys.unsqueeze(2), bias)
+            out = torch.matmul(probs, values.unsqueeze(2)).reshape(bsz, self.num_heads, seq, self.head_dim)
+            out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
             hidden = residual + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         hidden = self.norm(hidden)
@@ -193,6 +197,13 @@ class _ExplicitStateCache:
             return hidden_states
         full = torch.cat([self.states[key], hidden_states], dim=-1)
         self.new[key] = full[:, :, -pad:]
+        if isinstance(getattr(conv_module, "convtr", None), nn.ConvTranspose1d):
+            # a transposed convolution keeps only its last `time * stride` outputs, which depend on the
+            # last time + (kernel - 1) // stride input frames alone: the older cached frames would be
+            # multiplied by the whole weight for outputs that are thrown away (16x the work at the
+            # decoder's first upsampling). Same values.
+            needed = hidden_states.shape[-1] + (conv_module.convtr.kernel_size[0] - 1) // conv_module.convtr.stride[0]
+            return full[:, :, -needed:]
         return full
 
 
@@ -334,7 +345,12 @@ class DiffusionStep(nn.Module):
 class DiffusionSampler(nn.Module):
     """The whole N-step DPM-Solver++ loop with CFG: noise + conditions -> latent (+ its LM embedding).
 
-    The condition projection is computed once; each step's timestep embedding is a constant.
+    The condition projection is computed once and each step's timestep embedding is a constant, so every
+    step's condition is known before the first step: the adaLN modulations of all steps (each layer's
+    shift/scale/gate and the final layer's shift/scale, ~30 % of the head's weights) are computed for all
+    steps in one product per layer, reading those weights once per call instead of once per step. Only
+    the feed-forward layers, which depend on the sample, run step by step. Same values as the head's own
+    forward (the same products, batched).
     """
 
     def __init__(self, head, projector, coefficients: dict):
@@ -348,20 +364,29 @@ class DiffusionSampler(nn.Module):
             temb = head.timestep_proj(head.timestep_embedding(t))
         self.register_buffer("t_embed", temb.detach().clone())
 
-    def _velocity(self, x, cond, k):
-        condition = cond + self.t_embed[k]
+    def _modulations(self, cond):
+        """[steps, 2B, H] conditions -> per layer (shift, scale, gate) and the final (shift, scale), each
+        [steps, 2B, H]."""
+        conditions = cond.unsqueeze(0) + self.t_embed.unsqueeze(1)
+        layers = [layer.linear(layer.act_fn(conditions)).chunk(layer.num_chunks, dim=-1) for layer in self.head.layers]
+        final = self.head.final_layer
+        return layers, final.linear_1(final.act_fn(conditions)).chunk(final.num_chunks, dim=-1)
+
+    def _velocity(self, x, k, layer_mods, final_mod):
         hidden = self.head.noisy_images_proj(torch.cat([x, x], 0))
-        for layer in self.head.layers:
-            hidden = layer(hidden, condition)
-        return _final_layer(self.head.final_layer, self.final_norm, hidden, condition)
+        for layer, (shift, scale, gate) in zip(self.head.layers, layer_mods):
+            hidden = hidden + gate[k] * layer.ffn(layer.norm(hidden) * (1 + scale[k]) + shift[k])
+        shift, scale = final_mod
+        return self.head.final_layer.linear_2(self.final_norm(hidden) * (1 + scale[k]) + shift[k])
 
     def forward(self, noise, pos_condition, neg_condition, cfg_scale):
         cond = self.head.cond_proj(torch.cat([pos_condition, neg_condition], 0))
+        layer_mods, final_mod = self._modulations(cond)
         x = noise
         prev_x0 = None
         c = self.coef
         for k in range(len(c["timesteps"])):
-            v = _cfg(self._velocity(x, cond, k), cfg_scale)
+            v = _cfg(self._velocity(x, k, layer_mods, final_mod), cfg_scale)
             x0 = c["alpha"][k] * x - c["sigma"][k] * v
             new_x = c["d0"][k] * x0
             if c["ratio"][k] != 0.0:
