@@ -11,9 +11,11 @@ PyTorch; it uses ONNX Runtime's own tooling only:
   per-node copies are merged afterwards, so the 10 steps share one quantized copy (the graph's weight
   bytes say so: `weight_bytes_after` of the sampler equals the step graph's).
 - The conv stacks (acoustic_encoder, acoustic_decoder, semantic_encoder) get a second candidate: their
-  MatMuls as above plus dynamic int8 `Conv` (`quantize_dynamic` -> ConvInteger). ~87 % of their
-  weights are the blocks' feed-forward MatMuls, the rest strided/depthwise convs and (decoder) ConvTranspose,
-  which ORT cannot quantize.
+  large strided Conv / ConvTranspose rewritten as MatMul first (`vv_export.conv_matmul`: exactly the
+  same products over whole frames), so that their weights are quantized too. ~87 % of the stacks'
+  weights are the blocks' feed-forward MatMuls; most of the rest is in two strided convolutions
+  (2048 x 1024 x 16 each at full size), for which ORT has no fast quantized Conv kernel (a dynamic
+  int8 `ConvInteger` candidate was measured slower than fp32 every time and was dropped).
 
 Each candidate is validated on the very inputs the fp32 graph was validated on, against the saved
 PyTorch (fp32) outputs (ENGINE_DIR/validation), with the tolerance of `TOLERANCES` for its bit width,
@@ -54,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .conv_matmul import convs_to_matmul
 from .errors import ExportError
 
 MODES = {"int8": 8, "int4": 4}
@@ -247,18 +250,6 @@ def quantize_matmuls(model, bits: int):
     return out, nodes
 
 
-def quantize_convs(src: Path, dst: Path) -> int:
-    """Dynamic int8 Conv (ConvInteger) from the graph at src into dst; returns the Conv nodes quantized."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _quiet_logging():
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["Conv"], weight_type=QuantType.QUInt8,
-                         use_external_data_format=True)
-    model = onnx.load(str(dst), load_external_data=False)
-    return sum(1 for n in model.graph.node if n.op_type == "ConvInteger")
-
-
 # --- saving, validating, timing --------------------------------------------------------------------
 
 def save_graph(model, path: Path) -> list[str]:
@@ -379,7 +370,7 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
     fp32_path = directory / entry["file"]
     probe = onnx.load(str(fp32_path), load_external_data=False)
     has_matmul = any(n.op_type in ("MatMul", "Gemm") for n in probe.graph.node)
-    has_conv = any(n.op_type == "Conv" for n in probe.graph.node)
+    has_conv = any(n.op_type in ("Conv", "ConvTranspose") for n in probe.graph.node)
     del probe
     if not has_matmul:
         record["reason"] = "no MatMul/Gemm weights to quantize"
@@ -393,26 +384,23 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
     try:
         candidates = [("MatMulNBits", False)]
         if name in CONV_GRAPHS and has_conv:
-            candidates.append(("MatMulNBits+ConvInteger", True))
+            candidates.append(("MatMulNBits+ConvAsMatMul", True))
         tried = []
         for method, convs in candidates:
             cdir = scratch / method.replace("+", "_")
             cdir.mkdir()
             conv_nodes = 0
-            source = fp32_path
             try:
+                model = onnx.load(str(fp32_path), load_external_data=True)
                 if convs:
-                    conv_nodes = quantize_convs(fp32_path, cdir / "conv.onnx")
-                    source = cdir / "conv.onnx"
-                model = onnx.load(str(source), load_external_data=True)
+                    conv_nodes = convs_to_matmul(model)
+                    if not conv_nodes:
+                        continue  # no convolution large enough: the same graph as the plain candidate
                 model, mm_nodes = quantize_matmuls(model, bits)
                 after = weight_bytes(model)
                 path = cdir / entry["file"]
                 files = save_graph(model, path)
                 del model
-                for extra in (cdir / "conv.onnx", cdir / "conv.onnx.data"):
-                    if extra.exists():
-                        extra.unlink()
                 errors, failure = validate_quantized(name, path, directory, tolerance, threads)
             except (MemoryError, KeyboardInterrupt):
                 raise
@@ -422,8 +410,8 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
                               "validated_max_abs_error": {},
                               "failure": f"graph {name}: {method} candidate failed ({detail})"})
                 continue
-            cand = {"method": method, "nodes_quantized": mm_nodes + conv_nodes, "weight_bytes_after": int(after),
-                    "validated_max_abs_error": errors, "within_tolerance": failure is None, "path": path,
+            cand = {"method": method, "nodes_quantized": mm_nodes, "convs_as_matmul": conv_nodes,
+                    "weight_bytes_after": int(after), "validated_max_abs_error": errors, "within_tolerance": failure is None, "path": path,
                     "files": files}
             if failure is not None:
                 cand["failure"] = failure
@@ -471,6 +459,7 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
                      "weight_bytes": chosen["weight_bytes_after"]}
         record.update({"status": "quantized", "method": chosen["method"],
                        "nodes_quantized": chosen["nodes_quantized"],
+                       "convs_as_matmul": chosen.get("convs_as_matmul", 0),
                        "weight_bytes_after": chosen["weight_bytes_after"],
                        "validated_max_abs_error": chosen["validated_max_abs_error"]})
         if primary is not None and chosen.get("speedup"):
