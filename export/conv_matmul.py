@@ -17,7 +17,7 @@ multiple of the stride (kernel = r * stride), which is how VibeVoice's tokenizer
 The products are the same as the convolution's (summed in another order: fp32 rounding differences
 only); afterwards these MatMuls are quantized like every other. Only convolutions with at least
 `MIN_WEIGHTS` weights are rewritten (the small ones at high time resolution are compute-bound and
-stay Conv), and only where shape inference gives a static channel count and length.
+stay Conv), and a Conv only where shape inference gives its input's length (whole frames).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _conv_nodes(b: _Builder, node, w: np.ndarray, bias: str | None, length: int)
     b.node("Transpose", [y], output=node.output[0], perm=[0, 2, 1])
 
 
-def _convtr_nodes(b: _Builder, node, w: np.ndarray, bias: str | None, length: int) -> None:
+def _convtr_nodes(b: _Builder, node, w: np.ndarray, bias: str | None) -> None:
     in_ch, out_ch, kernel = w.shape
     s = _attrs(node).get("strides", [1])[0]
     r = kernel // s
@@ -112,12 +112,12 @@ def _convtr_nodes(b: _Builder, node, w: np.ndarray, bias: str | None, length: in
     w2 = w.reshape(in_ch, out_ch, r, s).transpose(0, 2, 3, 1).reshape(in_ch, r * s * out_ch)
     x = b.node("Transpose", [node.input[0]], perm=[0, 2, 1])  # [N, n, C]
     z = b.node("MatMul", [x, b.const("weight", w2.astype(np.float32))])
-    z = b.node("Reshape", [z, b.const("shape", np.array([0, length, r, s * out_ch], np.int64))])
+    z = b.node("Reshape", [z, b.const("shape", np.array([0, 0, r, s * out_ch], np.int64))])  # [N, n, r, s*O]
     total = None
     for c in range(r):
         part = b.node("Slice", [z, b.const("start", np.array([c], np.int64)), b.const("end", np.array([c + 1], np.int64)),
                                 b.const("axis", np.array([2], np.int64))])
-        part = b.node("Reshape", [part, b.const("shape", np.array([0, length * s, out_ch], np.int64))])
+        part = b.node("Reshape", [part, b.const("shape", np.array([0, -1, out_ch], np.int64))])  # [N, n*s, O]
         if r > 1:
             pads = np.array([0, c * s, 0, 0, (r - 1 - c) * s, 0], np.int64)
             part = b.node("Pad", [part, b.const("pads", pads)])
@@ -146,20 +146,21 @@ def convs_to_matmul(model, min_weights: int = MIN_WEIGHTS) -> int:
         if len(dims) != 3 or int(np.prod(dims)) < min_weights or stride < 1 or dims[2] % stride or not _plain(attrs):
             nodes.append(node)
             continue
-        if shapes is None:
-            shapes = _static_shapes(model)
-        in_shape = shapes.get(node.input[0])
-        length = in_shape[2] if in_shape and len(in_shape) == 3 else None
-        if not length or (node.op_type == "Conv" and length % stride):
-            nodes.append(node)
-            continue
+        if node.op_type == "Conv":  # the input's frames must be whole: its length must be known
+            if shapes is None:
+                shapes = _static_shapes(model)
+            in_shape = shapes.get(node.input[0])
+            length = in_shape[2] if in_shape and len(in_shape) == 3 else None
+            if not length or length % stride:
+                nodes.append(node)
+                continue
         w = numpy_helper.to_array(init).astype(np.float32)
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         b = _Builder(graph, node.name or node.output[0])
         if node.op_type == "Conv":
             _conv_nodes(b, node, w, bias, length)
         else:
-            _convtr_nodes(b, node, w, bias, length)
+            _convtr_nodes(b, node, w, bias)
         nodes.extend(b.nodes)
         count += 1
     if count:

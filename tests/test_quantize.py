@@ -54,7 +54,7 @@ def _manifest(d):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_every_graph_quantized_within_its_tolerance(quant_dirs, mode, report):
-    from vv_export.quantize import BLOCK_SIZE, TOLERANCES
+    from vv_export.quantize import BLOCK_SIZES, TOLERANCES
 
     d = quant_dirs[mode]
     manifest = _manifest(d)
@@ -65,7 +65,7 @@ def test_every_graph_quantized_within_its_tolerance(quant_dirs, mode, report):
         entry = manifest["graphs"][graph]
         q = entry["quantization"]
         assert q["status"] == "quantized", (graph, q.get("reason"))
-        assert (q["method"], q["bits"], q["block_size"]) == ("MatMulNBits", bits, BLOCK_SIZE)
+        assert (q["method"], q["bits"], q["block_size"]) == ("MatMulNBits", bits, BLOCK_SIZES[bits])
         assert q["weight_bytes_after"] < q["weight_bytes_before"]
         # the manifest's tolerance is the quantized one, the fp32 one is kept
         assert entry["tolerance"] == {o: TOLERANCES[bits][graph] for o in entry["tolerance"]}
@@ -139,10 +139,32 @@ def test_graph_beyond_tolerance_stays_fp32(tmp_path, monkeypatch):
     for graph in QUANTIZABLE:
         q = manifest["graphs"][graph]["quantization"]
         assert q["status"] == "fp32" and q["weight_bytes_after"] == q["weight_bytes_before"], graph
-        assert q["reason"].startswith("exceeds its quantization tolerance"), q["reason"]
+        assert q["reason"].startswith("8-bit: exceeds its quantization tolerance"), q["reason"]
         model = onnx.load(str(out / manifest["graphs"][graph]["file"]))
         assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
+
+
+def test_graph_beyond_its_int4_tolerance_falls_back_to_int8(tmp_path, monkeypatch):
+    """--quantize int4: a graph whose int4 copy misses its int4 tolerance gets int8 (not fp32) when int8 holds."""
+    import vv_export.quantize as quantize
+    from vv_export.checkpoint import tiny_random_model
+    from vv_export.onnx_export import export_onnx
+
+    strict = {g: {"atol": 0.0, "rtol": 1e-7} for g in quantize.TOLERANCES[4]}
+    monkeypatch.setitem(quantize.TOLERANCES, 4, strict)
+    out = export_onnx(tiny_random_model(seed=0), tmp_path / "fallback", progress=False, threads=1,
+                      quantize="int4", quantize_select="all")
+    manifest = _manifest(out)
+    for graph in QUANTIZABLE:
+        entry = manifest["graphs"][graph]
+        q = entry["quantization"]
+        assert (q["status"], q["mode"], q["bits"]) == ("quantized", "int4", 8), (graph, q.get("reason"))
+        assert q["fallback"]["int4_reason"].startswith("4-bit: exceeds its quantization tolerance")
+        assert entry["tolerance"] == {o: quantize.TOLERANCES[8][graph] for o in entry["tolerance"]}
+        model = onnx.load(str(out / entry["file"]))
+        bits = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+        assert bits == {8}
 
 
 def _cli(*args):
