@@ -7,9 +7,16 @@ profile into concrete min/opt/max shapes per graph input (the manifest's I/O sha
 and dimension names) and validates everything; any problem is one line naming the plan, the place
 and the fix.
 
+Precisions: fp32, fp16, bf16 (the whole engine at that float precision, keep_fp32 layers aside) and the
+explicitly quantized fp8 and int8wo (vv_export.qdq: FP8 E4M3 weights and activations of the weight
+MatMuls, the rest fp16; INT8 weight-only, the rest bf16). A graph at fp8/int8wo needs a tolerance of its
+own for that precision (its error is the graph's, measured by the CPU emulation: docs/QUANTIZATION.md);
+`precision=` (`vv-export trt --precision`) overrides with fp32/fp16/bf16 only.
+
 Hashes: ``GraphPlan.hash`` covers everything that changes the engine of one graph (concrete profile
-shapes, precision, builder options) and nothing else, so editing the lm section never rebuilds the
-decoder, and editing a tolerance rebuilds nothing. ``Plan.hash`` combines the graph hashes.
+shapes, precision, builder options; for fp8/int8wo the Q/DQ rewrite's format) and nothing else, so
+editing the lm section never rebuilds the decoder, and editing a tolerance rebuilds nothing.
+``Plan.hash`` combines the graph hashes.
 """
 
 from __future__ import annotations
@@ -24,12 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ExportError
+from .qdq import ACTIVATION_PRECISION, QDQ_FORMAT, QDQ_PRECISIONS
 
 # Graph names a plan may have sections for (the exporter's graphs); what is built is the manifest's graphs,
 # in the manifest's order.
 PLAN_GRAPHS = ("text_embed", "lm", "acoustic_encoder", "acoustic_decoder", "semantic_encoder",
                "acoustic_connector", "semantic_connector", "diffusion_step", "diffusion_sampler")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8wo")
+# what `precision=` may set for every graph at once: fp8/int8wo are chosen per graph (some graphs have no
+# weight MatMul, and each needs its own measured tolerance): plans fp8 / int8wo
+OVERRIDE_PRECISIONS = ("fp32", "fp16", "bf16")
 # Dimensions that are never given in a plan: computed from others (the lm attention mask's length).
 DERIVED_DIMS = {"total": ("past", "seq")}
 # Dimensions whose range may include 0 (the prefill profile has no past).
@@ -98,10 +109,13 @@ class GraphPlan:
     outputs: list = field(default_factory=list)
 
     def hash_payload(self) -> dict:
-        return {"format": PLAN_FORMAT, "graph": self.graph, "precision": self.precision,
-                "profiles": [{"name": p.name, "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()}}
-                             for p in self.profiles],
-                "builder": self.builder}
+        payload = {"format": PLAN_FORMAT, "graph": self.graph, "precision": self.precision,
+                   "profiles": [{"name": p.name, "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()}}
+                                for p in self.profiles],
+                   "builder": self.builder}
+        if self.precision in QDQ_PRECISIONS:
+            payload["qdq_format"] = QDQ_FORMAT  # the engine is built from vv_export.qdq's rewrite
+        return payload
 
     @property
     def hash(self) -> str:
@@ -367,7 +381,8 @@ def resolve_plan(plan: str | dict = "default", manifest: dict | None = None, pre
     """Load (by name, path or an already merged table) and resolve a plan against a manifest.
 
     `precision` (fp32/fp16/bf16) overrides every graph's precision. `graphs` restricts the result to
-    those graphs (each must be in both the plan and the manifest).
+    those graphs (each must be in both the plan and the manifest). A graph at fp8/int8wo must have a
+    tolerance for that precision for every output.
     """
     if manifest is None or not isinstance(manifest.get("graphs"), dict):
         raise PlanError("plan: the manifest has no graphs")
@@ -377,8 +392,10 @@ def resolve_plan(plan: str | dict = "default", manifest: dict | None = None, pre
         data, sources = load_plan_data(plan)
     pname = str(data.get("name") or (plan if isinstance(plan, str) else "plan"))
     where0 = f"plan {pname!r}"
-    if precision is not None and precision not in PRECISIONS:
-        raise PlanError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision is not None and precision not in OVERRIDE_PRECISIONS:
+        extra = (f" ({precision} is chosen per graph by a plan: --plan {precision})"
+                 if precision in QDQ_PRECISIONS else "")
+        raise PlanError(f"--precision {precision}: expected one of {', '.join(OVERRIDE_PRECISIONS)}{extra}")
 
     # settings, in order, each may use the manifest constants and earlier settings
     names = _model_constants(manifest)
@@ -508,6 +525,12 @@ def resolve_plan(plan: str | dict = "default", manifest: dict | None = None, pre
             raise PlanError(f"{where}.profiles: duplicate profile names {names_seen}")
         builder = _builder(section.get("builder"), base_builder, f"{where}.builder")
         tolerance = _tolerances(data.get("tolerance") or {}, section.get("tolerance"), outputs, where)
+        if prec in QDQ_PRECISIONS:
+            table = tolerance.get(prec, {})
+            missing = [o for o in outputs if o not in table and "" not in table]
+            if missing:
+                raise PlanError(f"{where}: precision {prec} has no tolerance for output {missing[0]!r}; add "
+                                f"[graphs.{g}.tolerance.{prec}] sized from the CPU emulation (docs/QUANTIZATION.md)")
         resolved[g] = GraphPlan(g, prec, profiles, builder, tolerance, outputs)
     return Plan(name=pname, description=str(data.get("description", "")), sources=[str(s) for s in sources],
                 settings=settings, notes=notes, graphs=resolved)
@@ -516,7 +539,12 @@ def resolve_plan(plan: str | dict = "default", manifest: dict | None = None, pre
 # --- device memory estimate -----------------------------------------------------------------------
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "int64": 8,
-                "int32": 4, "bool": 1}
+                "int32": 4, "bool": 1, "fp8": 1, "int8wo": 1}  # fp8/int8wo: their weights (scales negligible)
+
+
+def _activation_bytes(precision: str) -> int:
+    """Bytes per activation an engine of `precision` computes in (fp8/int8wo: fp16/bf16 outside the GEMMs)."""
+    return _DTYPE_BYTES[ACTIVATION_PRECISION.get(precision, precision)]
 INT32_ELEMENTS = 2**31 - 1  # bindings are kept below this many elements (32-bit volumes in kernels)
 GPU_HEADROOM = 0.85  # share of a plan's gpu_memory_gb the estimate may use (CUDA context, allocator, tactics)
 
@@ -538,11 +566,14 @@ def _lm_intermediate(model: dict, lm_weight_elems: int) -> int:
 def memory_estimate(plan: Plan, manifest: dict) -> dict:
     """Rough device memory of a resolved plan's engines at their largest shapes, in bytes.
 
-    - weights: every graph's ONNX weights (`weight_bytes` at the manifest's dtype) at its engine precision;
+    - weights: every graph's ONNX weights (`weight_bytes` at the manifest's dtype) at its engine precision
+      (1 byte each at fp8/int8wo, for all of the graph's weights: an under-estimate by the few that are no
+      MatMul weights and stay float, norm scales and the lm's RoPE table, < 1 % of the 1.5B lm's bytes);
     - per optimisation profile, at its max shapes: the graph's inputs and outputs (the I/O stays fp32 /
       int64), and for the lm the activations of one layer (layers run one after another): attention
       scores and probabilities in fp32 (rows x heads x seq x total x 4 x 2; softmax inputs are kept in
-      fp32), the MLP's gate/up/product at the engine precision (rows x seq x intermediate x 3), the
+      fp32), the MLP's gate/up/product at the engine's activation precision (rows x seq x intermediate x
+      3; fp16/bf16 at fp8/int8wo), the
       layer's keys/values over the whole mask (2 x rows x kv_heads x total x head_dim x 4), the residual
       stream and its normed copy and q/k/v (rows x seq x hidden x 4 x 6); for the acoustic encoder the
       first stage's activations (rows x samples x 32 channels x 4 x 2);
@@ -580,7 +611,7 @@ def memory_estimate(plan: Plan, manifest: dict) -> dict:
                 H, kv, d = model["hidden_size"], model["num_kv_heads"], model["head_dim"]
                 heads = model.get("num_attention_heads", kv)
                 inter = _lm_intermediate(model, elems)
-                act = (rows * heads * seq * total * 4 * 2 + rows * seq * inter * _DTYPE_BYTES[gp.precision] * 3
+                act = (rows * heads * seq * total * 4 * 2 + rows * seq * inter * _activation_bytes(gp.precision) * 3
                        + 2 * rows * kv * total * d * 4 + rows * seq * H * 4 * 6)
             elif g == "acoustic_encoder" and "samples" in prof.dims:
                 act = prof.dims["batch"][2] * prof.dims["samples"][2] * 32 * 4 * 2

@@ -27,6 +27,17 @@ kernel may keep an intermediate in fp32 that this rounds: the emulation is pessi
 accumulation tactics (TensorRT may pick GEMM/convolution kernels that accumulate in fp16 when a
 layer's precision is fp16 and no constraint forbids it; not emulated), and the exact transcendental
 implementations (exp, sin, erf on the GPU differ from ONNX Runtime's in the last bits).
+
+Explicitly quantized engines (fp8, int8wo; `emulate_quantized_model`): the graph's Q/DQ copy
+(vv_export.qdq: the very INT8 / FP8 weights and the calibrated FP8 activation rounding the engine
+uses) composed with the rounding above at the engine's activation precision (fp16 for fp8, bf16 for
+int8wo). The two compose cleanly: Cast pairs only ever touch float tensors, so the INT8/FP8 tensors
+between QuantizeLinear and DequantizeLinear pass untouched; QuantizeLinear/DequantizeLinear count as
+kept in fp32 (TensorRT applies their scales in fp32: the scales are not rounded, a Q reads its input as
+its producer left it); a dequantized weight is rounded to fp16/bf16 where a reduced-precision MatMul
+reads it, like any weight, and a MatMul's output is rounded. The FP8 GEMM itself (exact products of
+FP8 values, fp32 accumulation, one rounding of the scaled result) is what ONNX Runtime computes on the
+dequantized operands, up to that rounding.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from .engine_dir import sha256_file
 from .errors import ExportError
 
 LOW_PRECISIONS = ("fp16", "bf16")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")  # computed in fp32 (their scales) by the emulation
 
 # ONNX op type -> (TensorRT layer type, operation) that TensorRT's ONNX parser builds for it; ops not
 # listed become data movement / shape / selection layers (SHUFFLE, CONCATENATION, GATHER, SLICE, CAST,
@@ -94,7 +106,10 @@ def _value_types(model) -> dict:
 
     structure = onnx.ModelProto()
     structure.CopyFrom(model)
-    for init in structure.graph.initializer:  # shape inference needs only the declared types and shapes
+    for init in structure.graph.initializer:  # shape inference needs only the declared types and shapes ...
+        if init.data_type == onnx.TensorProto.INT64 and len(init.dims) <= 1 and init.data_location == 0 \
+                and (not init.dims or init.dims[0] <= 16):
+            continue  # ... and the values of small integer inputs (the `axes` of opset-18 Reduce* ops)
         init.ClearField("raw_data")
         init.ClearField("float_data")
         init.ClearField("int64_data")
@@ -164,6 +179,8 @@ def emulate_model(model, precision: str, keep_ops=(), keep_names=()):
         if node.op_type == "Constant" or (ins and all(i in const for i in ins)):
             const.update(o for o in node.output if o)
             kinds.append("const")
+        elif node.op_type in QDQ_OPS:
+            kinds.append("kept")
         elif node_is_kept(node, keep_ops, keep_names, any(is_float(i) for i in ins)):
             kinds.append("kept")
         else:
@@ -231,12 +248,29 @@ def kept_node_names(model, keep_ops=(), keep_names=()) -> set:
     return kept
 
 
-def emulate_graph_file(onnx_path, precision: str, builder: dict, out_path=None):
-    """Emulated copy of the graph at `onnx_path` under a plan's builder options; saved to `out_path` if given."""
+def emulate_quantized_model(model, precision: str, keep_ops=(), keep_names=(), calibration=None, name=None):
+    """A copy of the fp32 `model` that computes like an fp8 / int8wo engine: its Q/DQ copy (vv_export.qdq)
+    rounded like the engine's activation precision (fp16 / bf16). `calibration`: fp8's (see qdq_model)."""
+    from .qdq import ACTIVATION_PRECISION, qdq_model
+
+    quantized = qdq_model(model, precision, calibration, keep_ops=keep_ops, keep_names=keep_names, name=name)
+    return emulate_model(quantized, ACTIVATION_PRECISION[precision], keep_ops, keep_names)
+
+
+def emulate_graph_file(onnx_path, precision: str, builder: dict, out_path=None, calibration=None, name=None):
+    """Emulated copy of the graph at `onnx_path` under a plan's builder options; saved to `out_path` if given.
+
+    fp8 needs `calibration` (the graph's validation inputs, vv_export.qdq.load_calibration)."""
     import onnx
 
+    from .qdq import QDQ_PRECISIONS
+
     model = onnx.load(str(onnx_path), load_external_data=True)
-    emulated = emulate_model(model, precision, builder.get("keep_fp32", ()), builder.get("keep_fp32_names", ()))
+    keep = (builder.get("keep_fp32", ()), builder.get("keep_fp32_names", ()))
+    if precision in QDQ_PRECISIONS:
+        emulated = emulate_quantized_model(model, precision, *keep, calibration=calibration, name=name)
+    else:
+        emulated = emulate_model(model, precision, *keep)
     if out_path is not None:
         out_path = Path(out_path)
         if emulated.ByteSize() > (1 << 30):
@@ -251,10 +285,13 @@ def write_emulated_engine_dir(engine_dir, out_dir, plan, precisions: dict | None
                               builders: dict | None = None) -> Path:
     """An ENGINE_DIR copy whose graphs compute like the plan's engines (ONNX Runtime can run it).
 
-    `plan` is a resolved vv_export.plans.Plan; `precisions` (graph -> fp32/fp16/bf16) and `builders`
-    (graph -> builder dict) override the plan's. manifest.json records `emulated_precision` per graph
-    and the new files' sha256.
+    `plan` is a resolved vv_export.plans.Plan; `precisions` (graph -> fp32/fp16/bf16/fp8/int8wo) and
+    `builders` (graph -> builder dict) override the plan's. fp8 graphs are calibrated on ENGINE_DIR's
+    validation inputs, like the engine. manifest.json records `emulated_precision` per graph and the new
+    files' sha256.
     """
+    from .qdq import load_calibration
+
     engine_dir, out_dir = Path(engine_dir), Path(out_dir)
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     if out_dir.exists():
@@ -274,7 +311,8 @@ def write_emulated_engine_dir(engine_dir, out_dir, plan, precisions: dict | None
             for extra in entry.get("external_data") or []:
                 shutil.copyfile(engine_dir / extra, out_dir / extra)
         else:
-            emulate_graph_file(src, precision, builder, dst)
+            calibration = load_calibration(engine_dir, name) if precision == "fp8" else None
+            emulate_graph_file(src, precision, builder, dst, calibration=calibration, name=name)
             data = out_dir / (dst.name + ".data")
             entry["external_data"] = [data.name] if data.exists() else []
         entry["sha256"] = sha256_file(dst)

@@ -19,6 +19,13 @@ Reduced precision (the plan's per-graph precision, or ``precision=`` for every g
 * TensorRT 11+ (weak typing removed) or typing "strong": the ONNX graph is converted to mixed
   precision by ModelOpt AutoCast (the keep_fp32 op types stay fp32, I/O types kept) and built as a
   strongly typed network.
+* fp8 / int8wo: built from an explicitly quantized (Q/DQ) copy of the graph that vv_export.qdq writes
+  into the build's work directory (FP8 weights and calibrated FP8 activations of the weight MatMuls /
+  INT8 per-channel weights only), weakly typed on TensorRT 10 with the FP8 / INT8 builder flag plus the
+  flag of the precision everything else runs in (fp16 / bf16), the keep_fp32 rules applied as above.
+  FP8 needs compute capability 8.9 (refused in one line before any build, `check_precision_supported`);
+  TensorRT 11+ (strong typing only) is refused for them in one line: the Q/DQ copy's float parts would
+  need their own fp16/bf16 conversion first.
 
 The manifest is read and written through ``vv_export.engine_dir`` (the exporter's one manifest module);
 the polygraphy accuracy helpers live in ``vv_export.accuracy``. Neither this module nor those import
@@ -43,6 +50,7 @@ from typing import Callable
 from .engine_dir import ENGINE_FORMAT, TRT_DIR, atomic_write, file_lock, read_manifest, sha256_file, update_manifest
 from .errors import ExportError, TrtUnavailable
 from .plans import KEEP_FP32_OPS, PRECISIONS, GraphPlan, Plan, resolve_plan
+from .qdq import ACTIVATION_PRECISION, MIN_COMPUTE_CAPABILITY, QDQ_PRECISIONS
 
 TIMING_CACHE = "timing.cache"
 MIN_TRT_MAJOR = 10
@@ -149,6 +157,38 @@ def trt_environment() -> TrtEnv:
     name, cc_major, cc_minor = device
     return TrtEnv(trt=trt, version=version, major=major, compute_capability=f"sm{cc_major}{cc_minor}",
                   device_name=name)
+
+
+def _capability(compute_capability) -> tuple[int, int]:
+    """(major, minor) from (8, 9), "sm89", "89" or "8.9"."""
+    if isinstance(compute_capability, (tuple, list)) and len(compute_capability) == 2:
+        return int(compute_capability[0]), int(compute_capability[1])
+    text = str(compute_capability).strip().lower().removeprefix("sm")
+    if re.fullmatch(r"\d+\.\d+", text):
+        major, minor = text.split(".")
+        return int(major), int(minor)
+    if re.fullmatch(r"\d{2,3}", text):
+        return int(text[:-1]), int(text[-1])
+    raise ValueError(f"compute capability {compute_capability!r}: expected e.g. (8, 9) or 'sm89'")
+
+
+def check_precision_supported(precision: str, compute_capability, graphs: list[str] | None = None) -> None:
+    """Raise a one-line ExportError when a GPU of `compute_capability` cannot run `precision` engines.
+
+    bf16 needs 8.0 (Ampere), int8wo 8.0 too (its activations are bf16), fp8 8.9 (Ada, Hopper).
+    """
+    need = MIN_COMPUTE_CAPABILITY.get(precision)
+    if need is None:
+        return
+    have = _capability(compute_capability)
+    if have >= need:
+        return
+    asking = f" ({', '.join(graphs)} ask {precision})" if graphs else ""
+    fix = {"bf16": "use --plan turing or --precision fp16/fp32",
+           "int8wo": "use --plan turing (fp16/fp32)",
+           "fp8": "use --plan int8wo on Ampere, or --plan default"}[precision]
+    raise ExportError(f"{precision} needs compute capability {need[0]}.{need[1]} or newer, this GPU is "
+                      f"sm{have[0]}{have[1]}{asking}: {fix}")
 
 
 # --- names and records --------------------------------------------------------------------------
@@ -284,6 +324,12 @@ def _typing(env: TrtEnv, gp: GraphPlan) -> str:
     if gp.precision == "fp32":
         return "fp32"
     mode = gp.builder["typing"]
+    if gp.precision in QDQ_PRECISIONS:
+        if mode == "strong" or env.major >= 11:
+            raise ExportError(f"graph {gp.graph}: {gp.precision} engines are built weakly typed from a Q/DQ graph on "
+                              f"TensorRT 10 (requirements-gpu.txt); TensorRT {env.version} with typing \"{mode}\" "
+                              f"would need a strongly typed Q/DQ graph, which is not implemented")
+        return "weak"
     if mode == "auto":
         mode = "weak" if env.major < 11 else "strong"
     if mode == "weak" and env.major >= 11:
@@ -376,8 +422,14 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
     trt = env.trt
     typing = _typing(env, gp)
     path = onnx_path
-    if typing == "strong":
+    if gp.precision in QDQ_PRECISIONS:
+        from .qdq import qdq_graph_file
+
+        path = work / f"{gp.graph}.{gp.precision}.onnx"
+        qdq_graph_file(onnx_path.parent, gp.graph, gp.precision, gp.builder, out_path=path, onnx_path=onnx_path)
+    elif typing == "strong":
         path = _autocast(onnx_path, work, gp, progress)
+    floats = ACTIVATION_PRECISION.get(gp.precision, gp.precision)  # what the non-quantized layers run in
     # TensorRT 11 builds every network strongly typed; 10.x: strongly typed only for converted graphs
     strongly_typed = typing == "strong" or env.major >= 11
     builder, network, parser = NetworkFromOnnxPath(str(path), strongly_typed=strongly_typed or None)()
@@ -389,8 +441,10 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
     config_loader = CreateConfig(
         profiles=_profiles(gp),
         tf32=gp.builder["tf32"],
-        fp16=(typing == "weak" and gp.precision == "fp16") or None,
-        bf16=(typing == "weak" and gp.precision == "bf16") or None,
+        fp16=(typing == "weak" and floats == "fp16") or None,
+        bf16=(typing == "weak" and floats == "bf16") or None,
+        int8=(gp.precision == "int8wo") or None,  # the INT8 Q/DQ layers (weight-only: no activation Q)
+        fp8=(gp.precision == "fp8") or None,
         precision_constraints=constraints if (typing == "weak" and marked and constraints != "none") else None,
         builder_optimization_level=gp.builder["optimization_level"],
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: gp.builder["workspace_mib"] << 20},
@@ -451,11 +505,11 @@ def build_engines(engine_dir, plan: str = "default", precision: str | None = Non
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING  # TensorRT's warnings and errors; our progress lines
-    if int(env.compute_capability[2:]) < 80:
-        bf16 = [g for g, gp in resolved.graphs.items() if gp.precision == "bf16"]
-        if bf16:
-            raise ExportError(f"bf16 needs compute capability 8.0 or newer, this GPU is {env.compute_capability} "
-                              f"({', '.join(bf16)} ask bf16): use --plan turing or --precision fp16/fp32")
+    for prec in dict.fromkeys(gp.precision for gp in resolved.graphs.values()):  # before any build
+        check_precision_supported(prec, env.compute_capability,
+                                  [g for g, gp in resolved.graphs.items() if gp.precision == prec])
+    for gp in resolved.graphs.values():
+        _typing(env, gp)  # a typing this TensorRT cannot build: one line now, not after other engines
     trt_dir = engine_dir / TRT_DIR
     trt_dir.mkdir(exist_ok=True)
     _clean_stale_temp(trt_dir)

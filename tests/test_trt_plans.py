@@ -48,7 +48,7 @@ def _error(data, manifest, **kw) -> str:
 # --- the packaged plans --------------------------------------------------------------------------
 
 def test_packaged_plans_resolve_against_the_fixture(manifest):
-    assert {"default", "turing", "small", "ci", "bench"} <= set(available_plans())
+    assert {"default", "turing", "small", "ci", "bench", "fp8", "int8wo"} <= set(available_plans())
     for name in available_plans():
         plan = resolve_plan(name, manifest)
         assert plan.name == name
@@ -478,7 +478,8 @@ def test_every_plan_fits_its_gpu(full_manifest):
         assert est["over_int32"] == [], (name, est["over_int32"])
         assert est["fits"], (name, round(est["total_bytes"] / 1e9, 1), budget)
         assert est["total_bytes"] <= GPU_HEADROOM * budget * 1e9
-        assert budget == {"default": 80, "bench": 80, "ci": 16, "small": 16, "turing": 16}.get(name, budget)
+        assert budget == {"default": 80, "bench": 80, "ci": 16, "small": 16, "turing": 16, "fp8": 80,
+                          "int8wo": 80}.get(name, budget)
 
 
 def test_memory_estimate_components(full_manifest):
@@ -495,6 +496,21 @@ def test_memory_estimate_components(full_manifest):
     assert scores < prefill["activation_bytes"] < scores * 2
     turing = memory_estimate(resolve_plan("turing", full_manifest), full_manifest)
     assert turing["weights_bytes"]["lm"] == full_manifest["graphs"]["lm"]["weight_bytes"]  # fp32 lm
+
+
+def test_quantized_plans_need_less_memory(full_manifest):
+    """fp8 / int8wo: 1 byte per weight of the lm and the diffusion head (a quarter of the fp32 ONNX bytes,
+    half of bf16/fp16), their activations still 2 bytes; everything else as the default plan."""
+    default = memory_estimate(resolve_plan("default", full_manifest), full_manifest)
+    for name in ("fp8", "int8wo"):
+        est = memory_estimate(resolve_plan(name, full_manifest), full_manifest)
+        for graph in ("lm", "diffusion_step", "diffusion_sampler"):
+            assert est["weights_bytes"][graph] == full_manifest["graphs"][graph]["weight_bytes"] // 4
+        for graph in ("text_embed", "acoustic_encoder", "acoustic_decoder"):
+            assert est["weights_bytes"][graph] == default["weights_bytes"][graph]
+        assert est["profiles"]["lm/prefill"] == default["profiles"]["lm/prefill"]  # bf16/fp16 activations
+        saved = sum(default["weights_bytes"][g] - est["weights_bytes"][g] for g in est["weights_bytes"])
+        assert est["total_bytes"] == default["total_bytes"] - saved and saved > 1.5e9, (name, saved)  # 1.56 GB
 
 
 def test_old_default_would_not_fit(full_manifest, default_data):
