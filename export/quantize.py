@@ -380,19 +380,30 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
-        # int4 first; a graph beyond its int4 tolerance (or not faster at int4) gets the int8 attempt
-        # before it stays fp32
-        for width in (bits, 8) if bits == 4 else (bits,):
-            chosen, tried, timing, tolerance, reason = _attempt(spec, ctx, directory, entry, name, width, has_conv,
-                                                                  scratch / f"int{width}", threads, select)
-            if width == bits:
-                record.update({"tolerance": tolerance, "timing": timing, "candidates": tried})
+        # int4: the int8 copy is tried too, and the graph gets the faster of the two within its tolerance
+        # (int4 kernels lose to int8 where activations are long, e.g. the conv stacks' high-rate stages);
+        # a graph beyond its int4 tolerance gets int8 before it stays fp32. select="all": the first
+        # width within tolerance (int4 before int8), whatever its speed.
+        chosen, width, tolerance = None, bits, None
+        primary = TIMING_DIMS[name][0][0] if name in TIMING_DIMS else None
+        for w in (bits, 8) if bits == 4 else (bits,):
+            got, tried, timing, tol, reason = _attempt(spec, ctx, directory, entry, name, w, has_conv,
+                                                       scratch / f"int{w}", threads, select)
+            if w == bits:
+                record.update({"tolerance": tol, "timing": timing, "candidates": tried})
+                tolerance = tol
             else:
-                record["fallback"] = {"bits": width, "block_size": BLOCK_SIZES[width], "tolerance": tolerance,
-                                      "timing": timing, "candidates": tried, "reason": reason,
-                                      "int4_reason": record.get("reason")}
-            record["reason"] = reason
-            if chosen is not None:
+                record["fallback"] = {"bits": w, "block_size": BLOCK_SIZES[w], "tolerance": tol, "timing": timing,
+                                      "candidates": tried, "reason": reason, "int4_reason": record.get("reason")}
+            record["reason"] = reason if chosen is None else record.get("reason")
+            if got is not None and (chosen is None or (primary is not None and select != "all" and
+                                                       got["speedup"][primary] > chosen["speedup"][primary])):
+                if chosen is not None:
+                    record["fallback"]["chosen_because"] = (
+                        f"int{w} {got['speedup'][primary]:.2f}x fp32 at {primary}, faster than "
+                        f"int{width} {chosen['speedup'][primary]:.2f}x")
+                chosen, width, tolerance = got, w, tol
+            if chosen is not None and select == "all":
                 break
         if chosen is None:
             return entry, record
