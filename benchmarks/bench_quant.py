@@ -311,7 +311,12 @@ def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames:
         if name.startswith("ort-") and name != "ort-fp32" and sides.get("ort-fp32", {}).get("ms_per_frame") \
                 and r.get("ms_per_frame"):
             r["speedup_per_frame_vs_fp32"] = sides["ort-fp32"]["ms_per_frame"] / r["ms_per_frame"]
+    from bandwidth_probe import measure as weight_stream_rates
+
+    stream = weight_stream_rates(threads)  # the ceiling of the weight-bound graphs, in this sitting
+    log("[weights streamed] " + ", ".join(f"{k} {v['gb_per_s']:.1f} GB/s" for k, v in stream.items()))
     result = {"benchmark": "quant_cpu", "model_name": model, "model": describe(model), **info,
+              "weight_stream_gb_per_s": {k: v["gb_per_s"] for k, v in stream.items()},
               "threads": threads, "frames": frames, "repeats": repeats, "diffusion_steps": 10, "hop": 3200,
               "sample_rate": SAMPLE_RATE, "mode": "forced speech_diffusion on every step",
               "sides": sides,

@@ -15,7 +15,9 @@ PyTorch; it uses ONNX Runtime's own tooling only:
   same products over whole frames), so that their weights are quantized too. ~87 % of the stacks'
   weights are the blocks' feed-forward MatMuls; most of the rest is in two strided convolutions
   (2048 x 1024 x 16 each at full size), for which ORT has no fast quantized Conv kernel (a dynamic
-  int8 `ConvInteger` candidate was measured slower than fp32 every time and was dropped).
+  int8 `ConvInteger` candidate was measured slower than fp32 every time and was dropped). A third
+  candidate adds dynamic int8 (`DynamicQuantizeMatMul`, int8 GEMM) for their small MatMuls, which run
+  over hundreds to thousands of time steps per frame and are compute-bound, not weight-bound.
 
 Each candidate is validated on the very inputs the fp32 graph was validated on, against the saved
 PyTorch (fp32) outputs (ENGINE_DIR/validation), with the tolerance of `TOLERANCES` for its bit width,
@@ -67,6 +69,9 @@ ACCURACY_LEVEL = 4  # int8 compute of the activations (MatMulNBits' fast CPU pat
 MIN_SPEEDUP = 1.05  # a quantized graph must be at least 5 % faster than fp32 to be kept (select="measure")
 MIN_SECONDARY_SPEEDUP = 0.8  # ... at its per-frame shape, and not > 25 % slower at the others (lm prefill)
 CONV_GRAPHS = ("acoustic_encoder", "acoustic_decoder", "semantic_encoder")
+# conv stacks: MatMuls with fewer weights than this (the blocks' feed-forward layers at 32-512 channels,
+# run over hundreds to thousands of time steps per frame) get dynamic int8 in the DynamicInt8 candidate
+DYNAMIC_MAX_WEIGHTS = 1 << 20
 
 # graph -> [(label, dims)]: the shapes the graph is timed at; the first one decides (per-frame cost)
 TIMING_DIMS = {
@@ -221,11 +226,12 @@ def _drop_unused_and_duplicate_initializers(graph) -> None:
 
 @contextlib.contextmanager
 def _quiet_logging():
-    """ORT's quantization tools log every tensor at INFO (some through the root logger)."""
+    """ORT's quantization tools log every tensor at INFO (some through the root logger) and advise
+    pre-processing at WARNING."""
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -250,6 +256,36 @@ def quantize_matmuls(model, bits: int):
     _drop_unused_and_duplicate_initializers(out.graph)
     nodes = sum(1 for n in out.graph.node if n.op_type == "MatMulNBits")
     return out, nodes
+
+
+def quantize_small_matmuls_dynamic(model, work: Path):
+    """Dynamic int8 (`DynamicQuantizeMatMul`: the activation quantized per call, weights int8 per output
+    channel) for the MatMuls with fewer than DYNAMIC_MAX_WEIGHTS constant weights; returns (model, count).
+
+    In the conv stacks these run at high time resolution (800-3200 rows per frame at 32-128 channels):
+    compute-bound, where the int8 GEMM (VNNI) beats both fp32 and MatMulNBits, whose strength is
+    reading fewer weight bytes. The larger, weight-bound MatMuls are left for MatMulNBits.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    inits = {i.name: i for i in model.graph.initializer}
+    small = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+             and len(inits[n.input[1]].dims) == 2 and int(np.prod(inits[n.input[1]].dims)) < DYNAMIC_MAX_WEIGHTS]
+    if not small:
+        return model, 0
+    src, dst = work / "dynamic_in.onnx", work / "dynamic_out.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=src.name + ".data", size_threshold=1024)
+    del model
+    with _quiet_logging():
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=small,
+                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
+    out = onnx.load(str(dst), load_external_data=True)
+    for f in work.glob("dynamic_*"):
+        f.unlink()
+    count = sum(1 for n in out.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+    return out, count
 
 
 # --- saving, validating, timing --------------------------------------------------------------------
@@ -420,6 +456,7 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
                        "block_size": BLOCK_SIZES[width], "tolerance": tolerance,
                        "nodes_quantized": chosen["nodes_quantized"],
                        "convs_as_matmul": chosen.get("convs_as_matmul", 0),
+                       "dynamic_int8_nodes": chosen.get("dynamic_int8_nodes", 0),
                        "weight_bytes_after": chosen["weight_bytes_after"],
                        "validated_max_abs_error": chosen["validated_max_abs_error"]})
         if chosen.get("speedup"):
@@ -442,20 +479,24 @@ def _attempt(spec, ctx, directory: Path, entry: dict, name: str, bits: int, has_
     tolerance = tolerance_for(name, bits, outputs)
     fp32_path = directory / entry["file"]
     scratch.mkdir()
-    candidates = [("MatMulNBits", False)]
+    candidates = [("MatMulNBits", False, False)]
     if name in CONV_GRAPHS and has_conv:
-        candidates.append(("MatMulNBits+ConvAsMatMul", True))
+        candidates += [("MatMulNBits+ConvAsMatMul", True, False), ("MatMulNBits+ConvAsMatMul+DynamicInt8", True, True)]
     tried = []
-    for method, convs in candidates:
+    for method, convs, dynamic in candidates:
         cdir = scratch / method.replace("+", "_")
         cdir.mkdir()
-        conv_nodes = 0
+        conv_nodes = dynamic_nodes = 0
         try:
             model = onnx.load(str(fp32_path), load_external_data=True)
             if convs:
                 conv_nodes = convs_to_matmul(model)
-                if not conv_nodes:
+                if not conv_nodes and not dynamic:
                     continue  # no convolution large enough: the same graph as the plain candidate
+                if not conv_nodes:
+                    method = "MatMulNBits+DynamicInt8"
+            if dynamic:
+                model, dynamic_nodes = quantize_small_matmuls_dynamic(model, cdir)
             model, mm_nodes = quantize_matmuls(model, bits)
             after = weight_bytes(model)
             path = cdir / entry["file"]
@@ -470,7 +511,8 @@ def _attempt(spec, ctx, directory: Path, entry: dict, name: str, bits: int, has_
                           "validated_max_abs_error": {},
                           "failure": f"graph {name}: {method} candidate failed ({detail})"})
             continue
-        cand = {"method": method, "nodes_quantized": mm_nodes, "convs_as_matmul": conv_nodes,
+        cand = {"method": method, "nodes_quantized": mm_nodes + dynamic_nodes, "convs_as_matmul": conv_nodes,
+                "dynamic_int8_nodes": dynamic_nodes,
                 "weight_bytes_after": int(after), "validated_max_abs_error": errors,
                 "within_tolerance": failure is None, "path": path, "files": files}
         if failure is not None:

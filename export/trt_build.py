@@ -139,8 +139,8 @@ def trt_environment() -> TrtEnv:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise TrtUnavailable("TensorRT is not installed (pip install 'vibevoice-trt[gpu]' on a machine with an "
-                             "NVIDIA GPU and CUDA); ONNX Runtime runs the graphs without it") from exc
+        raise TrtUnavailable("TensorRT is not installed (`make gpu-setup` on a machine with an NVIDIA GPU installs "
+                             "the pinned GPU stack); ONNX Runtime runs the graphs without it") from exc
     except Exception as exc:  # a broken install (missing CUDA libraries)
         raise TrtUnavailable(f"TensorRT cannot be imported ({_one_line(exc)})") from exc
     version = str(getattr(trt, "__version__", "0"))

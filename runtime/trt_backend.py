@@ -88,7 +88,7 @@ def _import_trt():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise TrtBackendError("TensorRT is not installed (pip install 'vibevoice-trt[gpu]')") from exc
+        raise TrtBackendError("TensorRT is not installed (`make gpu-setup` on a machine with an NVIDIA GPU)") from exc
     except Exception as exc:
         raise TrtBackendError(f"TensorRT cannot be imported ({_one_line(exc)})") from exc
     return trt

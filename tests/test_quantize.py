@@ -125,6 +125,17 @@ def test_fixture_generation_int4_first_frame(quant_dirs, tiny_engine_dir, report
     assert forced["latent_rel_peak_per_frame"][0] <= INT4_FIRST_FRAME_LATENT_REL, forced
 
 
+def test_conv_stacks_dynamic_int8_candidate_within_tolerance(quant_dirs):
+    """The conv stacks' third candidate (their small, compute-bound MatMuls as dynamic int8 GEMMs) is built,
+    validated and recorded; on the fixture it holds the int8 tolerance."""
+    manifest = _manifest(quant_dirs["int8"])
+    for graph in ("acoustic_encoder", "acoustic_decoder", "semantic_encoder"):
+        cands = {c["method"]: c for c in manifest["graphs"][graph]["quantization"]["candidates"]}
+        dynamic = [c for m, c in cands.items() if m.endswith("+DynamicInt8")]
+        assert len(dynamic) == 1, sorted(cands)
+        assert dynamic[0]["dynamic_int8_nodes"] > 0 and dynamic[0]["within_tolerance"], dynamic[0]
+
+
 def test_graph_beyond_tolerance_stays_fp32(tmp_path, monkeypatch):
     """A stated tolerance the quantized graph cannot meet: the graph stays fp32 and the manifest says why."""
     import vv_export.quantize as quantize
