@@ -266,6 +266,10 @@ def quant_summary(engine_dir: Path) -> dict:
         if q:
             out[g] = {k: q.get(k) for k in ("status", "method", "bits", "nodes_quantized", "weight_bytes_before",
                                             "weight_bytes_after", "speedup", "reason")}
+            # every candidate tried (both widths for int4): within tolerance? how much faster than fp32?
+            tried = list(q.get("candidates") or []) + list((q.get("fallback") or {}).get("candidates") or [])
+            out[g]["candidates"] = [{"method": c.get("method"), "within_tolerance": c.get("within_tolerance"),
+                                     "speedup": c.get("speedup")} for c in tried]
     return out
 
 
