@@ -7,7 +7,7 @@ bytes over the rate at which the MatMul kernels stream them. This probe measures
 Runtime at the LM's MLP shape (1536 -> 8960, 2 rows), over enough distinct weights (12 layers' worth,
 far beyond the caches), for fp32 MatMul and for MatMulNBits int8 / int4 (block 32, accuracy_level 4:
 the `--quantize` kernels), median of 15 runs. Writes `<out>/bandwidth_probe.json`: bytes, ms and GB/s
-per kind, and the implied floor (ms per frame) for a given number of weight bytes per frame.
+per kind (a graph that reads B weight bytes per call needs at least B / rate).
 """
 
 from __future__ import annotations

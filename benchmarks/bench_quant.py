@@ -268,8 +268,11 @@ def quant_summary(engine_dir: Path) -> dict:
                                             "weight_bytes_after", "speedup", "reason")}
             # every candidate tried (both widths for int4): within tolerance? how much faster than fp32?
             tried = list(q.get("candidates") or []) + list((q.get("fallback") or {}).get("candidates") or [])
-            out[g]["candidates"] = [{"method": c.get("method"), "within_tolerance": c.get("within_tolerance"),
-                                     "speedup": c.get("speedup")} for c in tried]
+            out[g]["candidates"] = [{"method": c.get("method"), "bits": c.get("bits"),
+                                     "within_tolerance": c.get("within_tolerance"), "speedup": c.get("speedup")}
+                                    for c in tried]
+            if (q.get("fallback") or {}).get("int4_reason"):
+                out[g]["int4_reason"] = q["fallback"]["int4_reason"]
     return out
 
 

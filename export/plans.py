@@ -9,7 +9,7 @@ and the fix.
 
 Precisions: fp32, fp16, bf16 (the whole engine at that float precision, keep_fp32 layers aside) and the
 explicitly quantized fp8 and int8wo (vv_export.qdq: FP8 E4M3 weights and activations of the weight
-MatMuls, the rest fp16; INT8 weight-only, the rest bf16). A graph at fp8/int8wo needs a tolerance of its
+MatMuls, the rest bf16; INT8 weight-only, the rest bf16). A graph at fp8/int8wo needs a tolerance of its
 own for that precision (its error is the graph's, measured by the CPU emulation: docs/QUANTIZATION.md);
 `precision=` (`vv-export trt --precision`) overrides with fp32/fp16/bf16 only.
 
@@ -115,6 +115,7 @@ class GraphPlan:
                    "builder": self.builder}
         if self.precision in QDQ_PRECISIONS:
             payload["qdq_format"] = QDQ_FORMAT  # the engine is built from vv_export.qdq's rewrite
+            payload["activations"] = ACTIVATION_PRECISION[self.precision]  # ... and its builder's float flag
         return payload
 
     @property

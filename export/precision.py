@@ -30,8 +30,8 @@ implementations (exp, sin, erf on the GPU differ from ONNX Runtime's in the last
 
 Explicitly quantized engines (fp8, int8wo; `emulate_quantized_model`): the graph's Q/DQ copy
 (vv_export.qdq: the very INT8 / FP8 weights and the calibrated FP8 activation rounding the engine
-uses) composed with the rounding above at the engine's activation precision (fp16 for fp8, bf16 for
-int8wo). The two compose cleanly: Cast pairs only ever touch float tensors, so the INT8/FP8 tensors
+uses) composed with the rounding above at the engine's activation precision (bf16 for both,
+`vv_export.qdq.ACTIVATION_PRECISION`). The two compose cleanly: Cast pairs only ever touch float tensors, so the INT8/FP8 tensors
 between QuantizeLinear and DequantizeLinear pass untouched; QuantizeLinear/DequantizeLinear count as
 kept in fp32 (TensorRT applies their scales in fp32: the scales are not rounded, a Q reads its input as
 its producer left it); a dequantized weight is rounded to fp16/bf16 where a reduced-precision MatMul
@@ -250,7 +250,7 @@ def kept_node_names(model, keep_ops=(), keep_names=()) -> set:
 
 def emulate_quantized_model(model, precision: str, keep_ops=(), keep_names=(), calibration=None, name=None):
     """A copy of the fp32 `model` that computes like an fp8 / int8wo engine: its Q/DQ copy (vv_export.qdq)
-    rounded like the engine's activation precision (fp16 / bf16). `calibration`: fp8's (see qdq_model)."""
+    rounded like the engine's activation precision (`ACTIVATION_PRECISION`: bf16). `calibration`: fp8's (see qdq_model)."""
     from .qdq import ACTIVATION_PRECISION, qdq_model
 
     quantized = qdq_model(model, precision, calibration, keep_ops=keep_ops, keep_names=keep_names, name=name)

@@ -51,7 +51,7 @@ ACTIVATION_PRECISION = {"fp8": "bf16", "int8wo": "bf16"}
 MIN_COMPUTE_CAPABILITY = {"fp8": (8, 9), "int8wo": (8, 0), "bf16": (8, 0)}
 QDQ_OPSET = 19
 # Bumped when the Q/DQ rewrite changes what an engine computes (part of the plan hash of these engines).
-QDQ_FORMAT = 1
+QDQ_FORMAT = 2  # 2: fp8 engines bf16 (not fp16) outside their FP8 GEMMs
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 # ONNX ops whose `axes` moved from an attribute to an input in opset 18 (ReduceSum already in 13)

@@ -432,8 +432,9 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
                 record["fallback"] = {"bits": w, "block_size": BLOCK_SIZES[w], "tolerance": tol, "timing": timing,
                                       "candidates": tried, "reason": reason, "int4_reason": record.get("reason")}
             record["reason"] = reason if chosen is None else record.get("reason")
+            # the other width must win clearly: the two were timed in separate runs against fp32
             if got is not None and (chosen is None or (primary is not None and select != "all" and
-                                                       got["speedup"][primary] > chosen["speedup"][primary])):
+                                                       got["speedup"][primary] > MIN_SPEEDUP * chosen["speedup"][primary])):
                 if chosen is not None:
                     record["fallback"]["chosen_because"] = (
                         f"int{w} {got['speedup'][primary]:.2f}x fp32 at {primary}, faster than "
@@ -511,7 +512,7 @@ def _attempt(spec, ctx, directory: Path, entry: dict, name: str, bits: int, has_
                           "validated_max_abs_error": {},
                           "failure": f"graph {name}: {method} candidate failed ({detail})"})
             continue
-        cand = {"method": method, "nodes_quantized": mm_nodes + dynamic_nodes, "convs_as_matmul": conv_nodes,
+        cand = {"method": method, "bits": bits, "nodes_quantized": mm_nodes + dynamic_nodes, "convs_as_matmul": conv_nodes,
                 "dynamic_int8_nodes": dynamic_nodes,
                 "weight_bytes_after": int(after), "validated_max_abs_error": errors,
                 "within_tolerance": failure is None, "path": path, "files": files}

@@ -22,7 +22,7 @@ Reduced precision (the plan's per-graph precision, or ``precision=`` for every g
 * fp8 / int8wo: built from an explicitly quantized (Q/DQ) copy of the graph that vv_export.qdq writes
   into the build's work directory (FP8 weights and calibrated FP8 activations of the weight MatMuls /
   INT8 per-channel weights only), weakly typed on TensorRT 10 with the FP8 / INT8 builder flag plus the
-  flag of the precision everything else runs in (fp16 / bf16), the keep_fp32 rules applied as above.
+  flag of the precision everything else runs in (bf16 for both), the keep_fp32 rules applied as above.
   FP8 needs compute capability 8.9 (refused in one line before any build, `check_precision_supported`);
   TensorRT 11+ (strong typing only) is refused for them in one line: the Q/DQ copy's float parts would
   need their own fp16/bf16 conversion first.

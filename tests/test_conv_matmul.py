@@ -53,15 +53,24 @@ def test_one_convolution_equals_its_matmul_form(op, kernel, stride, length):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_a_wrong_weight_layout_would_be_caught():
-    """The check above can fail: the same rewrite with the kernel taps reversed differs."""
+@pytest.mark.parametrize("op,length", [("Conv", 16), ("ConvTranspose", 2)])
+def test_a_wrong_weight_layout_would_be_caught(op, length):
+    """The equality check above can fail: the rewrite with its MatMul weight's kernel taps in the wrong
+    order (the rows of one tap block swapped with the next) differs from the convolution."""
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((40, 24, 16)) * 0.1).astype(np.float32)
-    model = _one_node_model("Conv", w, 8, 16)
-    flipped = _one_node_model("Conv", np.ascontiguousarray(w[:, :, ::-1]), 8, 16)
-    convs_to_matmul(flipped, min_weights=0)
-    x = rng.standard_normal((1, 24, 16)).astype(np.float32)
-    assert np.abs(_run(model, {"x": x})[0] - _run(flipped, {"x": x})[0]).max() > 1e-2
+    shape = (40, 24, 16) if op == "Conv" else (24, 40, 16)
+    w = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    model = _one_node_model(op, w, 8, length)
+    rewritten = _one_node_model(op, w, 8, length)
+    assert convs_to_matmul(rewritten, min_weights=0) == 1
+    weight = next(i for i in rewritten.graph.initializer if "/as_matmul/weight" in i.name)
+    values = numpy_helper.to_array(weight)
+    half = values.shape[0] // 2 if op == "Conv" else values.shape[1] // 2  # the r = 2 tap blocks
+    swapped = np.roll(values, half, axis=0 if op == "Conv" else 1)
+    weight.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(swapped), weight.name))
+    x = rng.standard_normal((1, 24, length)).astype(np.float32)
+    want, got = _run(model, {"x": x})[0], _run(rewritten, {"x": x})[0]
+    assert np.abs(got - want).max() > 1e-2 * np.abs(want).max()
 
 
 def test_small_or_unsupported_convolutions_stay():
