@@ -426,7 +426,13 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
         from .qdq import qdq_graph_file
 
         path = work / f"{gp.graph}.{gp.precision}.onnx"
-        qdq_graph_file(onnx_path.parent, gp.graph, gp.precision, gp.builder, out_path=path, onnx_path=onnx_path)
+        try:
+            qdq_graph_file(onnx_path.parent, gp.graph, gp.precision, gp.builder, out_path=path, onnx_path=onnx_path)
+        except (ExportError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # the rewrite or its check failed, not TensorRT: say so in one line
+            raise ExportError(f"graph {gp.graph}: the {gp.precision} Q/DQ copy could not be made "
+                              f"({_last_line(exc)})") from exc
     elif typing == "strong":
         path = _autocast(onnx_path, work, gp, progress)
     floats = ACTIVATION_PRECISION.get(gp.precision, gp.precision)  # what the non-quantized layers run in
