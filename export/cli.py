@@ -68,8 +68,9 @@ def onnx_cmd(model, out, tokenizer, dtype, diffusion_steps, validate, force, qua
 @main.command("trt")
 @click.option("--engine-dir", "engine_dir", required=True, type=click.Path(), help="ENGINE_DIR from `vv-export onnx`.")
 @click.option("--plan", default="default", show_default=True, help="Build plan name in trt_plans/.")
-@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
-              help="Override the plan's precision for every graph.")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32", "fp8", "int8wo"]), default=None,
+              help="Override the plan's precision for every graph (fp32/fp16/bf16; fp8 and int8wo are chosen "
+                   "per graph by --plan fp8 / --plan int8wo).")
 @click.option("--force", is_flag=True, help="Rebuild engines that are up to date.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def trt_cmd(engine_dir, plan, precision, force, debug):

@@ -92,6 +92,18 @@ def test_cli_refusal(engine_dir):
     assert lines[-1].startswith("error: TensorRT is not installed"), proc.stderr
 
 
+def test_cli_precision_fp8_names_the_plan(engine_dir):
+    """`--precision fp8` is refused before TensorRT is needed, in one line that names `--plan fp8`."""
+    exe = Path(sys.executable).parent / "vv-export"
+    if not exe.exists():
+        pytest.skip("vv-export is not installed next to this interpreter")
+    proc = subprocess.run([str(exe), "trt", "--engine-dir", str(engine_dir), "--precision", "fp8"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: --precision fp8: expected one of fp32, fp16, bf16 (fp8 is chosen per graph by a plan: --plan fp8)"]
+
+
 # --- names and records ---------------------------------------------------------------------------
 
 def test_engine_file_name():
