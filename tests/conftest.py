@@ -80,6 +80,22 @@ def random_engine_dir(tmp_path_factory) -> Path:
 _GPU_RAN = pytest.StashKey[int]()  # gpu-marked tests whose call phase ran (passed or failed)
 
 
+def tensorrt_gpu_unavailable() -> str | None:
+    """Why TensorRT cannot run on a GPU here (None when it can): checked at collection, before any fixture
+    exports anything; gpu-marked modules skip with this reason (and fail under VV_REQUIRE_GPU=1)."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:
+        return f"TensorRT is not installed ({type(exc).__name__})"
+    try:
+        import torch
+    except Exception:
+        return "PyTorch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to PyTorch"
+    return None
+
+
 def _require_gpu() -> bool:
     return os.environ.get("VV_REQUIRE_GPU", "").strip() not in ("", "0")
 

@@ -28,6 +28,7 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from conftest import tensorrt_gpu_unavailable
 from vv_export import trt_build
 from vv_export.accuracy import reference_outputs
 from vv_export.errors import ExportError
@@ -376,21 +377,7 @@ def test_build_refuses_fp8_before_ampere_plus_and_names_engines(tiny_engine_dir,
 
 # --- on a GPU: the engines against ONNX Runtime -------------------------------------------------------
 
-def _gpu_unavailable() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:
-        return f"TensorRT is not installed ({type(exc).__name__})"
-    try:
-        import torch
-    except Exception:
-        return "PyTorch is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to PyTorch"
-    return None
-
-
-_GPU_REASON = _gpu_unavailable()
+_GPU_REASON = tensorrt_gpu_unavailable()
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "trt_quant_accuracy.json"
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tensorrt_gpu_unavailable
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "trt_accuracy.json"
 PLAN = os.environ.get("VV_TRT_PLAN", "ci")
@@ -39,22 +41,7 @@ GRAPHS = ("text_embed", "lm", "acoustic_encoder", "acoustic_decoder", "semantic_
 FP32_AUDIO_RTOL_OF_PEAK = 1e-3
 
 
-def _unavailable() -> str | None:
-    """Why this module cannot run here (checked at collection, before any fixture exports anything)."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:
-        return f"TensorRT is not installed ({type(exc).__name__})"
-    try:
-        import torch
-    except Exception:
-        return "PyTorch is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to PyTorch"
-    return None
-
-
-_REASON = _unavailable()
+_REASON = tensorrt_gpu_unavailable()  # checked at collection
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from conftest import tensorrt_gpu_unavailable
 from vv_runtime import trt_backend
 from vv_runtime.backend import OrtBackend, select_backend
 from vv_runtime.errors import BackendFault, CapacityError, RuntimeInputError
@@ -535,17 +536,11 @@ def test_device_cache_growth_drops_the_graphs_of_its_old_buffer(monkeypatch):
 
 # --- on a GPU: LM decode steps replayed as CUDA graphs (`make check-accuracy` runs -m gpu) ------------
 
-def _no_gpu() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-        import torch
-    except Exception as exc:
-        return f"TensorRT or PyTorch is not installed ({type(exc).__name__})"
-    return None if torch.cuda.is_available() else "no CUDA GPU is visible to PyTorch"
+_NO_GPU = tensorrt_gpu_unavailable()
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_no_gpu() is not None, reason=_no_gpu() or "")
+@pytest.mark.skipif(_NO_GPU is not None, reason=_NO_GPU or "")
 def test_decode_graphs_replay_the_plain_execution(tiny_engine_dir, tmp_path):
     """An fp32 lm engine (plan ci): decode steps on the device cache are captured once per (shape, cache
     address), replayed with new host inputs, equal plain execution, and a cache that grows drops them."""
