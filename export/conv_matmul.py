@@ -35,18 +35,10 @@ def _attrs(node) -> dict:
 
 def _static_shapes(model) -> dict:
     """Static shapes (tuples with None for dynamic dims) of every value shape inference can tell."""
-    import onnx
+    from .precision import inferred_value_infos
 
-    structure = onnx.ModelProto()
-    structure.CopyFrom(model)
-    for init in structure.graph.initializer:
-        init.ClearField("raw_data")
-        init.ClearField("float_data")
-        del init.external_data[:]
-        init.data_location = onnx.TensorProto.DEFAULT
-    inferred = onnx.shape_inference.infer_shapes(structure)
     shapes = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+    for vi in inferred_value_infos(model):
         dims = vi.type.tensor_type.shape.dim
         shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
     return shapes

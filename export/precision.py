@@ -100,8 +100,9 @@ def node_is_kept(node, keep_ops, keep_names, float_inputs: bool = True) -> bool:
     return False
 
 
-def _value_types(model) -> dict:
-    """Element type of every tensor (graph inputs, initializers, Constant nodes, inferred values)."""
+def inferred_value_infos(model) -> list:
+    """ONNX shape inference over a weightless copy of `model`: the value infos of its inputs, inferred
+    intermediate values and outputs (types and shapes), without copying the weights' bytes."""
     import onnx
 
     structure = onnx.ModelProto()
@@ -118,9 +119,12 @@ def _value_types(model) -> dict:
         del init.external_data[:]
         init.data_location = onnx.TensorProto.DEFAULT
     inferred = onnx.shape_inference.infer_shapes(structure)
-    types = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        types[vi.name] = vi.type.tensor_type.elem_type
+    return list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+
+
+def _value_types(model) -> dict:
+    """Element type of every tensor (graph inputs, initializers, Constant nodes, inferred values)."""
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred_value_infos(model)}
     for init in model.graph.initializer:
         types[init.name] = init.data_type
     for node in model.graph.node:
