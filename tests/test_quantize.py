@@ -136,17 +136,24 @@ def test_conv_stacks_dynamic_int8_candidate_within_tolerance(quant_dirs):
         assert dynamic[0]["dynamic_int8_nodes"] > 0 and dynamic[0]["within_tolerance"], dynamic[0]
 
 
-def test_graph_beyond_tolerance_stays_fp32(tmp_path, monkeypatch):
-    """A stated tolerance the quantized graph cannot meet: the graph stays fp32 and the manifest says why."""
+def _export_with_unreachable_tolerance(tmp_path, monkeypatch, mode: str):
+    """The tiny random model exported with --quantize `mode`, every graph's tolerance at that width made
+    unreachable (rtol 1e-7); returns (ENGINE_DIR, manifest)."""
     import vv_export.quantize as quantize
     from vv_export.checkpoint import tiny_random_model
     from vv_export.onnx_export import export_onnx
 
-    strict = {g: {"atol": 0.0, "rtol": 1e-7} for g in quantize.TOLERANCES[8]}
-    monkeypatch.setitem(quantize.TOLERANCES, 8, strict)
-    out = export_onnx(tiny_random_model(seed=0), tmp_path / "strict", progress=False, threads=1,
-                      quantize="int8", quantize_select="all")
-    manifest = _manifest(out)
+    bits = quantize.MODES[mode]
+    strict = {g: {"atol": 0.0, "rtol": 1e-7} for g in quantize.TOLERANCES[bits]}
+    monkeypatch.setitem(quantize.TOLERANCES, bits, strict)
+    out = export_onnx(tiny_random_model(seed=0), tmp_path / mode, progress=False, threads=1,
+                      quantize=mode, quantize_select="all")
+    return out, _manifest(out)
+
+
+def test_graph_beyond_tolerance_stays_fp32(tmp_path, monkeypatch):
+    """A stated tolerance the quantized graph cannot meet: the graph stays fp32 and the manifest says why."""
+    out, manifest = _export_with_unreachable_tolerance(tmp_path, monkeypatch, "int8")
     for graph in QUANTIZABLE:
         q = manifest["graphs"][graph]["quantization"]
         assert q["status"] == "fp32" and q["weight_bytes_after"] == q["weight_bytes_before"], graph
@@ -159,14 +166,8 @@ def test_graph_beyond_tolerance_stays_fp32(tmp_path, monkeypatch):
 def test_graph_beyond_its_int4_tolerance_falls_back_to_int8(tmp_path, monkeypatch):
     """--quantize int4: a graph whose int4 copy misses its int4 tolerance gets int8 (not fp32) when int8 holds."""
     import vv_export.quantize as quantize
-    from vv_export.checkpoint import tiny_random_model
-    from vv_export.onnx_export import export_onnx
 
-    strict = {g: {"atol": 0.0, "rtol": 1e-7} for g in quantize.TOLERANCES[4]}
-    monkeypatch.setitem(quantize.TOLERANCES, 4, strict)
-    out = export_onnx(tiny_random_model(seed=0), tmp_path / "fallback", progress=False, threads=1,
-                      quantize="int4", quantize_select="all")
-    manifest = _manifest(out)
+    out, manifest = _export_with_unreachable_tolerance(tmp_path, monkeypatch, "int4")
     for graph in QUANTIZABLE:
         entry = manifest["graphs"][graph]
         q = entry["quantization"]

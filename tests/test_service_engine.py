@@ -224,6 +224,15 @@ def _wait_for(predicate, timeout=60.0):
     return False
 
 
+def _serves_a_short_request(eng, forced, frames: int) -> None:
+    """After a failure or timeout, the engine still serves: a short request comes back whole and equal to the
+    same request run alone."""
+    ok = eng.submit(SpeechRequest("Speaker 1: Short.", seed=1, max_new_frames=frames))
+    ok.audio(timeout=60)
+    assert ok.error is None and ok.frames == frames
+    assert ok.tokens == forced.generate("Speaker 1: Short.", seed=1, max_new_frames=frames).tokens[0]
+
+
 def test_queue_full_and_drain(forced):
     eng = SpeechEngine(forced, max_batch=1, max_queue=1)
     with pytest.raises(EngineStopped):
@@ -330,10 +339,7 @@ def test_timeout_mid_stream_frees_rows(forced):
         limit = 2 * len(handle.prepared.prompt.input_ids)  # the request would speak this many frames
         assert handle.frames < limit
         assert _wait_for(lambda: eng.stats()["active_rows"] == 0)
-        ok = eng.submit(SpeechRequest("Speaker 1: Short.", seed=1, max_new_frames=4))
-        ok.audio(timeout=60)
-        assert ok.error is None and ok.frames == 4
-        assert ok.tokens == forced.generate("Speaker 1: Short.", seed=1, max_new_frames=4).tokens[0]
+        _serves_a_short_request(eng, forced, 4)
     finally:
         eng.stop(drain=False, timeout=60)
 
@@ -397,10 +403,7 @@ def test_failed_step_finishes_every_request_and_the_engine_goes_on(forced):
         assert not failing.armed, "the injected failure happened"
         assert _wait_for(lambda: eng.stats()["active_requests"] == 0)
         assert eng.fatal is None
-        ok = eng.submit(SpeechRequest("Speaker 1: Short.", seed=1, max_new_frames=3))
-        ok.audio(timeout=60)
-        assert ok.error is None and ok.frames == 3
-        assert ok.tokens == forced.generate("Speaker 1: Short.", seed=1, max_new_frames=3).tokens[0]
+        _serves_a_short_request(eng, forced, 3)
     finally:
         eng.stop(drain=False, timeout=60)
 
