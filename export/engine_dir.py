@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import ExportError
+from .errors import ExportError, one_line
 
 FORMAT = "vibevoice-trt/engine-dir"
 FORMAT_VERSION = 1
@@ -78,7 +78,7 @@ def read_manifest(engine_dir: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: unreadable manifest ({_one_line(exc)})") from exc
+        raise ExportError(f"{path}: unreadable manifest ({one_line(exc)})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ExportError(f"{path}: not a vibevoice-trt ENGINE_DIR manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -126,7 +126,3 @@ def update_manifest(engine_dir: Path, update: Callable[[dict], None]) -> dict:
         update(manifest)
         atomic_write(engine_dir / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

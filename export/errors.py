@@ -11,3 +11,9 @@ class ValidationError(ExportError):
 
 class TrtUnavailable(ExportError):
     """TensorRT engines cannot be built or run here: TensorRT is not installed, or there is no CUDA GPU."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (whitespace runs, newlines included, become one space), or its
+    type name when it has no message: what every one-line error of this package shows of a cause."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -30,7 +30,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ExportError
+from .errors import ExportError, one_line
 from .qdq import ACTIVATION_PRECISION, QDQ_FORMAT, QDQ_PRECISIONS
 
 # Graph names a plan may have sections for (the exporter's graphs); what is built is the manifest's graphs,
@@ -208,9 +208,9 @@ def load_plan_data(plan: str) -> tuple[dict, list[Path]]:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
-            raise PlanError(f"plan {path}: unreadable ({_one_line(exc)})") from exc
+            raise PlanError(f"plan {path}: unreadable ({one_line(exc)})") from exc
         except tomllib.TOMLDecodeError as exc:
-            raise PlanError(f"plan {path}: invalid TOML ({_one_line(exc)})") from exc
+            raise PlanError(f"plan {path}: invalid TOML ({one_line(exc)})") from exc
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
             raise PlanError(f"plan {path.name}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
@@ -635,7 +635,3 @@ def memory_estimate(plan: Plan, manifest: dict) -> dict:
 
 def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable
 
 from .engine_dir import ENGINE_FORMAT, TRT_DIR, atomic_write, file_lock, read_manifest, sha256_file, update_manifest
-from .errors import ExportError, TrtUnavailable
+from .errors import ExportError, TrtUnavailable, one_line
 from .plans import KEEP_FP32_OPS, PRECISIONS, GraphPlan, Plan, resolve_plan
 from .qdq import ACTIVATION_PRECISION, MIN_COMPUTE_CAPABILITY, QDQ_PRECISIONS
 
@@ -142,7 +142,7 @@ def trt_environment() -> TrtEnv:
         raise TrtUnavailable("TensorRT is not installed (`make gpu-setup` on a machine with an NVIDIA GPU installs "
                              "the pinned GPU stack); ONNX Runtime runs the graphs without it") from exc
     except Exception as exc:  # a broken install (missing CUDA libraries)
-        raise TrtUnavailable(f"TensorRT cannot be imported ({_one_line(exc)})") from exc
+        raise TrtUnavailable(f"TensorRT cannot be imported ({one_line(exc)})") from exc
     version = str(getattr(trt, "__version__", "0"))
     try:
         major = int(version.split(".")[0])
@@ -312,7 +312,7 @@ def _merge_timing_cache(path: Path, config, progress) -> None:
                 if not ours.combine(theirs, ignore_mismatch=True):
                     progress(f"  note: could not merge {path.name} from another build; keeping this build's")
             except Exception as exc:  # a cache from another TensorRT version / device: replace it
-                progress(f"  note: {path.name} not mergeable ({_one_line(exc)}); replacing it")
+                progress(f"  note: {path.name} not mergeable ({one_line(exc)}); replacing it")
         data = ours.serialize()
         atomic_write(path, bytes(memoryview(data)))
 
@@ -592,10 +592,6 @@ def _record(engine_dir: Path, graph: str, new: dict, resolved: Plan, old: dict |
                         (engine_dir / stale["file"]).unlink()
 
     update_manifest(engine_dir, update)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _last_line(exc: BaseException) -> str:

@@ -14,12 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import RuntimeInputError
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+from .errors import RuntimeInputError, one_line
 
 
 class _OneLineErrors(click.Command):
@@ -32,7 +27,7 @@ class _OneLineErrors(click.Command):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            click.echo(f"error: {_one_line(exc.format_message())}", err=True)
+            click.echo(f"error: {one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code if exc.exit_code else 1)
         except click.Abort:
             click.echo("interrupted: no output written", err=True)
@@ -106,9 +101,9 @@ def main(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
         if debug:
             raise
         if isinstance(exc, (RuntimeInputError, OSError)):
-            click.echo(f"error: {_one_line(exc)}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
         else:
-            click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for details)", err=True)
+            click.echo(f"error: {type(exc).__name__}: {one_line(exc)} (run with --debug for details)", err=True)
         sys.exit(1)
     _report(summary, as_json)
 

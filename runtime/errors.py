@@ -14,3 +14,9 @@ class CapacityError(RuntimeInputError):
 class BackendFault(Exception):
     """A graph execution that failed for a reason that is not the request's (TensorRT execution error,
     out of device memory). One line; a service answers 500 as JSON and the other requests go on."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (whitespace runs, newlines included, become one space), or its
+    type name when it has no message: what every one-line error of this package shows of a cause."""
+    return " ".join(str(exc).split()) or type(exc).__name__

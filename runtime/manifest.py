@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import RuntimeInputError
+from .errors import RuntimeInputError, one_line
 
 FORMAT = "vibevoice-trt/engine-dir"
 FORMAT_VERSION = 1
@@ -34,7 +34,7 @@ def load_manifest(engine_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RuntimeInputError(f"{path}: unreadable manifest ({_one_line(exc)})") from exc
+        raise RuntimeInputError(f"{path}: unreadable manifest ({one_line(exc)})") from exc
     if not isinstance(manifest, dict):
         raise RuntimeInputError(f"{path}: not a JSON object")
     if manifest.get("format") != FORMAT:
@@ -107,7 +107,3 @@ def state_size(manifest: dict, graph: str) -> int:
     if layout is None:
         raise RuntimeInputError(f"manifest: graph {graph!r} gives no state size")
     return int(sum(e["channels"] * e["length"] for e in layout))
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

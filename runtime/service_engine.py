@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from .audio import SAMPLE_RATE, prepare_voice, read_audio, read_audio_bytes, to_mono
-from .errors import BackendFault, RuntimeInputError
+from .errors import BackendFault, RuntimeInputError, one_line
 from .prompt import Prompt
 from .script import SPEAKER_LINE, parse_script
 
@@ -592,7 +592,7 @@ def _request_error(exc: BaseException, where: str) -> BaseException:
     as a one-line BackendFault (not the request's fault; the engine goes on)."""
     if isinstance(exc, (RuntimeInputError, BackendFault, Cancelled, TimeoutError, EngineStopped)):
         return exc
-    fault = BackendFault(f"{where} failed: {type(exc).__name__}: {_one_line(exc)}")
+    fault = BackendFault(f"{where} failed: {type(exc).__name__}: {one_line(exc)}")
     fault.__cause__ = exc
     return fault
 
@@ -607,7 +607,3 @@ def error_kind(error: BaseException) -> str:
     if isinstance(error, EngineStopped):
         return "stopped"
     return "internal"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

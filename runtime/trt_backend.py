@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend_base import Backend, PlanLimits, bucket_slots
-from .errors import BackendFault, CapacityError, RuntimeInputError
+from .errors import BackendFault, CapacityError, RuntimeInputError, one_line
 from .manifest import graphs_with_role, required_graphs
 
 # Outputs returned as CUDA tensors when the call was given a CUDA tensor (the device-resident LM cache).
@@ -90,7 +90,7 @@ def _import_trt():
     except ImportError as exc:
         raise TrtBackendError("TensorRT is not installed (`make gpu-setup` on a machine with an NVIDIA GPU)") from exc
     except Exception as exc:
-        raise TrtBackendError(f"TensorRT cannot be imported ({_one_line(exc)})") from exc
+        raise TrtBackendError(f"TensorRT cannot be imported ({one_line(exc)})") from exc
     return trt
 
 
@@ -168,7 +168,7 @@ def trt_engines_match(engine_dir, manifest: dict, graphs=None) -> tuple[bool, st
     except TrtBackendError as exc:
         return False, str(exc)
     except Exception as exc:  # anything unexpected is a reason to fall back, not a crash
-        return False, _one_line(exc)
+        return False, one_line(exc)
     plan = (manifest.get("trt") or {}).get("plan", "?")
     return True, f"TensorRT {version} engines for {cc} (plan {plan})"
 
@@ -450,8 +450,8 @@ class _Engine:
             oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
             if isinstance(exc, oom) or "out of memory" in str(exc).lower():
                 raise BackendFault(f"{self.graph}: out of GPU memory during TensorRT execution "
-                                   f"({_one_line(exc)})") from exc
-            raise BackendFault(f"{self.graph}: TensorRT execution failed ({_one_line(exc)})") from exc
+                                   f"({one_line(exc)})") from exc
+            raise BackendFault(f"{self.graph}: TensorRT execution failed ({one_line(exc)})") from exc
 
     def _run(self, profile: int, shapes: dict, arrays: dict, device_feeds: dict) -> dict:
         torch = self.owner.torch
@@ -578,7 +578,7 @@ class _Engine:
                     raise RuntimeError("execute_async_v3 refused to run under stream capture")
             return graph
         except Exception as exc:  # a layer TensorRT cannot capture: this profile runs without a graph
-            self.note(f"{self.graph}: CUDA graph capture failed at {list(key[0])} ({_one_line(exc)}); "
+            self.note(f"{self.graph}: CUDA graph capture failed at {list(key[0])} ({one_line(exc)}); "
                       "this profile runs without CUDA graphs")
             with _suppress():
                 torch.cuda.synchronize(self.owner.device)
@@ -843,7 +843,7 @@ class TrtBackend(Backend):
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise TrtBackendError(f"{path}: unreadable ({_one_line(exc)})") from exc
+            raise TrtBackendError(f"{path}: unreadable ({one_line(exc)})") from exc
         engine = self.runtime.deserialize_cuda_engine(data)
         del data
         if engine is None:
@@ -899,7 +899,3 @@ class TrtBackend(Backend):
     def describe(self) -> str:
         precisions = ",".join(f"{g}:{e.record.get('precision')}" for g, e in self.engines.items())
         return f"trt[TensorRT {self.trt_version} {self.compute_capability}; {precisions}]"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

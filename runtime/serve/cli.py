@@ -23,7 +23,8 @@ from pathlib import Path
 
 import click
 
-from ..cli import _OneLineErrors, _one_line
+from ..cli import _OneLineErrors
+from ..errors import one_line
 from ..errors import RuntimeInputError
 
 
@@ -92,9 +93,9 @@ def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, thre
         if debug:
             raise
         if isinstance(exc, (RuntimeInputError, OSError, ImportError)):
-            click.echo(f"error: {_one_line(exc)}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
         else:
-            click.echo(f"error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for details)", err=True)
+            click.echo(f"error: {type(exc).__name__}: {one_line(exc)} (run with --debug for details)", err=True)
         sys.exit(1)
 
 
