@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from .conv_matmul import convs_to_matmul
-from .errors import ExportError
+from .errors import ExportError, one_line
 
 MODES = {"int8": 8, "int4": 4}
 # weights per block along K. 128-weight int8 blocks (1.03 instead of 1.125 bytes per weight, ~9 % faster
@@ -507,7 +507,7 @@ def _attempt(spec, ctx, directory: Path, entry: dict, name: str, bits: int, has_
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:  # a candidate ORT's tools or kernels cannot handle: recorded, graph stays fp32
-            detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+            detail = one_line(exc)[:300]
             tried.append({"method": method, "within_tolerance": False, "nodes_quantized": 0,
                           "validated_max_abs_error": {},
                           "failure": f"graph {name}: {method} candidate failed ({detail})"})

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend_base import SMALL_GRAPH_BYTES, Backend, HostKVCache, PlanLimits, bucket_slots
-from .errors import RuntimeInputError
+from .errors import RuntimeInputError, one_line
 from .manifest import io_names, required_graphs
 
 __all__ = ["BACKENDS", "SMALL_GRAPH_BYTES", "Backend", "HostKVCache", "OrtBackend", "PlanLimits", "bucket_slots",
@@ -138,7 +138,7 @@ def select_backend(engine_dir: str | Path, manifest: dict, name: str = "auto", t
                 raise RuntimeInputError(reason)
         return trt_backend.TrtBackend(engine_dir, manifest)
     except Exception as exc:  # ImportError (no tensorrt / no GPU), mismatched or stale engines
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = one_line(exc)
         if name == "trt":
             raise RuntimeInputError(f"--backend trt: TensorRT unavailable ({reason})") from exc
         notice(f"TensorRT unavailable ({reason}); using ONNX Runtime")

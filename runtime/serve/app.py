@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BackendFault, CapacityError, RuntimeInputError
+from ..errors import BackendFault, CapacityError, RuntimeInputError, one_line
 from ..service_engine import EngineStopped, QueueFull, SpeechRequest
 from . import formats
 from .metrics import ServiceMetrics
@@ -340,7 +340,7 @@ class _WriteTimeout(Exception):
 
 def _engine_error(exc: BaseException) -> tuple[int, str, str]:
     """(status, one-line message, type) of a request's error."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc)
     if isinstance(exc, CapacityError):
         return 503, text, "capacity"
     if isinstance(exc, BackendFault):
