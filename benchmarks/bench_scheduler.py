@@ -218,7 +218,8 @@ def bench_batching(engine_dir: Path, threads: int | None, counts: list[int], fra
 
 
 def bench_long_context(engine_dir: Path, threads: int | None, contexts: list[int], steps: int, log) -> dict:
-    from vv_runtime.scheduler import Job, Scheduler
+    from vv_runtime.scheduler import Scheduler
+    from vv_runtime.vibevoice_steps import VibeVoiceJob as Job
 
     pipe = _pipeline(engine_dir, threads, forced=True)
     timed = Timed(pipe.backend)
@@ -231,19 +232,20 @@ def bench_long_context(engine_dir: Path, threads: int | None, contexts: list[int
             job = sched.add(Job(pipe.prepare(TEXTS["short"])[0].prompt, seed=0))
             sched.step()  # admitted: prompt prefilled, first frame made
             job.limit = 10 ** 9
+            kv = sched.model.kv
             pos = job.rows[0]
-            sched._past(ctx - 1)  # the bucket of exactly ctx slots
+            kv.past(ctx - 1)  # the bucket of exactly ctx slots
             assert sched.shape[1] == ctx, sched.shape
             # the positive row attends ctx - 1 filled positions (random keys/values of a plausible scale)
-            view = sched.kv.data[:, :, pos, :, : ctx - 1]
+            view = kv.cache.data[:, :, pos, :, : ctx - 1]
             view[...] = rng.standard_normal(view.shape, dtype=np.float32) * 0.5
-            sched.mask[pos, : ctx - 1] = 1
+            kv.mask[pos, : ctx - 1] = 1
             scheds[ctx] = (sched, job, pos)
         samples = {ctx: {"step_s": [], "lm_s": [], "cpu_s": []} for ctx in contexts}
         for i in range(steps + 1):  # rounds over the contexts, so that load changes hit them alike
             for ctx, (sched, job, pos) in scheds.items():
                 job.pos_next = ctx - 1   # stay at this context: rewrite the last slot every step
-                sched.mask[pos, ctx - 1] = 0
+                sched.model.kv.mask[pos, ctx - 1] = 0
                 timed.seconds.clear()
                 cpu = _cpu_s()
                 start = time.perf_counter()
@@ -256,7 +258,7 @@ def bench_long_context(engine_dir: Path, threads: int | None, contexts: list[int
         rows = []
         for ctx, (sched, _, _) in scheds.items():
             row = {"context": ctx, "cache_slots": int(sched.shape[1]), "rows": int(sched.shape[0]),
-                   "cache_bytes": int(sched.kv.data.nbytes)}
+                   "cache_bytes": int(sched.model.kv.cache.data.nbytes)}
             row.update({k: round(statistics.median(v), 6) for k, v in samples[ctx].items()})
             rows.append(row)
             log(f"  long_context/{ctx}: step {row['step_s'] * 1e3:.1f} ms (lm {row['lm_s'] * 1e3:.1f} ms, "

@@ -52,9 +52,11 @@ import numpy as np
 from .audio import prepare_voice
 from .backend import Backend, select_backend
 from .errors import RuntimeInputError
-from .manifest import CONTROL_TOKENS, load_manifest, state_size
+from .manifest import load_manifest
 from .prompt import Prompt, PromptBuilder
+from .scheduler import Scheduler, seeded_noise
 from .script import read_script
+from .vibevoice_steps import VibeVoiceFacts, VibeVoiceJob, VibeVoiceSteps, encode_voice
 
 
 class RowNoise:
@@ -128,27 +130,31 @@ def check_context(rows: list[PreparedRow], max_positions: int) -> None:
 
 
 class Pipeline:
+    """The graphs of an ENGINE_DIR (a backend), the prompt builder and the model facts; `generate` speaks."""
+
     def __init__(self, engine_dir: str | Path, manifest: dict, backend: Backend):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
+        self.facts = VibeVoiceFacts.from_manifest(manifest)
         model = manifest["model"]
-        self.hidden = int(model["hidden_size"])
-        self.layers = int(model["num_layers"])
-        self.kv_heads = int(model["num_kv_heads"])
-        self.head_dim = int(model["head_dim"])
-        self.latent_dim = int(model["acoustic_vae_dim"])
-        self.max_positions = int(model["max_position_embeddings"])
         self.hop = int(model.get("hop_length", 3200))
         self.sample_rate = int(model.get("sample_rate", 24000))
         self.tokens = dict(manifest["tokens"])
-        self.control_ids = np.asarray([self.tokens[name] for name in CONTROL_TOKENS], dtype=np.int64)
-        self.idx = {name: i for i, name in enumerate(CONTROL_TOKENS)}
-        self.decoder_state = state_size(manifest, "acoustic_decoder")
-        self.semantic_state = state_size(manifest, "semantic_encoder")
         self.default_cfg_scale = float((manifest.get("diffusion") or {}).get("default_cfg_scale", 1.3))
         self.prompts = PromptBuilder.from_manifest(engine_dir, manifest)
         self._control_embeds: np.ndarray | None = None
+
+    # the model facts, as tests and tools read them
+    hidden = property(lambda self: self.facts.hidden)
+    layers = property(lambda self: self.facts.layers)
+    kv_heads = property(lambda self: self.facts.kv_heads)
+    head_dim = property(lambda self: self.facts.head_dim)
+    latent_dim = property(lambda self: self.facts.latent_dim)
+    max_positions = property(lambda self: self.facts.max_positions)
+    control_ids = property(lambda self: self.facts.control_ids)
+    decoder_state = property(lambda self: self.facts.decoder_state)
+    semantic_state = property(lambda self: self.facts.semantic_state)
 
     @classmethod
     def from_engine_dir(cls, engine_dir: str | Path, backend: str | Backend = "auto",
@@ -172,13 +178,17 @@ class Pipeline:
     def control_embeds(self) -> np.ndarray:
         """Embeddings of the 4 control tokens [4, H], computed once."""
         if self._control_embeds is None:
-            out = self.backend.run("text_embed", {"input_ids": self.control_ids[None, :]})
+            out = self.backend.run("text_embed", {"input_ids": self.facts.control_ids[None, :]})
             self._control_embeds = np.asarray(out["inputs_embeds"][0], dtype=np.float32)
         return self._control_embeds
 
     def voice_embeds(self, audio: np.ndarray, frames: int) -> np.ndarray:
-        out = self.backend.run("acoustic_encoder", {"audio": audio[None, None, :].astype(np.float32)})
-        return out["voice_embeds"][0, :frames]
+        return encode_voice(self.backend, audio, frames)
+
+    def new_steps(self, reuse_prefix: bool = False, prefix_cache=None, batch_noise=None) -> VibeVoiceSteps:
+        """Fresh model steps for a scheduler, with the facts and the control embeddings handed down."""
+        return VibeVoiceSteps(self.backend, self.facts, self.control_embeds(), reuse_prefix=reuse_prefix,
+                              prefix_cache=prefix_cache, batch_noise=batch_noise)
 
     # --- generation -----------------------------------------------------------------------------
 
@@ -216,8 +226,6 @@ class Pipeline:
 
     def _run(self, rows: list[PreparedRow], cfg_scale: float, max_new_frames: int | None, noise, seed, on_step,
              reuse_prefix: bool) -> Iterator[tuple[int, np.ndarray]]:
-        from .scheduler import Job, Scheduler, seeded_noise
-
         batch_noise = None
         if noise is not None and not isinstance(noise, RowNoise):
             if callable(noise):
@@ -237,7 +245,7 @@ class Pipeline:
             else:
                 row_noise = seeded_noise(None if seed is None else int(seed) + i, self.latent_dim)
             key = tuple(hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest() for a in row.voices)
-            jobs.append(sched.add(Job(row.prompt, voice_audio=row.voices, cfg_scale=cfg_scale,
+            jobs.append(sched.add(VibeVoiceJob(prompt=row.prompt, voice_audio=row.voices, cfg_scale=cfg_scale,
                                       max_new_frames=max_new_frames, noise=row_noise, prefix_key=key)))
         total = max(job.limit for job in jobs)
         chunks: list[list[np.ndarray]] = [[] for _ in rows]

@@ -102,7 +102,7 @@ class VoiceStore:
         self.lock = threading.RLock()          # serialises graph calls (shared with the engine)
         self._voices: dict[str, Voice] = {}
         self._guard = threading.Lock()         # protects the dict
-        from .scheduler import PrefixCache
+        from .kv_rows import PrefixCache
 
         self.prefixes = PrefixCache()          # LM caches of voice prompt prefixes (see vv_runtime.scheduler)
 
@@ -161,11 +161,11 @@ class VoiceStore:
         prompt, voice section, text header) now, so that such requests prefill only their text."""
         if self.pipeline is None:
             return
-        from .scheduler import Job, Scheduler
+        from .vibevoice_steps import VibeVoiceJob as Job
 
         prompt = self.pipeline.prompts.build([(0, " .")], [voice.frames])
         with self.lock:
-            Scheduler(self.pipeline, reuse_prefix=True, prefix_cache=self.prefixes).prefix(
+            self.pipeline.new_steps(reuse_prefix=True, prefix_cache=self.prefixes).prefix(
                 Job(prompt, voice_audio=[voice.audio], voice_embeds=[voice.embeds], prefix_key=(voice.key,)),
                 pin=True)  # a stored voice's prefix is kept for good (never evicted by derived entries)
 
@@ -453,7 +453,7 @@ class SpeechEngine:
 
     def _job(self, handle: RequestHandle):
         """The scheduler job of a request (raw voices are encoded here, in the engine thread)."""
-        from .scheduler import Job
+        from .vibevoice_steps import VibeVoiceJob as Job
 
         adm = handle.prepared
         for voice in adm.voices:
@@ -520,7 +520,7 @@ class SpeechEngine:
                 except Exception as exc:  # noqa: BLE001 -- a failed shared call fails the requests in it
                     # every active request belonged to the broken scheduler (running, waiting, or left in
                     # this very step: cancelled, timed out, failed at admission): finish them all
-                    known = {id(j.tag): j for j in list(sched.jobs) + list(sched.waiting) + list(sched._failed)}
+                    known = {id(j.tag): j for j in list(sched.jobs) + list(sched.waiting) + list(sched.failed)}
                     sched = self._new_scheduler()
                     self._active_rows = 0
                     with self._lock:
@@ -561,7 +561,7 @@ class SpeechEngine:
 
     def _placeholder(self, handle: RequestHandle):
         """A job that is cancelled before it starts (its request was cancelled or timed out in the queue)."""
-        from .scheduler import Job
+        from .vibevoice_steps import VibeVoiceJob as Job
 
         job = Job(handle.prepared.prompt, tag=handle)
         job.cancelled = True

@@ -15,7 +15,8 @@ import pytest
 
 from vv_runtime.errors import RuntimeInputError
 from vv_runtime.pipeline import Pipeline
-from vv_runtime.scheduler import Job, PrefixCache, Scheduler
+from vv_runtime.scheduler import PrefixCache, Scheduler
+from vv_runtime.vibevoice_steps import VibeVoiceJob as Job
 
 AUDIO_RTOL_OF_PEAK = 1e-4
 

@@ -13,7 +13,8 @@ import pytest
 from vv_runtime.backend_base import PlanLimits, bucket_slots
 from vv_runtime.errors import CapacityError
 from vv_runtime.pipeline import Pipeline
-from vv_runtime.scheduler import Job, PrefixCache, Scheduler
+from vv_runtime.scheduler import PrefixCache, Scheduler
+from vv_runtime.vibevoice_steps import VibeVoiceJob as Job
 
 LONG = "Speaker 1: Hello world.\nSpeaker 1: This is a tiny test."
 SHORT = "Speaker 1: Short."
