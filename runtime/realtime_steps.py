@@ -1,0 +1,331 @@
+"""The model steps of VibeVoice-Realtime-0.5B (`model_family: vibevoice_streaming`): what one step of the
+step-wise scheduler computes for it (Microsoft's streaming `generate`), on the graphs of an ENGINE_DIR.
+
+A job starts from a voice preset: the prefilled caches of the lower text LM and of the TTS LM (positive and
+negative). Text comes in windows of `text_window` tokens, speech in windows of `speech_window` frames:
+
+    text window   [text_embed] -> [text_lm] on the window (the job's own text cache, alone), then [tts_lm]
+                  on the same positions with the text LM's hidden states as input embeddings and input type
+                  1 (text), into the job's positive row: its last hidden state is the positive condition
+    speech frame  [diffusion_sampler](noise, positive condition, negative condition, cfg) -> latent and its
+                  acoustic embedding (connector); [acoustic_decoder](latent, state) -> one hop of audio
+                  (emitted); next step: ONE [tts_lm] call over the positive AND negative rows of every job
+                  (input: the acoustic embedding, type 0 (speech)) -> the new conditions and the end-of-speech
+                  logit of the positive row: speech ends when it is above 0 (sigmoid above 0.5)
+
+After `speech_window` frames the next text window runs; once the text is spent, speech windows go on until the
+classifier ends speech. A job whose next text window is not complete yet (streaming text in, not closed)
+waits: it makes no frame until the window is full or the text is closed, so streamed text gives exactly the
+audio of the same text given at once. The original finishes the speech window in which speech ends (drawing
+its noise, dropping its audio); here the job ends at that frame.
+
+Scheduler phases: prefill = preset caches into the job's rows + the first text window; decode = the batched
+[tts_lm] call of the frames made at the previous step (and the end-of-speech check); choose = the text window
+when one is due (or waiting for text); diffuse = the frame.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import CapacityError, RuntimeInputError
+from .kv_rows import KVRows
+from .scheduler import Job
+
+
+@dataclass
+class RealtimeFacts:
+    """What the model steps need to know of the model (from the manifest, handed down by the pipeline)."""
+    hidden: int
+    text_lm_layers: int
+    tts_lm_layers: int
+    kv_heads: int
+    head_dim: int
+    latent_dim: int
+    max_positions: int
+    text_window: int
+    speech_window: int
+    decoder_state: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "RealtimeFacts":
+        from .manifest import state_size
+
+        model = manifest["model"]
+        streaming = manifest.get("streaming") or {}
+        return cls(hidden=int(model["hidden_size"]), text_lm_layers=int(model["text_lm_layers"]),
+                   tts_lm_layers=int(model["tts_lm_layers"]), kv_heads=int(model["num_kv_heads"]),
+                   head_dim=int(model["head_dim"]), latent_dim=int(model["acoustic_vae_dim"]),
+                   max_positions=int(model["max_position_embeddings"]),
+                   text_window=int(streaming.get("text_window", 5)), speech_window=int(streaming.get("speech_window", 6)),
+                   decoder_state=state_size(manifest, "acoustic_decoder"))
+
+
+@dataclass
+class VoicePreset:
+    """A voice: the prefilled caches of the prompt, float32, [layers, 2, 1, kv_heads, positions, head_dim]."""
+    name: str
+    text_lm_kv: np.ndarray
+    tts_lm_kv: np.ndarray
+    tts_lm_hidden: np.ndarray          # [H] last hidden state of the TTS LM: the first positive condition
+    neg_tts_lm_kv: np.ndarray
+    neg_tts_lm_hidden: np.ndarray      # [H] the first negative condition
+
+    @property
+    def positions(self) -> dict:
+        return {"text_lm": int(self.text_lm_kv.shape[4]), "tts_lm": int(self.tts_lm_kv.shape[4]),
+                "neg_tts_lm": int(self.neg_tts_lm_kv.shape[4])}
+
+
+class TextFeed:
+    """The text tokens of a job as they become final: `tokens` grows; `closed` when no more will come."""
+
+    def __init__(self, tokens=None, closed: bool = True):
+        self.tokens: list[int] = [int(t) for t in (tokens or [])]
+        self.closed = bool(closed)
+
+    def available(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(eq=False)
+class RealtimeJob(Job):
+    """One text of the streaming model: its voice preset and text, then its state (filled by the steps)."""
+    preset: VoicePreset
+    text: TextFeed = field(default_factory=TextFeed)
+    cfg_scale: float = 1.5
+    ignore_eos: bool = False          # run until the step limit (benchmarks: the whole text, forced)
+    # --- state ---
+    rows: tuple[int, int] = (-1, -1)  # (positive row, negative row) in the TTS LM cache
+    text_cache: object = None         # the job's own text LM cache (backend.kv_cache, one row)
+    text_used: int = 0                # text tokens fed so far
+    text_next: int = 0                # position of the text LM's next input
+    pos_next: int = 0                 # position (= slot) of the positive TTS row's next input
+    neg_next: int = 0                 # position (= slot) of the negative TTS row's next input
+    window_frames: int = 0            # frames made in the current speech window
+    conditions: np.ndarray | None = None   # [2, H] positive / negative condition of the next frame
+    next_embed: np.ndarray | None = None   # acoustic embedding of the last frame, not yet fed to the TTS LM
+    decoder_state: np.ndarray | None = None
+    ready: bool = False               # a frame can be made this step (not waiting for text)
+    eos_logits: list = field(default_factory=list)
+    waiting_since: float | None = None
+    stalled_s: float = 0.0            # time spent waiting for text after admission
+
+
+class RealtimeSteps:
+    """The model steps of VibeVoice-Realtime-0.5B (module docstring); one instance per scheduler."""
+
+    decode_graph = "tts_lm"
+
+    def __init__(self, backend, facts: RealtimeFacts, clock=time.perf_counter):
+        self.backend = backend
+        self.facts = facts
+        self.max_positions = facts.max_positions
+        self.latent_dim = facts.latent_dim
+        self.capacity = facts.max_positions
+        self.kv = KVRows(backend, facts.tts_lm_layers, facts.kv_heads, facts.head_dim, facts.max_positions)
+        self.prefill_tokens = 0
+        self.clock = clock
+
+    def set_capacity(self, slots: int) -> None:
+        """The engines hold `slots` positions (<= the model's context): jobs and the cache stay within them."""
+        self.capacity = int(slots)
+        self.kv.max_slots = int(slots)
+
+    # --- what the scheduler asks --------------------------------------------------------------------
+
+    def job_limit(self, job: RealtimeJob) -> int:
+        """Most frames: max_new_frames, else what the TTS LM's context leaves after the preset and the text
+        known now (re-bounded as text arrives)."""
+        room = self.capacity - job.preset.positions["tts_lm"] - job.text.available()
+        return max(0, room if job.max_new_frames is None else min(int(job.max_new_frames), room))
+
+    def check_context(self, job: RealtimeJob, capacity: int) -> None:
+        preset = job.preset.positions
+        text = job.text.available()
+        if preset["tts_lm"] + text >= self.max_positions or preset["text_lm"] + text > self.max_positions:
+            raise RuntimeInputError(f"text is {text} tokens: with the voice's {preset['tts_lm']} prompt positions it "
+                                    f"is longer than the model's context of {self.max_positions} positions")
+        if preset["tts_lm"] + text >= capacity:
+            raise CapacityError(f"text is {text} tokens, it leaves no room in the context of {capacity} positions "
+                                f"the loaded engines hold (rebuild them with a larger plan)")
+
+    def reach(self, job: RealtimeJob) -> int:
+        """TTS LM slots the job can need before it ends."""
+        start = job.pos_next if job.rows[0] >= 0 else job.preset.positions["tts_lm"]
+        left_text = max(job.text.available() - job.text_used, 0)
+        return min(self.capacity, start + left_text + max(job.limit - job.frames, 0) + 1)
+
+    def compact(self, running: list[RealtimeJob]) -> None:
+        if not running:
+            self.kv.compact(0, 0)
+            return
+        self.kv.compact(max(max(j.pos_next, j.neg_next) for j in running) + 1, max(self.reach(j) for j in running))
+        for job in running:
+            job.rows = self.kv.rows(job)
+
+    def release(self, job: RealtimeJob) -> None:
+        self.kv.free(job)
+        job.text_cache = None
+
+    # --- prefill: the preset's caches, then the first text window ---------------------------------------
+
+    def prefill(self, job: RealtimeJob, running: int) -> None:
+        preset = job.preset
+        facts = self.facts
+        pos_len, neg_len = preset.positions["tts_lm"], preset.positions["neg_tts_lm"]
+        pos_row, neg_row = job.rows = self.kv.take(job, running, pos_len + 1)
+        self.kv.write(pos_row, 0, preset.tts_lm_kv)
+        self.kv.write(neg_row, 0, preset.neg_tts_lm_kv)
+        self.kv.mask[pos_row, :pos_len] = 1
+        self.kv.mask[neg_row, :neg_len] = 1
+        job.pos_next, job.neg_next = pos_len, neg_len
+        text_len = preset.positions["text_lm"]
+        job.text_cache = self.backend.kv_cache((facts.text_lm_layers, 2, 1, facts.kv_heads, self.capacity,
+                                                facts.head_dim))
+        job.text_cache.write(slice(0, 1), 0, preset.text_lm_kv)
+        job.text_next = text_len
+        job.conditions = np.stack([preset.tts_lm_hidden, preset.neg_tts_lm_hidden]).astype(np.float32)
+        job.decoder_state = np.zeros(facts.decoder_state, dtype=np.float32)
+        job.window_frames = facts.speech_window   # the first text window is due
+        job.next_embed = None
+
+    # --- decode: the TTS LM on the frames made at the previous step ------------------------------------
+
+    def decode(self, jobs: list[RealtimeJob]) -> list[RealtimeJob]:
+        """One [tts_lm] call (seq 1) over both rows of every job that made a frame; returns every job given
+        (the ones waiting for text are chosen again)."""
+        fed = [j for j in jobs if j.next_embed is not None]
+        full = [j for j in fed if j.pos_next + 1 > self.capacity]
+        for job in full:               # the original stops before a frame that would pass the context
+            job.next_embed = None
+            job.done = True
+        fed = [j for j in fed if not j.done]
+        if fed:
+            self._feed_frames(fed)
+        return [j for j in jobs if not j.done]
+
+    def _feed_frames(self, jobs: list[RealtimeJob]) -> None:
+        kv = self.kv
+        rows = len(kv.owner)
+        pos_rows = np.asarray([j.rows[0] for j in jobs])
+        neg_rows = np.asarray([j.rows[1] for j in jobs])
+        pos_slots = np.asarray([j.pos_next for j in jobs])
+        neg_slots = np.asarray([j.neg_next for j in jobs])
+        past = kv.past(int(max(pos_slots.max(), neg_slots.max())))
+        embeds = np.zeros((rows, 1, self.facts.hidden), dtype=np.float32)
+        positions = np.zeros((rows, 1), dtype=np.int64)
+        embeds[pos_rows, 0] = [j.next_embed for j in jobs]
+        embeds[neg_rows, 0] = [j.next_embed for j in jobs]
+        positions[pos_rows, 0] = pos_slots
+        positions[neg_rows, 0] = neg_slots
+        out = self.backend.run("tts_lm", {"inputs_embeds": embeds, "input_types": np.zeros((rows, 1), np.int64),
+                                          "attention_mask": kv.feed, "position_ids": positions, "past_kv": past})
+        kv.write_rows(out["new_kv"], np.concatenate([pos_rows, neg_rows]), np.concatenate([pos_slots, neg_slots]))
+        kv.mask[pos_rows, pos_slots] = 1
+        kv.mask[neg_rows, neg_slots] = 1
+        hidden = np.asarray(out["hidden"], dtype=np.float32)
+        eos = np.asarray(out["eos_logit"], dtype=np.float32).reshape(rows)
+        for job, pos_row, neg_row in zip(jobs, pos_rows, neg_rows):
+            job.conditions = hidden[[pos_row, neg_row]]
+            job.pos_next += 1
+            job.neg_next += 1
+            job.next_embed = None
+            job.eos_logits.append(float(eos[pos_row]))
+            if eos[pos_row] > 0 and not job.ignore_eos:
+                job.done = True
+
+    # --- choose: the text window, when one is due ----------------------------------------------------
+
+    def choose(self, jobs: list[RealtimeJob]) -> None:
+        for job in jobs:
+            if job.done:
+                continue
+            job.ready = True
+            if job.window_frames < self.facts.speech_window:
+                continue
+            left = job.text.available() - job.text_used
+            if left >= self.facts.text_window or (job.text.closed and left > 0):
+                self._text_window(job, min(left, self.facts.text_window))
+            elif not job.text.closed:
+                job.ready = False      # the window is not complete yet: wait for text
+                if job.waiting_since is None:
+                    job.waiting_since = self.clock()
+                continue
+            if job.waiting_since is not None:
+                job.stalled_s += self.clock() - job.waiting_since
+                job.waiting_since = None
+            job.window_frames = 0
+            if job.done:
+                continue
+            job.limit = self.job_limit(job)
+            if job.frames >= job.limit:
+                job.done = True
+
+    def _text_window(self, job: RealtimeJob, size: int) -> None:
+        """[text_lm] then [tts_lm] on the next `size` text tokens, alone, into the job's own rows."""
+        if job.pos_next + size > self.capacity or job.text_next + size > self.capacity:
+            job.done = True            # the original stops before text that would pass the context
+            return
+        ids = np.asarray(job.text.tokens[job.text_used: job.text_used + size], dtype=np.int64)[None, :]
+        embeds = np.asarray(self.backend.run("text_embed", {"input_ids": ids})["inputs_embeds"], dtype=np.float32)
+        start = job.text_next
+        text_past = job.text_cache.data[:, :, :, :, :start]
+        text_out = self.backend.run("text_lm", {
+            "inputs_embeds": embeds, "attention_mask": np.ones((1, start + size), dtype=np.int64),
+            "position_ids": np.arange(start, start + size, dtype=np.int64)[None, :], "past_kv": text_past})
+        job.text_cache.write(slice(0, 1), start, text_out["new_kv"])
+        job.text_next += size
+        pos_row = job.rows[0]
+        tts_start = job.pos_next
+        tts_out = self.backend.run("tts_lm", {
+            "inputs_embeds": np.asarray(text_out["hidden"], dtype=np.float32),
+            "input_types": np.ones((1, size), dtype=np.int64),
+            "attention_mask": np.ones((1, tts_start + size), dtype=np.int64),
+            "position_ids": np.arange(tts_start, tts_start + size, dtype=np.int64)[None, :],
+            "past_kv": self.kv.row_past(pos_row, tts_start)})
+        self.kv.past(tts_start + size)
+        self.kv.write(pos_row, tts_start, tts_out["new_kv"])
+        self.kv.mask[pos_row, tts_start:tts_start + size] = 1
+        job.pos_next += size
+        job.text_used += size
+        job.conditions = job.conditions.copy()
+        job.conditions[0] = np.asarray(tts_out["hidden"][0], dtype=np.float32)
+        self.prefill_tokens += size
+
+    # --- diffuse: one frame of every ready job --------------------------------------------------------
+
+    def diffuse(self, jobs: list[RealtimeJob], emit=None) -> list[tuple[RealtimeJob, np.ndarray]]:
+        making = sorted((j for j in jobs if j.ready and not j.done), key=lambda j: j.index)
+        chunks = []
+        by_cfg: dict[float, list[RealtimeJob]] = {}
+        for job in making:
+            by_cfg.setdefault(job.cfg_scale, []).append(job)
+        run = self.backend.run
+        for cfg_scale, group in by_cfg.items():
+            noise = np.stack([np.asarray(j.noise(j.frames), dtype=np.float32) for j in group])
+            sampled = run("diffusion_sampler", {"noise": noise,
+                                                 "pos_condition": np.stack([j.conditions[0] for j in group]),
+                                                 "neg_condition": np.stack([j.conditions[1] for j in group]),
+                                                 "cfg_scale": np.asarray([cfg_scale], dtype=np.float32)})
+            decoded = run("acoustic_decoder", {"latent": np.asarray(sampled["latent"])[:, None, :],
+                                               "state": np.stack([j.decoder_state for j in group])})
+            audio = np.asarray(decoded["audio"], dtype=np.float32)
+            new_state = np.asarray(decoded["new_state"], dtype=np.float32)
+            embeds = np.asarray(sampled["acoustic_embed"], dtype=np.float32)
+            for i, job in enumerate(group):
+                chunk = audio[i, 0].copy()
+                if emit is not None:
+                    emit(job, chunk)
+                chunks.append((job, chunk))
+                job.decoder_state = new_state[i].copy()
+                job.next_embed = embeds[i].copy()
+                job.frames += 1
+                job.steps += 1
+                job.window_frames += 1
+                if job.frames >= job.limit:
+                    job.done = True
+        return chunks
