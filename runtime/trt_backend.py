@@ -9,8 +9,7 @@ this ENGINE_DIR's ONNX graph, with the running TensorRT version, for this GPU's 
 deserialized, and its I/O tensor names are checked against the manifest's graph I/O; each problem is
 one line naming both sides.
 
-Execution (this design has not run on a GPU yet: written against the TensorRT 10 Python API, its
-CPU-checkable logic unit-tested in tests/test_trt_backend.py): one CUDA stream; torch CUDA tensors are
+Execution (the TensorRT 10 Python API): one CUDA stream; torch CUDA tensors are
 the device buffers, allocated on that stream once per binding at the largest shape of the engine's
 profiles (bindings whose maximum exceeds ``buffer_budget_bytes``, e.g. the LM's KV cache at full
 context, grow on demand instead); ``set_input_shape`` and ``set_tensor_address`` by name,
@@ -280,7 +279,7 @@ class _Buffer:
             self.tensor = torch.empty(initial, dtype=dtype, device=device)
 
     def _on_stream(self):
-        return self.torch.cuda.stream(self.stream) if self.stream is not None else _nothing()
+        return self.torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     @property
     def capacity(self) -> int:
@@ -584,7 +583,7 @@ class _Engine:
         except Exception as exc:  # a layer TensorRT cannot capture: this profile runs without a graph
             self.note(f"{self.graph}: CUDA graph capture failed at {list(key[0])} ({one_line(exc)}); "
                       "this profile runs without CUDA graphs")
-            with _suppress():
+            with contextlib.suppress(Exception):
                 torch.cuda.synchronize(self.owner.device)
             return None
 
@@ -632,22 +631,6 @@ def _set_device_memory(context, ptr: int, size: int) -> None:
         setter(ptr, size)
     else:
         context.device_memory = ptr
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --- the LM cache on the GPU ---------------------------------------------------------------------
@@ -845,7 +828,7 @@ class TrtBackend(Backend):
         self.runtime = None
         torch = getattr(self, "torch", None)
         if torch is not None and getattr(self, "stream", None) is not None:
-            with _suppress():
+            with contextlib.suppress(Exception):
                 self.stream.synchronize()
         self.stream = None
 
