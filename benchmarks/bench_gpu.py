@@ -68,6 +68,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tools"))
 from common import FULL_SIZE_CONFIG, ForcedDiffusion, machine_info, write_result  # noqa: E402
 
+from vv_runtime.kv_cache import TorchKVCache  # noqa: E402 (the ORT-CUDA side's cache: torch imported when made)
+
 RESULT_NAME = "bench_gpu.json"
 PLOT_NAME = "bench_gpu.png"
 SIDES = ("tensorrt", "ort_cuda", "pytorch_reference", "transformers_generate")
@@ -153,49 +155,6 @@ def nvidia_smi_used_mib(device: int = 0) -> int | None:
 
 
 # --- ONNX Runtime with the LM cache on the device ---------------------------------------------------
-
-class TorchKVCache:
-    """The LM cache [L, 2, rows, KV, slots, D] as one torch tensor on `device`, grown by power-of-two buckets
-    (vv_runtime.backend.bucket_slots) like the runtime's caches; `past(n)` is the whole buffer."""
-
-    def __init__(self, shape, device):
-        import torch
-
-        from vv_runtime.backend import bucket_slots
-
-        self.torch, self.bucket_slots = torch, bucket_slots
-        self.shape = tuple(int(d) for d in shape)
-        self.device = device
-        self.data = self._zeros(bucket_slots(1, self.shape[4]))
-
-    def _zeros(self, slots: int):
-        return self.torch.zeros(self.shape[:4] + (slots,) + self.shape[5:], dtype=self.torch.float32,
-                                device=self.device)
-
-    def reserve(self, n: int) -> None:
-        if n > self.data.shape[4]:
-            grown = self._zeros(self.bucket_slots(n, self.shape[4]))
-            grown[:, :, :, :, : self.data.shape[4]] = self.data
-            self.data = grown
-
-    def write(self, rows: slice, start: int, new_kv) -> None:
-        torch = self.torch
-        if not isinstance(new_kv, torch.Tensor):
-            new_kv = torch.from_numpy(np.ascontiguousarray(new_kv, dtype=np.float32))
-        new_kv = new_kv.to(device=self.device, dtype=torch.float32)
-        self.reserve(start + int(new_kv.shape[4]))
-        self.data[:, :, rows, :, start:start + new_kv.shape[4]] = new_kv
-
-    def zero(self, row: int, start: int, stop: int) -> None:
-        self.data[:, :, row, :, start:stop] = 0.0
-
-    def past(self, n: int):
-        self.reserve(n + 1)
-        return self.data
-
-    def numpy(self) -> np.ndarray:
-        return self.data.cpu().numpy()
-
 
 def _ort_backend_class():
     from vv_runtime.backend import OrtBackend

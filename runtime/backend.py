@@ -11,15 +11,16 @@ A backend runs the graphs of an ENGINE_DIR by name:
 the constructor `TrtBackend(engine_dir, manifest)` raises when the engines cannot run; `select_backend`
 turns either into a fallback with a one-line notice (`auto`) or a one-line error (`trt`).
 
-`Backend`, `HostKVCache` and `bucket_slots` live in `vv_runtime.backend_base` (which both backends
-import, so neither imports the other at module level) and are re-exported here. A backend states what
-it can run with `limits()` / `check_fits(graph, shapes)` (ORT: no limits; TensorRT: its engines'
-optimisation profiles).
+`Backend` and `PlanLimits` live in `vv_runtime.backend_base` (which both backends import, so neither
+imports the other at module level); `KVCache`, `HostKVCache` and `bucket_slots` in `vv_runtime.kv_cache`.
+All are re-exported here. A backend states what it can run with `limits()` / `check_fits(graph, shapes)`
+(ORT: no limits; TensorRT: its engines' optimisation profiles).
 
-The LM's key/value cache is owned by the caller (docs/ENGINE_DIR.md); the loop keeps it in the object
+The LM's key/value cache is owned by the caller (docs/ENGINE_DIR.md); the loop keeps it in the `KVCache`
 `backend.kv_cache(shape)` returns (default: `HostKVCache`, numpy). A backend that keeps tensors on a
-device can return its own cache whose `past(n)` its `run` accepts as `past_kv` and whose `write` accepts
-the `new_kv` its `run` returns, so that the cache never travels through host memory.
+device returns a cache of the same interface on that device (the TensorRT backend's `DeviceKVCache`),
+whose `past(n)` its `run` accepts as `past_kv` and whose `write` accepts the `new_kv` its `run` returns,
+so that the cache never travels through host memory.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend_base import SMALL_GRAPH_BYTES, Backend, HostKVCache, PlanLimits, bucket_slots
+from .backend_base import SMALL_GRAPH_BYTES, Backend, PlanLimits
 from .errors import RuntimeInputError, one_line
+from .kv_cache import HostKVCache, KVCache, bucket_slots
 from .manifest import io_names, required_graphs
 
-__all__ = ["BACKENDS", "SMALL_GRAPH_BYTES", "Backend", "HostKVCache", "OrtBackend", "PlanLimits", "bucket_slots",
-           "select_backend"]
+__all__ = ["BACKENDS", "SMALL_GRAPH_BYTES", "Backend", "HostKVCache", "KVCache", "OrtBackend", "PlanLimits",
+           "bucket_slots", "select_backend"]
 
 BACKENDS = ("auto", "ort", "trt")
 

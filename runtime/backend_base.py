@@ -1,4 +1,4 @@
-"""What every execution backend shares: the `Backend` interface, the host LM cache and the plan limits.
+"""What every execution backend shares: the `Backend` interface and the plan limits.
 
     backend.run(graph, feeds) -> outputs        numpy in, numpy out (see vv_runtime.backend)
     backend.kv_cache(shape)                     the LM cache the loop writes new_kv into
@@ -7,6 +7,7 @@
 
 `OrtBackend` (vv_runtime.backend) and `TrtBackend` (vv_runtime.trt_backend) both build on this module
 and on nothing of each other, so there is no import circle; `vv_runtime.backend` re-exports these names.
+The LM cache types (`KVCache`, `HostKVCache`, `bucket_slots`) live in `vv_runtime.kv_cache`.
 
 `PlanLimits` is the pure (CPU-only) logic behind TrtBackend's limits: it reads the optimisation profiles
 `vv-export trt` recorded in ``manifest["trt"]["engines"][graph]["profiles"]`` (min/opt/max per named
@@ -19,52 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CapacityError, RuntimeInputError
+from .kv_cache import HostKVCache, KVCache, bucket_slots  # noqa: F401 (re-exported: the backends' cache types)
 
 SMALL_GRAPH_BYTES = 64 << 20  # below this many weight bytes a graph runs on one intra-op thread by default
-
-
-def bucket_slots(n: int, max_slots: int, minimum: int = 64) -> int:
-    """Cache slots to hold n: the next power of two (at least `minimum`), capped at `max_slots`."""
-    if n > max_slots:
-        raise RuntimeInputError(f"the LM cache needs {n} slots but holds at most {max_slots}")
-    return min(max_slots, max(minimum, 1 << max(n - 1, 0).bit_length()))
-
-
-class HostKVCache:
-    """The LM cache [L, 2, rows, KV, slots, D] in host memory, grown by powers of two up to shape[4].
-
-    `past(n)` hands the whole buffer (at least n + 1 slots) to the graph as `past_kv`, without a copy;
-    the caller masks slots n and above. The buffer is reallocated only when it must grow (a handful
-    of times per generation), so decode steps never copy the cache, and the decode shapes come in a
-    few buckets (fixed shapes for engines and CUDA graphs).
-    """
-
-    def __init__(self, shape: tuple[int, ...], dtype=np.float32):
-        self.shape = tuple(int(d) for d in shape)
-        self.data = np.zeros(self._with_slots(bucket_slots(1, self.shape[4])), dtype=dtype)
-
-    def _with_slots(self, slots: int) -> tuple[int, ...]:
-        return self.shape[:4] + (slots,) + self.shape[5:]
-
-    def reserve(self, n: int) -> None:
-        if n > self.data.shape[4]:
-            grown = np.zeros(self._with_slots(bucket_slots(n, self.shape[4])), dtype=self.data.dtype)
-            grown[:, :, :, :, : self.data.shape[4]] = self.data
-            self.data = grown
-
-    def write(self, rows: slice, start: int, new_kv) -> None:
-        """new_kv [L, 2, rows, KV, seq, D] (or rows broadcast from 1) into slots start..start+seq-1."""
-        new_kv = np.asarray(new_kv)
-        self.reserve(start + new_kv.shape[4])
-        self.data[:, :, rows, :, start:start + new_kv.shape[4]] = new_kv
-
-    def zero(self, row: int, start: int, stop: int) -> None:
-        self.data[:, :, row, :, start:stop] = 0.0
-
-    def past(self, n: int) -> np.ndarray:
-        """The whole buffer, at least n + 1 slots; slots n and above must be masked by the caller."""
-        self.reserve(n + 1)
-        return self.data
 
 
 class Backend:
@@ -73,8 +31,9 @@ class Backend:
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def kv_cache(self, shape: tuple[int, ...]) -> HostKVCache:
-        """A preallocated LM cache of `shape` ([L, 2, rows, KV, capacity, D]) for the loop."""
+    def kv_cache(self, shape: tuple[int, ...]) -> KVCache:
+        """A preallocated LM cache of `shape` ([L, 2, rows, KV, capacity, D]) for the loop: host memory
+        here; a backend whose `run` takes device tensors returns a cache on that device."""
         return HostKVCache(shape)
 
     def limits(self) -> dict | None:

@@ -9,8 +9,7 @@ this ENGINE_DIR's ONNX graph, with the running TensorRT version, for this GPU's 
 deserialized, and its I/O tensor names are checked against the manifest's graph I/O; each problem is
 one line naming both sides.
 
-Execution (this design has not run on a GPU yet: written against the TensorRT 10 Python API, its
-CPU-checkable logic unit-tested in tests/test_trt_backend.py): one CUDA stream; torch CUDA tensors are
+Execution (the TensorRT 10 Python API): one CUDA stream; torch CUDA tensors are
 the device buffers, allocated on that stream once per binding at the largest shape of the engine's
 profiles (bindings whose maximum exceeds ``buffer_budget_bytes``, e.g. the LM's KV cache at full
 context, grow on demand instead); ``set_input_shape`` and ``set_tensor_address`` by name,
@@ -46,25 +45,29 @@ By default only the engines the generation loop calls are loaded (roles "loop" a
 ``graphs=`` loads others (the GPU accuracy check asks for all). ``limits()`` / ``check_fits()`` tell
 what the loaded engines' recorded profiles can run (vv_runtime.backend_base.PlanLimits), without CUDA.
 
-The LM cache stays on the GPU: ``kv_cache(shape)`` returns a ``DeviceKVCache`` whose ``past(n)`` is the
-whole (power-of-two bucketed) CUDA buffer that ``run`` binds directly as ``past_kv`` (no copy, no host
-round trip, a few decode shapes, each replayable); given such a device feed,
-``run("lm", ...)`` returns ``new_kv`` as a CUDA tensor, which the cache's ``write`` takes. Every other
-output is numpy, and numpy feeds give numpy outputs (the accuracy checks, any other caller).
+The LM cache stays on the GPU: ``kv_cache(shape)`` returns a ``DeviceKVCache`` (the runtime's
+vv_runtime.kv_cache.KVCache on this device and stream) whose ``past(n)`` is the whole (power-of-two
+bucketed) CUDA buffer that ``run`` binds directly as ``past_kv`` (no copy, no host round trip, a few
+decode shapes, each replayable); given such a device feed, ``run("lm", ...)`` returns ``new_kv`` as a
+CUDA tensor, which the cache's ``write`` takes. Every other output is numpy, and numpy feeds give numpy
+outputs (the accuracy checks, any other caller).
 
-torch and tensorrt are imported here only, when the backend is constructed (or when
-``trt_engines_match`` is asked), never by the other runtime modules.
+torch and tensorrt are imported only when the backend is constructed (or when ``trt_engines_match`` is
+asked), never when a runtime module is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
 
-from .backend_base import Backend, PlanLimits, bucket_slots
+from .backend_base import Backend, PlanLimits
 from .errors import BackendFault, CapacityError, RuntimeInputError, one_line
+from .kv_cache import TorchKVCache
 from .manifest import graphs_with_role, required_graphs
 
 # Outputs returned as CUDA tensors when the call was given a CUDA tensor (the device-resident LM cache).
@@ -276,7 +279,7 @@ class _Buffer:
             self.tensor = torch.empty(initial, dtype=dtype, device=device)
 
     def _on_stream(self):
-        return self.torch.cuda.stream(self.stream) if self.stream is not None else _nothing()
+        return self.torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     @property
     def capacity(self) -> int:
@@ -580,7 +583,7 @@ class _Engine:
         except Exception as exc:  # a layer TensorRT cannot capture: this profile runs without a graph
             self.note(f"{self.graph}: CUDA graph capture failed at {list(key[0])} ({one_line(exc)}); "
                       "this profile runs without CUDA graphs")
-            with _suppress():
+            with contextlib.suppress(Exception):
                 torch.cuda.synchronize(self.owner.device)
             return None
 
@@ -630,44 +633,32 @@ def _set_device_memory(context, ptr: int, size: int) -> None:
         context.device_memory = ptr
 
 
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # --- the LM cache on the GPU ---------------------------------------------------------------------
 
-class DeviceKVCache:
-    """The LM cache [L, 2, rows, KV, slots, D] as one CUDA tensor, grown like HostKVCache (powers of two).
-
-    `past(n)` is the whole buffer, bound as `past_kv` without a copy; decode shapes come in a few
-    buckets, so each bucket's engine context and CUDA graph are reused. Every operation runs on the
+class DeviceKVCache(TorchKVCache):
+    """The LM cache as one CUDA tensor of the backend's device (a `TorchKVCache`), every operation on the
     backend's stream, in order with the engines.
+
+    `past(n)` is bound as `past_kv` where it lives; decode shapes come in a few buckets, so each bucket's
+    engine context and CUDA graph are reused. A CUDA graph replays fixed addresses, so the backend is told
+    (`forget_address`) whenever a buffer is given up: when the cache grows into a new one, is closed or
+    is garbage-collected.
     """
 
     def __init__(self, backend: "TrtBackend", shape: tuple[int, ...]):
         self.backend = backend
-        self.shape = tuple(int(d) for d in shape)
         self._finalizer = None
-        self.data = None
-        self._replace(self._zeros(bucket_slots(1, self.shape[4])))
+        super().__init__(shape, backend.device)
 
-    def _replace(self, data) -> None:
-        """Hold `data` as the cache buffer; the backend forgets the old buffer's address now (its graphs are
-        never replayed again) and the new one's when this cache is closed or garbage-collected."""
-        import weakref
+    @contextlib.contextmanager
+    def _scope(self):
+        torch = self.backend.torch
+        with torch.cuda.device(self.backend.device), torch.cuda.stream(self.backend.stream):
+            yield
 
+    def _hold(self, data) -> None:
+        """Hold `data` as the buffer; the backend forgets the old buffer's address now (its graphs are never
+        replayed again) and the new one's when this cache is closed or garbage-collected."""
         old = self.data
         if self._finalizer is not None:
             self._finalizer.detach()
@@ -685,61 +676,6 @@ class DeviceKVCache:
             self._finalizer()
             self._finalizer = None
         self.data = None
-
-    def _zeros(self, slots: int):
-        torch = self.backend.torch
-        with self._ctx():
-            return torch.zeros(self.shape[:4] + (slots,) + self.shape[5:], dtype=torch.float32,
-                               device=self.backend.device)
-
-    def _ctx(self):
-        torch = self.backend.torch
-        return _Both(torch.cuda.device(self.backend.device), torch.cuda.stream(self.backend.stream))
-
-    def reserve(self, n: int) -> None:
-        if n > self.data.shape[4]:
-            grown = self._zeros(bucket_slots(n, self.shape[4]))
-            with self._ctx():
-                grown[:, :, :, :, : self.data.shape[4]] = self.data
-            self._replace(grown)  # the decode graphs bound at the old buffer: never replayed again
-
-    def write(self, rows: slice, start: int, new_kv) -> None:
-        """new_kv [L, 2, rows, KV, seq, D] (a CUDA tensor from `run`, or numpy; rows may broadcast from 1)."""
-        torch = self.backend.torch
-        self.reserve(start + int(new_kv.shape[4]))
-        with self._ctx():
-            if not isinstance(new_kv, torch.Tensor):
-                new_kv = torch.from_numpy(np.ascontiguousarray(new_kv, dtype=np.float32))
-            new_kv = new_kv.to(device=self.backend.device, dtype=torch.float32)
-            self.data[:, :, rows, :, start:start + new_kv.shape[4]] = new_kv
-
-    def zero(self, row: int, start: int, stop: int) -> None:
-        with self._ctx():
-            self.data[:, :, row, :, start:stop] = 0.0
-
-    def past(self, n: int):
-        """The whole buffer (at least n + 1 slots, on the GPU); slots n and above are masked by the caller."""
-        self.reserve(n + 1)
-        return self.data
-
-    def numpy(self) -> np.ndarray:
-        with self._ctx():
-            return self.data.cpu().numpy()
-
-
-class _Both:
-    def __init__(self, *managers):
-        self.managers = managers
-
-    def __enter__(self):
-        for m in self.managers:
-            m.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for m in reversed(self.managers):
-            m.__exit__(*exc)
-        return False
 
 
 # --- the backend --------------------------------------------------------------------------------
@@ -892,7 +828,7 @@ class TrtBackend(Backend):
         self.runtime = None
         torch = getattr(self, "torch", None)
         if torch is not None and getattr(self, "stream", None) is not None:
-            with _suppress():
+            with contextlib.suppress(Exception):
                 self.stream.synchronize()
         self.stream = None
 
