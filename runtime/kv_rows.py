@@ -21,7 +21,7 @@ import collections
 
 import numpy as np
 
-from .backend_base import bucket_slots
+from .kv_cache import bucket_slots
 
 MIN_ROWS = 2
 
@@ -192,14 +192,7 @@ class KVRows:
 
     def write_rows(self, new_kv, rows: np.ndarray, slots: np.ndarray) -> None:
         """new_kv [layers, 2, R, kv_heads, 1, head_dim] of a decode call: row r's key/value into its own slot."""
-        data = self.cache.data
-        if isinstance(data, np.ndarray) and isinstance(new_kv, np.ndarray):
-            # one scatter: data[l, t, r, h, s, d] = new_kv[l, t, r, h, 0, d] for each (r, s); the two index
-            # arrays are apart, so numpy puts their dimension first on the left side
-            data[:, :, rows, :, slots, :] = np.moveaxis(new_kv[:, :, :, :, 0, :][:, :, rows], 2, 0)
-            return
-        for r, s in zip(rows.tolist(), slots.tolist()):
-            self.cache.write(slice(r, r + 1), s, new_kv[:, :, r:r + 1])
+        self.cache.write_rows(new_kv, rows, slots)
 
     def row_past(self, row: int, length: int) -> np.ndarray:
         """The first `length` slots of one row [layers, 2, 1, kv_heads, length, head_dim], for a call alone."""

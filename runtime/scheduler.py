@@ -33,7 +33,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .backend_base import bucket_slots
+from .kv_cache import bucket_slots
 from .errors import CapacityError, RuntimeInputError
 from .kv_rows import MIN_ROWS, KVRows, PrefixCache
 
