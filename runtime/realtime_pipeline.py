@@ -1,0 +1,246 @@
+"""VibeVoice-Realtime-0.5B generation (Microsoft's streaming `generate`) on the graphs of an ENGINE_DIR.
+
+`RealtimePipeline` holds the graphs (a backend), the tokenizer, the voice presets of the ENGINE_DIR and the
+model facts; `generate` speaks one text with one preset voice through the step-wise scheduler and the model
+steps of `vv_runtime.realtime_steps`. Text may also arrive while audio is being made (`TextStream`): tokens are
+fed only once no later character can change them, so the result equals the same text given at once.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .backend import Backend, select_backend
+from .errors import RuntimeInputError, one_line
+from .realtime_steps import RealtimeFacts, RealtimeJob, RealtimeSteps, TextFeed, VoicePreset
+from .scheduler import Scheduler, seeded_noise
+
+FAMILY = "vibevoice_streaming"
+# a point of the text no later character can move a token boundary across: a space followed by a non-space
+# (the byte-level BPE pre-tokenizer never joins across it, and what precedes it is already complete)
+_STABLE_BOUNDARY = re.compile(r" (?=\S)")
+
+
+class TextStream:
+    """Text that arrives in pieces (`append`), then `close()`: its tokens, fed to a job as they become final.
+
+    The original tokenizes `text.strip() + "\\n"`. While the text is open, only the tokens before its last
+    stable boundary are released (the tail could still merge with what comes next); at close the whole text
+    is tokenized and must extend what was released (RuntimeError otherwise: a tokenizer this rule does not hold
+    for)."""
+
+    def __init__(self, encode, feed: TextFeed | None = None):
+        self._encode = encode
+        self.feed = feed if feed is not None else TextFeed(closed=False)
+        self.text = ""
+        self._lock = threading.Lock()
+
+    def append(self, piece: str) -> None:
+        with self._lock:
+            if self.feed.closed:
+                raise RuntimeInputError("text is closed: no more text can be added")
+            self.text += str(piece)
+            body = self.text.lstrip()
+            cut = [m.start() for m in _STABLE_BOUNDARY.finditer(body)]
+            if cut:
+                self._release(self._encode(body[:cut[-1]]))
+
+    def close(self) -> None:
+        with self._lock:
+            if self.feed.closed:
+                return
+            self._release(self._encode(self.text.strip() + "\n"))
+            self.feed.closed = True
+
+    def _release(self, tokens: list[int]) -> None:
+        have = self.feed.tokens
+        if tokens[: len(have)] != have:
+            raise RuntimeError("streamed text: released tokens changed; the stable-boundary rule does not hold "
+                               "for this tokenizer")
+        have.extend(tokens[len(have):])
+
+
+@dataclass
+class RealtimeResult:
+    audio: np.ndarray                # float32 [samples]
+    frames: int
+    steps: int
+    eos_logits: list                 # the end-of-speech logit after each frame fed
+    text_tokens: int
+    stalled_s: float                 # time the job waited for text after it started
+
+
+class RealtimePipeline:
+    family = FAMILY
+
+    def __init__(self, engine_dir: str | Path, manifest: dict, backend: Backend):
+        from tokenizers import Tokenizer
+
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.backend = backend
+        self.facts = RealtimeFacts.from_manifest(manifest)
+        model = manifest["model"]
+        self.hop = int(model.get("hop_length", 3200))
+        self.sample_rate = int(model.get("sample_rate", 24000))
+        self.max_positions = self.facts.max_positions
+        diffusion = manifest.get("diffusion") or {}
+        self.default_cfg_scale = float(diffusion.get("default_cfg_scale", 1.5))
+        self.tokenizer = Tokenizer.from_file(str(self.engine_dir / manifest.get("tokenizer", "tokenizer.json")))
+        self._presets: dict[str, VoicePreset] = {}
+        self._preset_lock = threading.Lock()
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir: str | Path, backend: str | Backend = "auto",
+                        threads: int | None = None) -> "RealtimePipeline":
+        from .manifest import load_manifest
+
+        manifest = load_manifest(engine_dir)
+        if not isinstance(backend, Backend):
+            backend = select_backend(engine_dir, manifest, backend, threads=threads)
+        return cls(engine_dir, manifest, backend)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # --- inputs ---------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def text_tokens(self, text: str) -> list[int]:
+        """The original processor's text tokens: `text.strip() + "\\n"`."""
+        if not isinstance(text, str) or not text.strip():
+            raise RuntimeInputError("text is empty")
+        return self.encode(text.strip() + "\n")
+
+    def text_stream(self) -> TextStream:
+        return TextStream(self.encode)
+
+    @property
+    def voices(self) -> list[str]:
+        return sorted((self.manifest.get("voices") or {}).keys())
+
+    def preset(self, name: str) -> VoicePreset:
+        """The voice preset `name` of the ENGINE_DIR, loaded once (its caches are shared by every job)."""
+        with self._preset_lock:
+            if name in self._presets:
+                return self._presets[name]
+            entry = (self.manifest.get("voices") or {}).get(name) if isinstance(name, str) else None
+            if entry is None:
+                known = ", ".join(self.voices) or "none: add some with `vv-export voices`"
+                raise RuntimeInputError(f"voice {name!r}: not a preset of this ENGINE_DIR (presets: {known})")
+            preset = load_preset(self.engine_dir / entry["file"], name, self.facts)
+            self._presets[name] = preset
+            return preset
+
+    # --- generation -----------------------------------------------------------------------------------
+
+    def new_steps(self) -> RealtimeSteps:
+        return RealtimeSteps(self.backend, self.facts)
+
+    def job(self, text: str | TextStream, voice: str | VoicePreset, cfg_scale: float | None = None,
+            seed: int | None = None, noise=None, max_new_frames: int | None = None, ignore_eos: bool = False,
+            tag=None) -> RealtimeJob:
+        """A scheduler job. noise: None (its own generator from `seed`), an array [frames, >= 1, A] (frame k
+        starts from noise[k][0]: the original's draws) or a callable frame -> [A]."""
+        if max_new_frames is not None and int(max_new_frames) < 1:
+            raise RuntimeInputError(f"max_new_frames {max_new_frames}: must be at least 1")
+        preset = voice if isinstance(voice, VoicePreset) else self.preset(voice)
+        feed = text.feed if isinstance(text, TextStream) else TextFeed(self.text_tokens(text), closed=True)
+        if noise is None:
+            draw = seeded_noise(seed, self.facts.latent_dim)
+        elif callable(noise):
+            draw = noise
+        else:
+            table = np.asarray(noise, dtype=np.float32)
+
+            def draw(frame: int) -> np.ndarray:
+                if frame >= table.shape[0]:
+                    raise RuntimeInputError(f"noise table has {table.shape[0]} frames; frame {frame} needed")
+                return table[frame].reshape(-1, self.facts.latent_dim)[0]
+        return RealtimeJob(preset=preset, text=feed, cfg_scale=self.default_cfg_scale if cfg_scale is None
+                           else float(cfg_scale), max_new_frames=max_new_frames, noise=draw, seed=seed,
+                           ignore_eos=ignore_eos, tag=tag)
+
+    def generate(self, text: str | TextStream, voice: str | VoicePreset, stream: bool = False, on_step=None,
+                 **options):
+        """Speak `text` (or a `TextStream` fed by another thread) with the preset `voice`.
+
+        stream=False: a `RealtimeResult`; stream=True: a generator of float32 [hop] chunks whose return value
+        (StopIteration.value) is the result. options: those of `job`."""
+        job = self.job(text, voice, **options)
+        gen = self._run(job, on_step)
+        if stream:
+            return gen
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    def _run(self, job: RealtimeJob, on_step) -> Iterator[np.ndarray]:
+        sched = Scheduler(self.new_steps(), max_batch=1)
+        sched.add(job)
+        chunks = []
+        while sched.busy:
+            out = sched.step()
+            for _, chunk in out.chunks:
+                chunks.append(chunk)
+                yield chunk
+            for left in out.finished:
+                if left.error is not None:
+                    raise left.error
+            if on_step is not None:
+                on_step(sched.steps - 1, job)
+            if not out.chunks and not job.done and not job.text.closed:
+                wait_for_text(job.text)
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return RealtimeResult(audio, job.frames, sched.steps, list(job.eos_logits), len(job.text.tokens),
+                              job.stalled_s)
+
+
+def wait_for_text(feed: TextFeed, seconds: float = 0.005) -> None:
+    """A short sleep while a job waits for streamed text (the producer runs in another thread)."""
+    import time
+
+    time.sleep(seconds)
+
+
+PRESET_TENSORS = ("text_lm.kv", "tts_lm.kv", "tts_lm.hidden", "neg_tts_lm.kv", "neg_tts_lm.hidden")
+
+
+def load_preset(path: Path, name: str, facts: RealtimeFacts) -> VoicePreset:
+    """voices/<name>.safetensors of an ENGINE_DIR (written by `vv-export voices`) -> a VoicePreset, its shapes
+    checked against the model."""
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 -- any unreadable file is one line
+        raise RuntimeInputError(f"voice {name!r}: {path} is unreadable ({one_line(exc)})") from exc
+    missing = [k for k in PRESET_TENSORS if k not in tensors]
+    if missing:
+        raise RuntimeInputError(f"voice {name!r}: {path} lacks {', '.join(missing)}")
+    want = {"text_lm.kv": facts.text_lm_layers, "tts_lm.kv": facts.tts_lm_layers, "neg_tts_lm.kv": facts.tts_lm_layers}
+    for key, layers in want.items():
+        shape = tensors[key].shape
+        if len(shape) != 6 or shape[0] != layers or shape[1] != 2 or shape[2] != 1 or shape[3] != facts.kv_heads \
+                or shape[5] != facts.head_dim:
+            raise RuntimeInputError(f"voice {name!r}: {key} has shape {list(shape)}, the model needs "
+                                    f"[{layers}, 2, 1, {facts.kv_heads}, positions, {facts.head_dim}]")
+    for key in ("tts_lm.hidden", "neg_tts_lm.hidden"):
+        if tensors[key].shape[-1] != facts.hidden:
+            raise RuntimeInputError(f"voice {name!r}: {key} has width {tensors[key].shape[-1]}, the model's hidden "
+                                    f"size is {facts.hidden}")
+
+    def f32(key):
+        return np.ascontiguousarray(tensors[key], dtype=np.float32)
+    return VoicePreset(name, f32("text_lm.kv"), f32("tts_lm.kv"), f32("tts_lm.hidden").reshape(-1, facts.hidden)[-1],
+                       f32("neg_tts_lm.kv"), f32("neg_tts_lm.hidden").reshape(-1, facts.hidden)[-1])

@@ -1,0 +1,112 @@
+"""VibeVoice-Realtime-0.5B's windowed loop on the exported tiny fixture against Microsoft's streaming `generate`
+(recorded noise), streaming text in, and continuous batching.
+
+Reference: ../shared/fixtures/vibevoice-realtime-tiny-original (README there): one whole generation, 42 text
+tokens, 56 frames, the end-of-speech logit of every frame drawn (the smallest |logit| is 0.18, far above fp32
+noise, so a faithful loop ends on the same frame).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from vv_runtime.backend import OrtBackend
+from vv_runtime.realtime_pipeline import RealtimePipeline, TextStream
+from vv_runtime.scheduler import Scheduler
+
+
+@pytest.fixture(scope="module")
+def realtime(realtime_engine_dir):
+    from vv_runtime.manifest import load_manifest
+
+    manifest = load_manifest(realtime_engine_dir)
+    pipe = RealtimePipeline(realtime_engine_dir, manifest, OrtBackend(realtime_engine_dir, manifest))
+    yield pipe
+    pipe.close()
+
+
+def test_fixture_generation_matches_the_original(realtime, realtime_reference):
+    ref, settings = realtime_reference
+    text = settings["generate"]["script"]
+    assert realtime.text_tokens(text) == ref["generate.tts_text_ids"][0].tolist()
+    result = realtime.generate(text, "en-Tiny_man", cfg_scale=settings["generate"]["cfg_scale"],
+                               noise=ref["generate.noise"])
+    want = ref["generate.audio"][0]
+    assert result.frames == settings["generate"]["frames"] == 56
+    assert result.audio.shape == want.shape
+    peak = float(np.abs(want).max())
+    assert float(np.abs(result.audio - want).max()) <= 1e-4 * peak
+    # the end-of-speech logits of the frames fed, as the original computed them
+    np.testing.assert_allclose(result.eos_logits, ref["generate.eos_logits"][:result.frames], atol=1e-3)
+    assert result.eos_logits[-1] > 0 and max(result.eos_logits[:-1]) < 0
+
+
+def test_streamed_text_equals_text_given_at_once(realtime, realtime_reference):
+    ref, settings = realtime_reference
+    text = settings["generate"]["script"]
+    alone = realtime.generate(text, "en-Tiny_man", seed=11, max_new_frames=30)
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        stream = realtime.text_stream()
+        cuts = sorted(rng.choice(np.arange(1, len(text)), size=8, replace=False).tolist())
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+
+        def produce():
+            for piece in pieces:
+                time.sleep(0.01)
+                stream.append(piece)
+            stream.close()
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        streamed = realtime.generate(stream, "en-Tiny_man", seed=11, max_new_frames=30)
+        producer.join()
+        assert stream.feed.tokens == realtime.text_tokens(text)
+        assert streamed.frames == alone.frames
+        np.testing.assert_array_equal(streamed.audio, alone.audio)
+    assert streamed.stalled_s > 0  # the text came slower than the frames: the loop waited for it
+
+
+def test_text_stream_releases_only_final_tokens(realtime):
+    text = "Hello there,  general Kenobi! It's 42 o'clock; don't\twait."
+    want = realtime.text_tokens(text)
+    for step in (1, 2, 3, 7):
+        stream = TextStream(realtime.encode)
+        for i in range(0, len(text), step):
+            stream.append(text[i:i + step])
+            released = list(stream.feed.tokens)
+            assert want[: len(released)] == released
+        stream.close()
+        assert stream.feed.tokens == want
+
+
+def test_jobs_batched_equal_themselves_alone(realtime):
+    texts = ["Hello world, one two three four five six.", "A second voice speaks here, a little longer text.",
+             "Short one."]
+    alone = [realtime.generate(t, "en-Tiny_man", seed=i, max_new_frames=14 + 3 * i) for i, t in enumerate(texts)]
+    sched = Scheduler(realtime.new_steps(), max_batch=4)
+    jobs = [sched.add(realtime.job(t, "en-Tiny_man", seed=i, max_new_frames=14 + 3 * i))
+            for i, t in enumerate(texts)]
+    audio = {job.index: [] for job in jobs}
+    while sched.busy:
+        out = sched.step()
+        for job, chunk in out.chunks:
+            audio[job.index].append(chunk)
+        for job in out.finished:
+            assert job.error is None, job.error
+    for i, job in enumerate(jobs):
+        got = np.concatenate(audio[job.index])
+        assert job.frames == alone[i].frames and got.shape == alone[i].audio.shape
+        peak = float(np.abs(alone[i].audio).max())
+        assert float(np.abs(got - alone[i].audio).max()) <= 1e-4 * peak
+
+
+def test_unknown_preset_is_one_line(realtime):
+    from vv_runtime.errors import RuntimeInputError
+
+    with pytest.raises(RuntimeInputError, match="voice 'nobody': not a preset of this ENGINE_DIR"):
+        realtime.generate("Hello.", "nobody")
