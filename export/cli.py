@@ -87,5 +87,27 @@ def trt_cmd(engine_dir, plan, precision, force, debug):
         sys.exit(130)
 
 
+@main.command("voices")
+@click.option("--engine-dir", "engine_dir", required=True, type=click.Path(),
+              help="A VibeVoice-Realtime ENGINE_DIR from `vv-export onnx`.")
+@click.argument("files", nargs=-1, required=True, type=click.Path(), metavar="FILE.pt...")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def voices_cmd(engine_dir, files, debug):
+    """Convert Microsoft's VibeVoice-Realtime voice presets (.pt) into ENGINE_DIR/voices/, named by file stem.
+
+    The presets' pickles are read without running them: anything but tensors and the few transformers
+    containers the released files hold is refused, and nothing is written.
+    """
+    try:
+        from .voices import convert_voices
+
+        convert_voices(engine_dir, files, progress=lambda line: click.echo(line, err=True))
+    except (ExportError, OSError) as exc:
+        _fail(exc, debug)
+    except KeyboardInterrupt:
+        click.echo("interrupted: no half-written voice was kept", err=True)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
     main()
