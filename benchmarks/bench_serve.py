@@ -170,7 +170,7 @@ MODES = {"tiny": "natural", "mid": "forced"}
 
 def bench_model(name: str, engine_dir: Path, client_counts: list[int], requests: int, frames: int,
                 threads: int | None, voices: Path, log, mode: str = "natural") -> dict:
-    from vv_runtime.serve.launch import ServerProcess
+    from serve_process import ServerProcess
 
     args = ["--engine-dir", engine_dir, "--voices", voices, "--max-batch", str(max(client_counts)),
             "--max-queue", str(4 * max(client_counts))]

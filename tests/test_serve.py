@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from vv_runtime.serve.launch import ServerProcess
+from conftest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 HOP = 3200
@@ -655,7 +655,7 @@ def test_serve_package_imports_no_exporter_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys, vv_runtime.serve, vv_runtime.serve.cli, vv_runtime.serve.launch, vv_runtime.pipeline; "
+    code = ("import sys, vv_runtime.serve, vv_runtime.serve.cli, vv_runtime.pipeline; "
             "print(sorted(m for m in ('torch', 'transformers', 'vv_export') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
