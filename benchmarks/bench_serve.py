@@ -170,7 +170,7 @@ MODES = {"tiny": "natural", "mid": "forced"}
 
 def bench_model(name: str, engine_dir: Path, client_counts: list[int], requests: int, frames: int,
                 threads: int | None, voices: Path, log, mode: str = "natural") -> dict:
-    from vv_runtime.serve.launch import ServerProcess
+    from serve_process import ServerProcess
 
     args = ["--engine-dir", engine_dir, "--voices", voices, "--max-batch", str(max(client_counts)),
             "--max-queue", str(4 * max(client_counts))]
@@ -320,7 +320,7 @@ def serve_forced(argv: list[str]) -> int:
     from vv_runtime.manifest import CONTROL_TOKENS
     from vv_runtime.pipeline import Pipeline
     from vv_runtime.serve import Limits, create_app
-    from vv_runtime.serve.cli import _bind, draining_server
+    from vv_runtime.serve.cli import draining_server, listening_socket
     from vv_runtime.service_engine import SpeechEngine, VoiceStore
 
     import uvicorn
@@ -331,7 +331,7 @@ def serve_forced(argv: list[str]) -> int:
     for flag in ("--max-batch", "--max-queue", "--threads", "--port"):
         parser.add_argument(flag, type=int, default=None)
     args = parser.parse_args(argv)
-    sock = _bind("127.0.0.1", args.port or 0)
+    sock = listening_socket("127.0.0.1", args.port or 0)
     pipeline = Pipeline.from_engine_dir(args.engine_dir, backend="ort", threads=args.threads)
     pipeline.backend = ForcedDiffusion(pipeline.backend, CONTROL_TOKENS.index("speech_diffusion"))
     limits = Limits()
@@ -345,8 +345,7 @@ def serve_forced(argv: list[str]) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        engine.stop(drain=True, timeout=60)
-        pipeline.close()
+        engine.close()
     return 0
 
 

@@ -1,14 +1,15 @@
 """The speech engine a server drives: requests in, audio chunks out, one background thread.
 
-    engine = SpeechEngine(Pipeline.from_engine_dir(dir), max_batch=8, max_queue=64).start()
+    engine = SpeechEngine.from_engine_dir(dir, voices_dir="voices/", max_batch=8, max_queue=64).start()
     handle = engine.submit(SpeechRequest("Speaker 1: Hello.", voices=["alice"], seed=3))
     for chunk in handle.chunks():      # float32 [hop] chunks as they are made
         ...
-    engine.stop(drain=True)
+    engine.close()                     # drain, stop, close the pipeline
 
-`submit` checks the request (script, voices, context length) in the caller's thread and raises
-`RuntimeInputError` (one line) before anything is queued; `QueueFull` when the queue holds `max_queue`
-requests; `EngineStopped` when the engine does not accept requests (not started, draining, stopped).
+`submit` is where a request enters: it normalises and checks it (script, voices, context length) in
+the caller's thread and raises `RuntimeInputError` (one line) before anything is queued; `QueueFull`
+when the queue holds `max_queue` requests; `EngineStopped` when the engine does not accept requests
+(not started, draining, stopped).
 
 Voices: `VoiceStore` keeps each voice's normalised audio (exactly what the prompt encoder gets) and
 its `acoustic_encoder` embeddings, computed once; requests name voices by id (or pass raw audio).
@@ -62,6 +63,8 @@ class SpeechRequest:
     seed: int | None = None          # same seed + same request => same tokens and audio, whatever runs beside it
     max_new_frames: int | None = None
     timeout_s: float | None = None   # per-request deadline; the engine cancels it past that
+    plain_text: bool = False         # `script` is plain text: every line spoken by the first voice, even one
+                                     # that starts with "Speaker N:"
 
 
 class QueueFull(Exception):
@@ -328,6 +331,24 @@ class SpeechEngine:
         self._active_rows = 0
         self.fatal: BaseException | None = None
 
+    @classmethod
+    def from_engine_dir(cls, engine_dir, backend: str = "auto", threads: int | None = None, max_batch: int = 8,
+                        max_queue: int = 64, voices_dir=None, max_voice_seconds: float | None = None
+                        ) -> "SpeechEngine":
+        """An engine (not started) over the Pipeline of an ENGINE_DIR, with every sound file of
+        `voices_dir` loaded as a preset voice. It owns the pipeline: `close()` closes it."""
+        from .pipeline import Pipeline
+
+        pipeline = Pipeline.from_engine_dir(engine_dir, backend=backend, threads=threads)
+        try:
+            voices = VoiceStore(pipeline, max_seconds=max_voice_seconds)
+            if voices_dir is not None:
+                voices.load_dir(voices_dir)
+            return cls(pipeline, max_batch=max_batch, max_queue=max_queue, voices=voices)
+        except BaseException:
+            pipeline.close()
+            raise
+
     # --- control --------------------------------------------------------------------------------
 
     def start(self) -> "SpeechEngine":
@@ -359,14 +380,20 @@ class SpeechEngine:
         for handle in pending:
             handle._finish(EngineStopped("the engine stopped"))
 
+    def close(self, timeout: float | None = 60) -> None:
+        """Stop with drain (queued and in-flight requests finish), then close the pipeline."""
+        self.stop(drain=True, timeout=timeout)
+        self.pipeline.close()
+
     # --- admission ------------------------------------------------------------------------------
 
     def check(self, request: SpeechRequest) -> Admitted:
-        """Validate a request (raises RuntimeInputError, one line); needs no graph except for raw voices."""
+        """Normalise and validate a request (raises RuntimeInputError, one line); needs no graph except
+        for raw voices. This is where a served request is checked against the model's context."""
         pipe = self.pipeline
         if not isinstance(request, SpeechRequest):
             raise RuntimeInputError("expected a SpeechRequest")
-        parsed = parse_request_script(request.script)
+        parsed = parse_request_script(request.script, plain_text=request.plain_text)
         voices_in = list(request.voices or [])
         voices: list[Voice] = []
         for j, voice in enumerate(voices_in):
@@ -378,9 +405,9 @@ class SpeechEngine:
                 voices.append(self.voices.make_voice(voice, label=f"voice {j}"))
         prompt = pipe.prompts.build(parsed, [v.frames for v in voices])
         voices = voices[: len(prompt.voice_frames)]
-        n = len(prompt.input_ids)
-        if n >= pipe.max_positions:
-            raise RuntimeInputError(f"prompt is {n} tokens, longer than the model's context of "
+        tokens = len(prompt.input_ids)
+        if tokens >= pipe.max_positions:
+            raise RuntimeInputError(f"prompt is {tokens} tokens, longer than the model's context of "
                                     f"{pipe.max_positions} positions")
         cfg = pipe.default_cfg_scale if request.cfg_scale is None else request.cfg_scale
         try:
@@ -389,17 +416,18 @@ class SpeechEngine:
             raise RuntimeInputError(f"cfg_scale {request.cfg_scale!r}: not a number") from None
         if not math.isfinite(cfg):
             raise RuntimeInputError(f"cfg_scale {request.cfg_scale!r}: not a finite number")
-        mnf = request.max_new_frames
-        if mnf is not None and (isinstance(mnf, bool) or not isinstance(mnf, (int, np.integer)) or mnf < 1):
-            raise RuntimeInputError(f"max_new_frames {mnf!r}: must be an integer of at least 1")
+        frames = request.max_new_frames
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1):
+            raise RuntimeInputError(f"max_new_frames {frames!r}: must be an integer of at least 1")
         seed = request.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise RuntimeInputError(f"seed {seed!r}: must be a non-negative integer")
-        t = request.timeout_s
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
-            raise RuntimeInputError(f"timeout_s {t!r}: must be a positive number of seconds")
+        timeout = request.timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise RuntimeInputError(f"timeout_s {timeout!r}: must be a positive number of seconds")
         return Admitted(parsed, prompt, voices, cfg, None if seed is None else int(seed),
-                        None if mnf is None else int(mnf))
+                        None if frames is None else int(frames))
 
     def submit(self, request: SpeechRequest) -> RequestHandle:
         if not self.accepting:
@@ -455,13 +483,14 @@ class SpeechEngine:
         """The scheduler job of a request (raw voices are encoded here, in the engine thread)."""
         from .vibevoice_steps import VibeVoiceJob as Job
 
-        adm = handle.prepared
-        for voice in adm.voices:
+        admitted = handle.prepared
+        voices = admitted.voices
+        for voice in voices:
             self.voices.encode(voice)
-        preset = all(self.voices.known(v) for v in adm.voices)
-        return Job(adm.prompt, voice_audio=[v.audio for v in adm.voices], voice_embeds=[v.embeds for v in adm.voices],
-                   cfg_scale=adm.cfg_scale, max_new_frames=adm.max_new_frames, seed=adm.seed,
-                   prefix_key=tuple(v.key for v in adm.voices) if preset else None, tag=handle)
+        preset = all(self.voices.known(v) for v in voices)
+        return Job(admitted.prompt, voice_audio=[v.audio for v in voices], voice_embeds=[v.embeds for v in voices],
+                   cfg_scale=admitted.cfg_scale, max_new_frames=admitted.max_new_frames, seed=admitted.seed,
+                   prefix_key=tuple(v.key for v in voices) if preset else None, tag=handle)
 
     def _new_scheduler(self):
         from .scheduler import Scheduler
@@ -573,16 +602,19 @@ class SpeechEngine:
         return job
 
 
-def parse_request_script(script) -> list[tuple[int, str]]:
+def parse_request_script(script, plain_text: bool = False) -> list[tuple[int, str]]:
     """A request's script: `Speaker N: text` lines, or plain text (every line spoken by one speaker).
 
-    Unlike `vv-run --script`, a text ending in `.txt` is text, never a file to read."""
+    A script without any `Speaker N:` line is plain text; with `plain_text` every line is, whatever it
+    starts with, and any line break (as `str.splitlines` sees them) ends a line. Unlike
+    `vv-run --script`, a text ending in `.txt` is text, never a file to read."""
     if not isinstance(script, str):
         raise RuntimeInputError("script: expected text")
-    lines = [line.strip() for line in script.strip().split("\n") if line.strip()]
+    lines = script.splitlines() if plain_text else script.split("\n")
+    lines = [line.strip() for line in lines if line.strip()]
     if not lines:
         raise RuntimeInputError("script is empty (no text to speak)")
-    if not any(SPEAKER_LINE.match(line) for line in lines):
+    if plain_text or not any(SPEAKER_LINE.match(line) for line in lines):
         lines = [f"Speaker 1: {line}" for line in lines]
     return parse_script("\n".join(lines))
 

@@ -26,6 +26,9 @@ def load_benchmark(name: str):
     return module
 
 
+ServerProcess = load_benchmark("serve_process").ServerProcess  # a `vv-serve` child process, started and stopped
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared reference material not found at {path}")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from vv_runtime.serve.launch import ServerProcess
+from conftest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 HOP = 3200
@@ -316,7 +316,7 @@ def test_bad_request_is_a_json_4xx(client, server, case):
 def test_engine_errors_map_to_statuses():
     """The request errors the engine raises, by class: capacity before the generic input error."""
     from vv_runtime.errors import BackendFault, CapacityError, RuntimeInputError
-    from vv_runtime.serve.app import _engine_error
+    from vv_runtime.serve.errors import http_error as _engine_error
     from vv_runtime.service_engine import EngineStopped
 
     assert _engine_error(CapacityError("prompt is 9000 tokens,\n longer than the context")) == (
@@ -327,6 +327,20 @@ def test_engine_errors_map_to_statuses():
     assert _engine_error(TimeoutError("late"))[:3:2] == (504, "timeout")
     assert _engine_error(EngineStopped("stopped"))[::2] == (503, "unavailable")
     assert _engine_error(ValueError("x")) == (500, "internal error (ValueError)", "internal_error")
+
+
+def test_one_table_from_exception_to_status():
+    """Every row of the table can answer (none comes after one of its base classes), and the refusals
+    of admission have their status and type."""
+    from vv_runtime.serve.errors import ERRORS_BY_EXCEPTION, http_error
+    from vv_runtime.service_engine import Cancelled, QueueFull
+
+    classes = [row[0] for row in ERRORS_BY_EXCEPTION]
+    for i, error_class in enumerate(classes):
+        assert not any(issubclass(error_class, earlier) for earlier in classes[:i]), error_class
+    assert http_error(QueueFull("the queue holds 8 requests")) == (
+        429, "busy: the queue holds 8 requests; retry later", "queue_full")
+    assert http_error(Cancelled("request req-1 cancelled")) == (503, "request req-1 cancelled", "cancelled")
 
 
 def test_bad_requests_do_not_disturb_others(client):
@@ -655,7 +669,7 @@ def test_serve_package_imports_no_exporter_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys, vv_runtime.serve, vv_runtime.serve.cli, vv_runtime.serve.launch, vv_runtime.pipeline; "
+    code = ("import sys, vv_runtime.serve, vv_runtime.serve.cli, vv_runtime.pipeline; "
             "print(sorted(m for m in ('torch', 'transformers', 'vv_export') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

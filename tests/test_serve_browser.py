@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vv_runtime.serve.launch import ServerProcess
+from conftest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "Speaker 1: Hello there.\nSpeaker 2: Hi, nice to meet you."

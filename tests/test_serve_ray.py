@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from vv_runtime.serve.launch import ServerProcess
+from conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

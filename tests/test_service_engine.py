@@ -14,7 +14,7 @@ import soundfile as sf
 from vv_runtime.errors import BackendFault, RuntimeInputError
 from vv_runtime.pipeline import Pipeline
 from vv_runtime.service_engine import (Cancelled, EngineStopped, QueueFull, SpeechEngine, SpeechRequest,
-                                      VoiceStore)
+                                      VoiceStore, parse_request_script)
 
 SCRIPT = "Speaker 1: Hello world.\nSpeaker 1: This is a tiny test."
 
@@ -135,6 +135,30 @@ def test_plain_text_and_raw_voice(engine, pipeline, voice_wav):
     alone = pipeline.generate(SCRIPT, [voice_wav], seed=11, max_new_frames=40)
     assert handle.tokens == alone.tokens[0]
     np.testing.assert_array_equal(audio, alone.audio[0])
+
+
+def test_plain_text_request_has_no_speaker_lines(engine):
+    """plain_text (the HTTP `input`): every line is the first voice's, one that starts with "Speaker N:"
+    too, and any line break ends a line; the same text as a script is read as speaker lines."""
+    plain = engine.check(SpeechRequest("Speaker 2: hi\u2028 there \n\n", voices=["alice"], plain_text=True))
+    assert plain.parsed == [(0, " Speaker 2: hi"), (0, " there")]
+    assert parse_request_script("Speaker 2: hi\nSpeaker 3: there") == [(1, " hi"), (2, " there")]
+    assert parse_request_script("hi\nthere") == [(0, " hi"), (0, " there")]
+
+
+def test_engine_from_engine_dir_with_a_voices_dir(tiny_engine_dir, tmp_path, voice_wav):
+    sf.write(tmp_path / "bob.wav", voice_wav, 24000)
+    (tmp_path / "notes.md").write_text("not a voice")
+    engine = SpeechEngine.from_engine_dir(tiny_engine_dir, backend="ort", max_batch=2, voices_dir=tmp_path).start()
+    try:
+        assert [v["id"] for v in engine.voices.list()] == ["bob"] and engine.max_batch == 2
+        handle = engine.submit(SpeechRequest("Hi.", voices=["bob"], seed=0, max_new_frames=2, plain_text=True))
+        assert handle.wait(60) and handle.error is None
+    finally:
+        engine.close()
+    assert not engine.accepting
+    with pytest.raises(RuntimeInputError, match="voice bob: .* more than the limit"):
+        SpeechEngine.from_engine_dir(tiny_engine_dir, backend="ort", voices_dir=tmp_path, max_voice_seconds=0.01)
 
 
 def test_concurrent_requests_all_complete(engine, pipeline, voice_wav):

@@ -24,8 +24,7 @@ from pathlib import Path
 import click
 
 from ..cli import _OneLineErrors
-from ..errors import one_line
-from ..errors import RuntimeInputError
+from ..errors import RuntimeInputError, one_line
 
 
 @click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,23 +105,8 @@ def _check_inputs(engine_dir, voices_dir) -> None:
         raise RuntimeInputError(f"--voices {voices_dir}: not a directory")
 
 
-def build_engine(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits):
-    """Pipeline + VoiceStore (presets loaded) + started SpeechEngine."""
-    from ..pipeline import Pipeline
-    from ..service_engine import SpeechEngine, VoiceStore
-
-    pipeline = Pipeline.from_engine_dir(engine_dir, backend=backend, threads=threads)
-    try:
-        voices = VoiceStore(pipeline, max_seconds=limits.max_voice_seconds)
-        if voices_dir is not None:
-            voices.load_dir(voices_dir)
-        return SpeechEngine(pipeline, max_batch=max_batch, max_queue=max_queue, voices=voices).start()
-    except BaseException:
-        pipeline.close()
-        raise
-
-
-def _bind(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port and listening (port 0: a free one), inheritable by uvicorn's workers."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -139,11 +123,14 @@ def _bind(host: str, port: int) -> socket.socket:
 def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level):
     import uvicorn
 
+    from ..service_engine import SpeechEngine
     from .app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    sock = _bind(host, port)  # before loading: a taken port fails at once
-    engine = build_engine(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits)
+    sock = listening_socket(host, port)  # before loading: a taken port fails at once
+    engine = SpeechEngine.from_engine_dir(engine_dir, backend=backend, threads=threads, max_batch=max_batch,
+                                          max_queue=max_queue, voices_dir=voices_dir,
+                                          max_voice_seconds=limits.max_voice_seconds).start()
     app = create_app(engine, limits)
     service = app.state.service
     config = uvicorn.Config(app, log_level=log_level, lifespan="off",
@@ -158,10 +145,7 @@ def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, th
         server.run(sockets=[sock])
     finally:
         # uvicorn returns once every connection is closed: nothing is in flight any more
-        engine.stop(drain=True, timeout=60)
-        pipeline = getattr(engine, "pipeline", None)
-        if pipeline is not None:
-            pipeline.close()
+        engine.close()
         sock.close()
     print("vv-serve: stopped", flush=True)
 

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from ray import serve
 
-from .app import Limits
+from ..errors import RuntimeInputError
+from ..service_engine import SpeechEngine
+from .app import Limits, create_app
 
 DEPLOYMENT = "vv-serve"
 
@@ -37,26 +39,20 @@ class SpeechReplica:
     """One replica: a Pipeline + SpeechEngine and the vv-serve app over it."""
 
     def __init__(self, config: dict):
-        from . import cli
-        from .app import create_app
-
         # uploads are off: a voice uploaded to one replica would be unknown to the others
         limits = Limits(**{**config["limits"], "replica_id": _replica_id(), "voice_uploads": False})
-        self.engine = cli.build_engine(config["engine_dir"], config.get("voices_dir"), config["max_batch"],
-                                       config["max_queue"], config.get("backend", "auto"), config.get("threads"),
-                                       limits)
-        self.vv_app = create_app(self.engine, limits)
-        engine = self.engine
+        self.engine = engine = SpeechEngine.from_engine_dir(
+            config["engine_dir"], backend=config.get("backend", "auto"), threads=config.get("threads"),
+            max_batch=config["max_batch"], max_queue=config["max_queue"], voices_dir=config.get("voices_dir"),
+            max_voice_seconds=limits.max_voice_seconds).start()
+        self.vv_app = create_app(engine, limits)
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
             yield
             # the proxy stops routing here and waits for ongoing requests first (graceful_shutdown_*)
             app.state.service.start_draining()
-            engine.stop(drain=True, timeout=60)
-            pipeline = getattr(engine, "pipeline", None)
-            if pipeline is not None:
-                pipeline.close()
+            engine.close()
 
         self.vv_app.router.lifespan_context = lifespan
 
@@ -133,8 +129,6 @@ def serve_forever(engine_dir, host: str, port: int, voices_dir, max_batch: int, 
     import ray
 
     if port == 0:
-        from ..errors import RuntimeInputError
-
         raise RuntimeInputError("--ray needs a fixed --port (Ray's proxy cannot pick a free one)")
     stop = threading.Event()
     previous = {}

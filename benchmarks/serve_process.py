@@ -1,4 +1,4 @@
-"""Start `vv-serve` as a child process and wait until it listens (used by the tests and bench_serve).
+"""Start `vv-serve` as a child process and wait until it listens (for bench_serve and the tests).
 
     with ServerProcess(["--engine-dir", "engines/tiny-random", "--voices", "examples"]) as server:
         requests.post(server.url + "/v1/audio/speech", json={...})

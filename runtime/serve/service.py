@@ -1,0 +1,85 @@
+"""What the routes of vv-serve share: the admission limits and the service state over the engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fastapi.responses import JSONResponse
+
+from ..errors import one_line
+from ..service_engine import EngineStopped
+from .errors import RETRY_STATUSES, error_response, http_error
+from .metrics import ServiceMetrics
+
+log = logging.getLogger("vv_runtime.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Admission limits of the service (the engine's own: --max-batch rows, --max-queue requests)."""
+    max_text_chars: int = 4096            # characters of `input` / `script`
+    max_voice_seconds: float = 60.0       # seconds of an uploaded voice (enforced by the VoiceStore too)
+    max_voice_bytes: int = 16 * 2 ** 20   # bytes of an uploaded sound file
+    max_voices: int = 256                 # voices held (presets + uploads)
+    max_speakers: int = 16                # voices per script request
+    request_timeout_s: float | None = 300.0   # per request, from admission to the last frame
+    write_timeout_s: float | None = 30.0      # per write to the client (one that stops reading is cut off)
+    voice_uploads: bool = True            # POST /v1/voices (off under Ray: uploads live on one replica)
+    retry_after_s: int = 2                # Retry-After of 429 / 503
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    def body_limit(self, path: str) -> int:
+        """Most bytes a request body may have on `path`."""
+        if path.rstrip("/") == "/v1/voices":
+            return self.max_voice_bytes + 2 ** 20        # multipart framing and the name field
+        return 2 ** 20 + 8 * self.max_text_chars        # JSON with escapes
+
+
+class Service:
+    """State shared by the routes: the engine, the limits, metrics, draining flag, preset ids."""
+
+    def __init__(self, engine, limits: Limits):
+        self.engine = engine
+        self.limits = limits
+        self.metrics = ServiceMetrics()
+        self.draining = False
+        self.presets = {v["id"] for v in engine.voices.list()}
+        self.voice_lock = threading.Lock()     # upload checks and add, together
+        self.uploads: dict[str, str] = {}      # sha256 of an uploaded file -> the voice id it made
+        # set by the server that runs the app: aborts the connection of scope["client"] (a client that
+        # stopped reading: closing it politely would wait for its unread bytes forever)
+        self.abort_client: Callable[[object], None] | None = None
+
+    def start_draining(self) -> None:
+        """Stop admitting speech and voice requests (answered 503); in-flight requests go on."""
+        self.draining = True
+
+    @property
+    def accepting(self) -> bool:
+        fatal = getattr(self.engine, "fatal", None)
+        return not self.draining and bool(self.engine.accepting) and fatal is None
+
+    def refuse_if_draining(self) -> None:
+        if not self.accepting:
+            raise EngineStopped("the service is not accepting requests (draining or stopped)")
+
+    def failure(self, exc: BaseException, where: str) -> tuple[int, str, str]:
+        """(HTTP status, message, error type) of the exception a request failed with; a server fault
+        (500) is logged with `where`."""
+        status, message, kind = http_error(exc)
+        if status == 500:
+            log.error("%s failed: %s: %s", where, type(exc).__name__, one_line(exc))
+        return status, message, kind
+
+    def error(self, status: int, message: str, kind: str, param: str | None = None,
+              headers: dict | None = None) -> JSONResponse:
+        """The JSON error answer, counted by type; a 429 or 503 carries Retry-After."""
+        self.metrics.error(kind)
+        if status in RETRY_STATUSES:
+            headers = {"retry-after": str(self.limits.retry_after_s), **(headers or {})}
+        return error_response(status, message, kind, param, headers)

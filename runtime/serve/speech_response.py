@@ -1,0 +1,192 @@
+"""The response of a speech request: the audio of one admitted request, whole or streamed.
+
+A thread per request pumps the handle's chunks into the event loop, a watcher listens for the
+client's disconnect, and whatever ends the response (done, error, disconnect, timeout) the handle is
+cancelled in `finally`, so an abandoned request frees its rows at the engine's next step. Every write
+to the client is bounded by `Limits.write_timeout_s`: a client that stops reading has its request
+cancelled and its connection aborted (through `Service.abort_client`, set by the server), so it
+neither holds rows nor blocks shutdown. Headers are sent with the first audio (or the error, as JSON,
+if the request fails before any audio).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import numpy as np
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from . import formats
+from .service import Service
+
+log = logging.getLogger("vv_runtime.serve")
+
+
+class AudioResponse(Response):
+    """The audio of one admitted request, whole or streamed (see the module docstring)."""
+
+    def __init__(self, service: Service, handle, fmt: str, stream: bool, seed: int, admitted: float):
+        super().__init__(content=b"", status_code=200)
+        self.service, self.handle, self.fmt, self.stream, self.seed = service, handle, fmt, stream, seed
+        self.admitted = admitted
+
+    def _headers(self, extra: dict | None = None) -> list[tuple[bytes, bytes]]:
+        engine = self.service.engine
+        headers = {
+            "content-type": formats.MEDIA_TYPES[self.fmt],
+            "x-request-id": self.handle.id,
+            "x-seed": str(self.seed),
+            "x-sample-rate": str(engine.sample_rate),
+            "x-replica-id": self.service.limits.replica_id,
+            "cache-control": "no-store",
+        }
+        if self.fmt == "pcm":
+            headers["x-sample-format"] = "s16le"
+            headers["x-channels"] = "1"
+        headers.update(extra or {})
+        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+    async def __call__(self, scope, receive, send) -> None:
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        handle = self.handle
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                handle.cancel()
+
+        def pump() -> None:
+            try:
+                for chunk in handle.chunks():
+                    put(("chunk", chunk))
+                put(("done", None))
+            except BaseException as exc:  # noqa: BLE001 -- the request's own error, answered as JSON
+                put(("error", exc))
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    items.put_nowait(("disconnect", None))
+                    return
+
+        limit = self.service.limits.write_timeout_s
+
+        async def bounded_send(message) -> None:
+            if limit is None:
+                return await send(message)
+            try:
+                await asyncio.wait_for(send(message), timeout=limit)
+            except asyncio.TimeoutError:
+                raise _WriteTimeout() from None
+
+        threading.Thread(target=pump, name=f"vv-pump-{handle.id}", daemon=True).start()
+        watcher = asyncio.create_task(watch())
+        outcome = "error"
+        try:
+            outcome = await self._respond(items, bounded_send)
+        except _WriteTimeout:
+            outcome = "write_timeout"
+        finally:
+            watcher.cancel()
+            if not handle.done:
+                handle.cancel()
+            metrics = self.service.metrics
+            if outcome == "ok":
+                metrics.speech_done()
+            elif outcome in ("disconnect", "write_timeout"):
+                metrics.disconnect()
+            if outcome == "write_timeout":
+                metrics.error("write_timeout")
+                log.warning("request %s: the client read nothing for %g s: cancelled, connection aborted",
+                            handle.id, limit)
+                abort = self.service.abort_client
+                if abort is not None:
+                    try:
+                        abort(scope.get("client"))
+                    except Exception as exc:  # noqa: BLE001 -- best effort; the graceful timeout bounds it
+                        log.warning("cannot abort the connection of %s: %s", scope.get("client"), exc)
+
+    async def _next(self, items: asyncio.Queue):
+        limit = self.service.limits.request_timeout_s
+        if limit is None:
+            return await items.get()
+        # the engine enforces the deadline; this is a safety net should it not answer at all
+        remaining = self.admitted + limit + 30.0 - time.monotonic()
+        try:
+            return await asyncio.wait_for(items.get(), timeout=max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            self.handle.cancel()
+            return "error", TimeoutError(f"request {self.handle.id}: past its timeout of {limit:g} s")
+
+    async def _send_error(self, send, exc: BaseException) -> None:
+        status, message, kind = self.service.failure(exc, f"request {self.handle.id}")
+        headers = {"x-request-id": self.handle.id, "x-replica-id": self.service.limits.replica_id}
+        response = self.service.error(status, message, kind, headers=headers)
+        await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _respond(self, items: asyncio.Queue, send) -> str:
+        sample_rate = self.service.engine.sample_rate
+        kind, item = await self._next(items)
+        if kind == "disconnect":
+            return "disconnect"
+        if kind == "error":
+            await self._send_error(send, item)
+            return "error"
+        first_audio = time.monotonic() - self.admitted if kind == "chunk" else None
+
+        if not self.stream:
+            parts = []
+            while kind == "chunk":
+                parts.append(item)
+                kind, item = await self._next(items)
+            if kind == "disconnect":
+                return "disconnect"
+            if kind == "error":
+                await self._send_error(send, item)
+                return "error"
+            audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+            body = await run_in_threadpool(formats.encode_whole, audio, self.fmt, sample_rate)
+            extra = {"content-length": str(len(body)), "x-frames": str(len(parts)),
+                     "x-audio-seconds": f"{audio.shape[0] / sample_rate:.4f}"}
+            if first_audio is not None:
+                extra["x-first-audio-seconds"] = f"{first_audio:.4f}"
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers(extra)})
+            await send({"type": "http.response.body", "body": body})
+            if first_audio is not None:
+                self.service.metrics.observe_ttfa(first_audio)
+            return "ok"
+
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers()})
+        opening = formats.stream_start(self.fmt, sample_rate)
+        if kind == "chunk":
+            await send({"type": "http.response.body", "body": opening + formats.pcm16(item), "more_body": True})
+            self.service.metrics.observe_ttfa(first_audio)
+        elif opening:
+            await send({"type": "http.response.body", "body": opening, "more_body": True})
+        while kind == "chunk":
+            kind, item = await self._next(items)
+            if kind == "chunk":
+                await send({"type": "http.response.body", "body": formats.pcm16(item), "more_body": True})
+        if kind == "done":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return "ok"
+        if kind == "disconnect":
+            return "disconnect"
+        # failed after audio was sent: the status is out; end without completing the chunked body, so
+        # the client sees a truncated response rather than a short "complete" one
+        _, message, error_kind = self.service.failure(item, f"request {self.handle.id}")
+        self.service.metrics.error(error_kind)
+        log.warning("request %s failed mid-stream (%s): %s", self.handle.id, error_kind, message)
+        return "error"
+
+
+class _WriteTimeout(Exception):
+    """A write to the client did not complete within `Limits.write_timeout_s` (it stopped reading)."""
