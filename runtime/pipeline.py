@@ -56,7 +56,7 @@ from .manifest import load_manifest
 from .prompt import Prompt, PromptBuilder
 from .scheduler import Scheduler, seeded_noise
 from .script import read_script
-from .vibevoice_steps import VibeVoiceFacts, VibeVoiceJob, VibeVoiceSteps, encode_voice
+from .vibevoice_steps import VibeVoiceFacts, VibeVoiceJob, VibeVoiceSteps, check_prompt_length, encode_voice
 
 
 class RowNoise:
@@ -122,11 +122,7 @@ def prepare_rows(prompts: PromptBuilder, scripts: str | Sequence[str], voices=No
 def check_context(rows: list[PreparedRow], max_positions: int) -> None:
     """Every prompt must leave the model's context room for at least one step."""
     for i, row in enumerate(rows):
-        n = len(row.prompt.input_ids)
-        if n >= max_positions:
-            which = f"script {i}: " if len(rows) > 1 else ""
-            raise RuntimeInputError(f"{which}prompt is {n} tokens, longer than the model's context of "
-                                    f"{max_positions} positions")
+        check_prompt_length(len(row.prompt.input_ids), max_positions, label=f"script {i}: " if len(rows) > 1 else "")
 
 
 class Pipeline:

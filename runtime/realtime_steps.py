@@ -96,7 +96,6 @@ class RealtimeJob(Job):
     """One text of the streaming model: its voice preset and text, then its state (filled by the steps)."""
     preset: VoicePreset
     text: TextFeed = field(default_factory=TextFeed)
-    cfg_scale: float = 1.5
     ignore_eos: bool = False          # run until the step limit (benchmarks: the whole text, forced)
     # --- state ---
     rows: tuple[int, int] = (-1, -1)  # (positive row, negative row) in the TTS LM cache

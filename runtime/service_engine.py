@@ -43,8 +43,11 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, prepare_voice, read_audio, read_audio_bytes, to_mono
 from .errors import BackendFault, RuntimeInputError, one_line
+from .kv_rows import PrefixCache
 from .prompt import Prompt
+from .scheduler import Scheduler
 from .script import SPEAKER_LINE, parse_script
+from .vibevoice_steps import VibeVoiceJob, check_prompt_length
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Pipeline
@@ -105,8 +108,6 @@ class VoiceStore:
         self.lock = threading.RLock()          # serialises graph calls (shared with the engine)
         self._voices: dict[str, Voice] = {}
         self._guard = threading.Lock()         # protects the dict
-        from .kv_rows import PrefixCache
-
         self.prefixes = PrefixCache()          # LM caches of voice prompt prefixes (see vv_runtime.scheduler)
 
     # inputs -> normalised audio
@@ -164,12 +165,10 @@ class VoiceStore:
         prompt, voice section, text header) now, so that such requests prefill only their text."""
         if self.pipeline is None:
             return
-        from .vibevoice_steps import VibeVoiceJob as Job
-
         prompt = self.pipeline.prompts.build([(0, " .")], [voice.frames])
         with self.lock:
             self.pipeline.new_steps(reuse_prefix=True, prefix_cache=self.prefixes).prefix(
-                Job(prompt, voice_audio=[voice.audio], voice_embeds=[voice.embeds], prefix_key=(voice.key,)),
+                VibeVoiceJob(prompt, voice_audio=[voice.audio], voice_embeds=[voice.embeds], prefix_key=(voice.key,)),
                 pin=True)  # a stored voice's prefix is kept for good (never evicted by derived entries)
 
     def known(self, voice: Voice) -> bool:
@@ -406,9 +405,7 @@ class SpeechEngine:
         prompt = pipe.prompts.build(parsed, [v.frames for v in voices])
         voices = voices[: len(prompt.voice_frames)]
         tokens = len(prompt.input_ids)
-        if tokens >= pipe.max_positions:
-            raise RuntimeInputError(f"prompt is {tokens} tokens, longer than the model's context of "
-                                    f"{pipe.max_positions} positions")
+        check_prompt_length(tokens, pipe.max_positions)
         cfg = pipe.default_cfg_scale if request.cfg_scale is None else request.cfg_scale
         try:
             cfg = float(cfg)
@@ -481,20 +478,16 @@ class SpeechEngine:
 
     def _job(self, handle: RequestHandle):
         """The scheduler job of a request (raw voices are encoded here, in the engine thread)."""
-        from .vibevoice_steps import VibeVoiceJob as Job
-
         admitted = handle.prepared
         voices = admitted.voices
         for voice in voices:
             self.voices.encode(voice)
         preset = all(self.voices.known(v) for v in voices)
-        return Job(admitted.prompt, voice_audio=[v.audio for v in voices], voice_embeds=[v.embeds for v in voices],
+        return VibeVoiceJob(admitted.prompt, voice_audio=[v.audio for v in voices], voice_embeds=[v.embeds for v in voices],
                    cfg_scale=admitted.cfg_scale, max_new_frames=admitted.max_new_frames, seed=admitted.seed,
                    prefix_key=tuple(v.key for v in voices) if preset else None, tag=handle)
 
     def _new_scheduler(self):
-        from .scheduler import Scheduler
-
         return Scheduler(self.pipeline, max_batch=self.max_batch, reuse_prefix=self.reuse_prefix,
                          prefix_cache=self.voices.prefixes)
 
@@ -590,9 +583,7 @@ class SpeechEngine:
 
     def _placeholder(self, handle: RequestHandle):
         """A job that is cancelled before it starts (its request was cancelled or timed out in the queue)."""
-        from .vibevoice_steps import VibeVoiceJob as Job
-
-        job = Job(handle.prepared.prompt, tag=handle)
+        job = VibeVoiceJob(handle.prepared.prompt, tag=handle)
         job.cancelled = True
         if handle.cancelled:
             job.error = Cancelled(f"request {handle.id} cancelled")

@@ -68,6 +68,17 @@ class VibeVoiceFacts:
                    semantic_state=state_size(manifest, "semantic_encoder"))
 
 
+def check_prompt_length(tokens: int, max_positions: int, max_new_frames: int | None = None, label: str = "") -> None:
+    """The one context rule of a prompt: it must leave the model's context room for at least one step
+    (RuntimeInputError, one line; `label` prefixes it, e.g. "script 2: ")."""
+    if tokens >= max_positions:
+        raise RuntimeInputError(f"{label}prompt is {tokens} tokens, longer than the model's context of "
+                                f"{max_positions} positions")
+    if job_limit(tokens, max_positions, max_new_frames) < 1:
+        raise RuntimeInputError(f"{label}prompt is {tokens} tokens, it leaves no room in the model's context of "
+                                f"{max_positions} positions")
+
+
 SPEECH_START, SPEECH_END, SPEECH_DIFFUSION, EOS = range(len(CONTROL_TOKENS))  # choice indices
 
 
@@ -136,12 +147,7 @@ class VibeVoiceSteps:
         """RuntimeInputError: the prompt leaves no room in the model's context; CapacityError: only in the
         (shorter) context the loaded engines hold."""
         n = len(job.prompt.input_ids)
-        model = self.max_positions
-        if n >= model:
-            raise RuntimeInputError(f"prompt is {n} tokens, longer than the model's context of {model} positions")
-        if job_limit(n, model, job.max_new_frames) < 1:
-            raise RuntimeInputError(f"prompt is {n} tokens, it leaves no room in the model's context of "
-                                    f"{model} positions")
+        check_prompt_length(n, self.max_positions, job.max_new_frames)
         if n >= capacity or job.limit < 1:
             raise CapacityError(f"prompt is {n} tokens, it leaves no room in the context of {capacity} "
                                 f"positions the loaded engines hold (rebuild them with a larger plan)")
