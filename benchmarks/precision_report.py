@@ -44,7 +44,7 @@ def _run(session, feeds):
 
 
 def _compare(ref, emu, feeds_list, tol):
-    from vv_export.precision import allowed_error, max_error
+    from vv_export.graph_rules import allowed_error, max_error
 
     worst = {}
     for feeds in feeds_list:
@@ -60,7 +60,8 @@ def _compare(ref, emu, feeds_list, tol):
 def graph_errors(engine_dir, plan) -> dict:
     import onnx
 
-    from vv_export.precision import cpu_session, emulate_model
+    from vv_export.graph_rules import cpu_session
+    from vv_export.precision import emulate_model
     from vv_export.validation_data import load_validation_data
 
     out = {}
@@ -135,7 +136,8 @@ def long_lms(work: Path):
 
 
 def lm_positions(models, ctx, gp) -> dict:
-    from vv_export.precision import cpu_session, emulate_model
+    from vv_export.graph_rules import cpu_session
+    from vv_export.precision import emulate_model
 
     keep = (gp.builder["keep_fp32"], gp.builder["keep_fp32_names"])
     out = {}
@@ -166,7 +168,8 @@ def lm_positions(models, ctx, gp) -> dict:
 
 
 def padded_batch(models, ctx, gp) -> dict:
-    from vv_export.precision import cpu_session, emulate_model
+    from vv_export.graph_rules import cpu_session
+    from vv_export.precision import emulate_model
 
     keep = (gp.builder["keep_fp32"], gp.builder["keep_fp32_names"])
     gen = np.random.default_rng(0)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from vv_export import wrappers
+from vv_export.graph_rules import ONNX_TO_TRT_LAYER, allowed_error, cpu_session, max_error
 from vv_export.plans import KEEP_FP32_OPS, resolve_plan
-from vv_export.precision import (ONNX_TO_TRT_LAYER, allowed_error, compare_generations, cpu_session,
-                                 decision_margins, emulate_model, kept_node_names, max_error,
+from vv_export.precision import (compare_generations, decision_margins, emulate_model, kept_node_names,
                                  write_emulated_engine_dir)
 from vv_export.validation_data import load_validation_data
 
@@ -116,7 +116,7 @@ def test_fp16_overflow_gives_inf_like_the_gpu():
 
 
 def test_onnx_op_mapping_agrees_with_the_trt_build():
-    from vv_export.trt_build import FP32_LAYER_MATCH
+    from vv_export.graph_rules import FP32_LAYER_MATCH
 
     for op in KEEP_FP32_OPS:
         assert ONNX_TO_TRT_LAYER[op] == FP32_LAYER_MATCH[op], op
