@@ -27,6 +27,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import REPO, SHARED, provenance, write_result  # noqa: E402
+from generation_compare import compare_generations, decision_margins  # noqa: E402
 
 FIXTURE = SHARED / "fixtures" / "vibevoice-tiny-original"
 RESULT_NAME = "reduced_precision.json"
@@ -207,7 +208,7 @@ def padded_batch(models, ctx, gp) -> dict:
 
 def generations(engine_dir, manifest, label, script, voices, noise, cfg_scale, frames, work: Path) -> dict:
     from vv_export.plans import resolve_plan
-    from vv_export.precision import compare_generations, decision_margins, write_emulated_engine_dir
+    from vv_export.precision import write_emulated_engine_dir
 
     tokens, margins = decision_margins(engine_dir, script, voices, noise, cfg_scale, frames)
     out = {"fp32_tokens": len(tokens),
