@@ -14,8 +14,8 @@ PyTorch; it uses ONNX Runtime's own tooling only:
   large strided Conv / ConvTranspose rewritten as MatMul first (`vv_export.conv_matmul`: exactly the
   same products over whole frames), so that their weights are quantized too. ~87 % of the stacks'
   weights are the blocks' feed-forward MatMuls; most of the rest is in two strided convolutions
-  (2048 x 1024 x 16 each at full size), for which ORT has no fast quantized Conv kernel (a dynamic
-  int8 `ConvInteger` candidate was measured slower than fp32 every time and was dropped). A third
+  (2048 x 1024 x 16 each at full size), for which ORT has no fast quantized Conv kernel (its dynamic
+  int8 `ConvInteger` runs slower than fp32 on these convolutions, so it is not a candidate). A third
   candidate adds dynamic int8 (`DynamicQuantizeMatMul`, int8 GEMM) for their small MatMuls, which run
   over hundreds to thousands of time steps per frame and are compute-bound, not weight-bound.
 
