@@ -45,14 +45,14 @@ def _model():
 def _quantized(model, bits: int):
     import onnx
 
-    from vv_export.quantize import _quiet_logging
+    from vv_export.quantize import quiet_logging
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                   MatMulNBitsQuantizer)
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=bits)
-    with _quiet_logging():
+    with quiet_logging():
         q = MatMulNBitsQuantizer(copy, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
                                  algo_config=config)
         q.process()

@@ -27,6 +27,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import REPO, SHARED, provenance, write_result  # noqa: E402
+from generation_compare import compare_generations, decision_margins  # noqa: E402
 
 FIXTURE = SHARED / "fixtures" / "vibevoice-tiny-original"
 RESULT_NAME = "reduced_precision.json"
@@ -44,7 +45,7 @@ def _run(session, feeds):
 
 
 def _compare(ref, emu, feeds_list, tol):
-    from vv_export.precision import allowed_error, max_error
+    from vv_export.graph_rules import allowed_error, max_error
 
     worst = {}
     for feeds in feeds_list:
@@ -60,7 +61,8 @@ def _compare(ref, emu, feeds_list, tol):
 def graph_errors(engine_dir, plan) -> dict:
     import onnx
 
-    from vv_export.precision import cpu_session, emulate_model
+    from vv_export.graph_rules import cpu_session
+    from vv_export.precision import emulate_model
     from vv_export.validation_data import load_validation_data
 
     out = {}
@@ -135,7 +137,8 @@ def long_lms(work: Path):
 
 
 def lm_positions(models, ctx, gp) -> dict:
-    from vv_export.precision import cpu_session, emulate_model
+    from vv_export.graph_rules import cpu_session
+    from vv_export.precision import emulate_model
 
     keep = (gp.builder["keep_fp32"], gp.builder["keep_fp32_names"])
     out = {}
@@ -166,7 +169,8 @@ def lm_positions(models, ctx, gp) -> dict:
 
 
 def padded_batch(models, ctx, gp) -> dict:
-    from vv_export.precision import cpu_session, emulate_model
+    from vv_export.graph_rules import cpu_session
+    from vv_export.precision import emulate_model
 
     keep = (gp.builder["keep_fp32"], gp.builder["keep_fp32_names"])
     gen = np.random.default_rng(0)
@@ -204,7 +208,7 @@ def padded_batch(models, ctx, gp) -> dict:
 
 def generations(engine_dir, manifest, label, script, voices, noise, cfg_scale, frames, work: Path) -> dict:
     from vv_export.plans import resolve_plan
-    from vv_export.precision import compare_generations, decision_margins, write_emulated_engine_dir
+    from vv_export.precision import write_emulated_engine_dir
 
     tokens, margins = decision_margins(engine_dir, script, voices, noise, cfg_scale, frames)
     out = {"fp32_tokens": len(tokens),

@@ -2,7 +2,8 @@
 outputs), the GPU accuracy check (TensorRT against ONNX Runtime) and the GPU benchmark.
 
 * ``compare_outputs``: two runs through polygraphy's Comparator with the manifest's per-output
-  tolerances (``max|test - ref| <= atol + rtol * max|ref|`` per output and iteration) -> AccuracyReport;
+  tolerances (``max|test - ref| <= atol + rtol * max|ref|`` per output and iteration, the rule of
+  vv_export.graph_rules) -> AccuracyReport;
 * ``run_onnxrt``: one graph of an ENGINE_DIR in ONNX Runtime (OnnxrtRunner + Comparator.run);
 * ``make_backend_runner`` / ``run_backend``: a polygraphy runner over any runtime backend (TrtBackend);
 * ``reference_outputs``: the iterations of saved RunResults (the exporter's PyTorch outputs).
@@ -15,6 +16,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .graph_rules import allowed_error, max_error, peak_of
 
 
 @dataclass
@@ -89,12 +92,10 @@ def compare_outputs(graph: str, test_outputs: list[dict], reference_outputs: lis
         atol, rtol = {}, {}
         peaks = {}
         for name, value in ref.items():
-            arr = np.asarray(value)
-            peak = float(np.max(np.abs(arr))) if arr.size else 0.0
             tol = tolerance.get(name, tolerance.get("")) or {"atol": 0.0, "rtol": 0.0}
-            atol[name] = tol["atol"] + tol["rtol"] * peak
+            atol[name] = allowed_error(tol, value)
             rtol[name] = 0.0
-            peaks[name] = peak
+            peaks[name] = peak_of(value)
         missing = [k for k in ref if k not in got]
         if missing:
             raise ValueError(f"{graph}: {test_name} produced no output {missing[0]!r}")
@@ -106,10 +107,7 @@ def compare_outputs(graph: str, test_outputs: list[dict], reference_outputs: lis
         verdicts = list(accuracy[0].values())[0][0] if len(accuracy) else {}
         for name in ref:
             a, b = np.asarray(got[name]), np.asarray(ref[name])
-            if a.shape != b.shape:
-                err = float("inf")
-            else:
-                err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if b.size else 0.0
+            err = max_error(a, b) if a.shape == b.shape else float("inf")
             ok = bool(verdicts.get(name, False)) and np.isfinite(err)
             passed &= ok
             errors.append(OutputError(name, i, err, atol[name], peaks[name], ok))

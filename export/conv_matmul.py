@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .graph_rules import inferred_value_infos
+
 MIN_WEIGHTS = 1 << 20
 
 
@@ -35,8 +37,6 @@ def _attrs(node) -> dict:
 
 def _static_shapes(model) -> dict:
     """Static shapes (tuples with None for dynamic dims) of every value shape inference can tell."""
-    from .precision import inferred_value_infos
-
     shapes = {}
     for vi in inferred_value_infos(model):
         dims = vi.type.tensor_type.shape.dim

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from .engine_dir import FORMAT, FORMAT_VERSION, ROLES, sha256_file
-from .errors import ExportError, ValidationError
+from .errors import ExportError
+from .graph_rules import EXTERNAL_DATA_BYTES, check_within_tolerance, cpu_session
 from .specs import CONTROL_TOKENS, DIMS, ExportContext, GraphSpec, build_specs, sample_inputs
 from .wrappers import FP32_STORAGE_PREFIXES
 
 OPSET = 17
-EXTERNAL_DATA_BYTES = 1 << 30  # graphs with more weight bytes keep them in a side file (protobuf caps at 2 GB)
 
 PROMPT = {
     "system_prompt": " Transform the text provided by various speakers into speech output, utilizing the "
@@ -153,31 +153,13 @@ def export_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, dtype: st
             "weight_bytes": int(weight_bytes)}
 
 
-def _compare(name: str, output: str, got: np.ndarray, ref: np.ndarray, tol: dict, dims: dict) -> float:
-    if got.shape != ref.shape:
-        raise ValidationError(f"graph {name}: output {output} has shape {got.shape}, PyTorch gives {ref.shape} "
-                              f"(dims {dims})")
-    err = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-    peak = float(np.max(np.abs(ref))) if ref.size else 0.0
-    allowed = tol["atol"] + tol["rtol"] * peak
-    if not np.isfinite(err) or err > allowed:
-        raise ValidationError(
-            f"graph {name}: output {output} differs from PyTorch by {err:.3g} (allowed {allowed:.3g} = atol "
-            f"{tol['atol']:g} + rtol {tol['rtol']:g} x peak {peak:.3g}) at dims {dims}")
-    return err
-
-
 def validate_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, threads: int | None = None) -> dict:
     """Run the graph in ONNX Runtime (CPU) against PyTorch on every validation shape."""
-    import onnxruntime as ort
     import torch
 
     from .validation_data import save_validation_data
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(directory / f"{spec.name}.onnx"), opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(directory / f"{spec.name}.onnx", threads)
     module = spec.build(ctx).eval()
     worst = {o.name: 0.0 for o in spec.outputs}
     feeds_list, outputs_list = [], []
@@ -192,7 +174,8 @@ def validate_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, threads
         for io, g, r in zip(spec.outputs, got, ref):
             r = r.detach().numpy()
             ref_np[io.name] = r
-            worst[io.name] = max(worst[io.name], _compare(spec.name, io.name, g, r, spec.tolerance[io.name], dims))
+            worst[io.name] = max(worst[io.name], check_within_tolerance(spec.name, io.name, g, r,
+                                                                        spec.tolerance[io.name], dims))
         feeds_list.append(np_feeds)
         outputs_list.append(ref_np)
     save_validation_data(directory, spec.name, feeds_list, outputs_list)

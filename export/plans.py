@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ExportError, one_line
-from .qdq import ACTIVATION_PRECISION, QDQ_FORMAT, QDQ_PRECISIONS
+from .graph_rules import ACTIVATION_PRECISION, KEEP_FP32_OPS, QDQ_FORMAT, QDQ_PRECISIONS
 
 # Graph names a plan may have sections for (the exporter's graphs); what is built is the manifest's graphs,
 # in the manifest's order.
@@ -62,10 +62,6 @@ _BUILDER_DEFAULTS = {
     "precision_constraints": "obey",
 }
 _TYPINGS = ("auto", "weak", "strong")
-# ONNX op types a plan may keep in fp32 (vv_export.trt_build maps each to its TensorRT layers)
-KEEP_FP32_OPS = ("Pow", "Div", "Mul", "Add", "Sub", "ReduceMean", "ReduceSum", "Sqrt", "Reciprocal", "Exp", "Log",
-                 "Sin", "Cos", "RMSNormalization", "LayerNormalization", "Softmax", "MatMul", "Gemm", "Conv",
-                 "ConvTranspose")
 _CONSTRAINTS = ("obey", "prefer", "none")
 # Manifest constants usable in plan expressions: name -> manifest["model"] key
 _MODEL_CONSTANTS = {"hop": "hop_length", "sample_rate": "sample_rate", "hidden_size": "hidden_size",

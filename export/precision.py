@@ -11,9 +11,9 @@ case the build plan allows:
 * weights (initializers, Constant nodes and what is folded from them only) are rounded to fp16/bf16
   when a non-kept node reads them; weights read only by kept nodes stay fp32;
 * the nodes the plan keeps in fp32 (`[builder] keep_fp32` op types and `keep_fp32_names` globs, matched
-  exactly as `vv_export.trt_build._mark_fp32_layers` matches TensorRT layers: an ONNX node stands for
-  the TensorRT layer the ONNX parser makes of it) read their inputs as they come (rounded if their
-  producer is not kept) and produce fp32;
+  by `vv_export.graph_rules.node_is_kept`, the rule `vv_export.trt_build._mark_fp32_layers` applies to
+  TensorRT layers: an ONNX node stands for the TensorRT layer the ONNX parser makes of it) read their
+  inputs as they come (rounded if their producer is not kept) and produce fp32;
 * graph inputs and outputs stay fp32, like the engine's I/O bindings (an output produced by a non-kept
   node carries its rounded value).
 
@@ -31,8 +31,8 @@ implementations (exp, sin, erf on the GPU differ from ONNX Runtime's in the last
 Explicitly quantized engines (fp8, int8wo; `emulate_quantized_model`): the graph's Q/DQ copy
 (vv_export.qdq: the very INT8 / FP8 weights and the calibrated FP8 activation rounding the engine
 uses) composed with the rounding above at the engine's activation precision (bf16 for both,
-`vv_export.qdq.ACTIVATION_PRECISION`). The two compose cleanly: Cast pairs only ever touch float tensors, so the INT8/FP8 tensors
-between QuantizeLinear and DequantizeLinear pass untouched; QuantizeLinear/DequantizeLinear count as
+`vv_export.graph_rules.ACTIVATION_PRECISION`). The two compose cleanly: Cast pairs only ever touch float
+tensors, so the INT8/FP8 tensors between QuantizeLinear and DequantizeLinear pass untouched; QuantizeLinear/DequantizeLinear count as
 kept in fp32 (TensorRT applies their scales in fp32: the scales are not rounded, a Q reads its input as
 its producer left it); a dequantized weight is rounded to fp16/bf16 where a reduced-precision MatMul
 reads it, like any weight, and a MatMul's output is rounded. The FP8 GEMM itself (exact products of
@@ -43,7 +43,6 @@ dequantized operands, up to that rounding.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -52,74 +51,12 @@ import numpy as np
 
 from .engine_dir import sha256_file
 from .errors import ExportError
+from .graph_rules import (ACTIVATION_PRECISION, FP32_LAYER_MATCH, QDQ_PRECISIONS, inferred_value_infos, node_is_kept,
+                          save_graph)
+from .qdq import load_calibration, qdq_model
 
 LOW_PRECISIONS = ("fp16", "bf16")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")  # computed in fp32 (their scales) by the emulation
-
-# ONNX op type -> (TensorRT layer type, operation) that TensorRT's ONNX parser builds for it; ops not
-# listed become data movement / shape / selection layers (SHUFFLE, CONCATENATION, GATHER, SLICE, CAST,
-# SELECT, CONSTANT, ...), which `keep_fp32_names` never pins (see trt_build._COMPUTE_LAYERS).
-ONNX_TO_TRT_LAYER = {
-    "Add": ("ELEMENTWISE", "SUM"), "Sub": ("ELEMENTWISE", "SUB"), "Mul": ("ELEMENTWISE", "PROD"),
-    "Div": ("ELEMENTWISE", "DIV"), "Pow": ("ELEMENTWISE", "POW"), "Max": ("ELEMENTWISE", "MAX"),
-    "Min": ("ELEMENTWISE", "MIN"),
-    "Sqrt": ("UNARY", "SQRT"), "Reciprocal": ("UNARY", "RECIP"), "Exp": ("UNARY", "EXP"), "Log": ("UNARY", "LOG"),
-    "Sin": ("UNARY", "SIN"), "Cos": ("UNARY", "COS"), "Neg": ("UNARY", "NEG"), "Abs": ("UNARY", "ABS"),
-    "Erf": ("UNARY", "ERF"), "Floor": ("UNARY", "FLOOR"), "Ceil": ("UNARY", "CEIL"), "Round": ("UNARY", "ROUND"),
-    "Tanh": ("ACTIVATION", None), "Sigmoid": ("ACTIVATION", None), "Relu": ("ACTIVATION", None),
-    "Elu": ("ACTIVATION", None), "LeakyRelu": ("ACTIVATION", None), "Softplus": ("ACTIVATION", None),
-    "ReduceMean": ("REDUCE", None), "ReduceSum": ("REDUCE", None), "ReduceMax": ("REDUCE", None),
-    "ReduceMin": ("REDUCE", None), "ReduceProd": ("REDUCE", None), "ReduceL2": ("REDUCE", None),
-    "ReduceSumSquare": ("REDUCE", None),
-    "MatMul": ("MATRIX_MULTIPLY", None), "Gemm": ("MATRIX_MULTIPLY", None),
-    "Conv": ("CONVOLUTION", None), "ConvTranspose": ("DECONVOLUTION", None),
-    "Softmax": ("SOFTMAX", None), "LogSoftmax": ("SOFTMAX", None),
-    "LayerNormalization": ("NORMALIZATION", None), "RMSNormalization": ("NORMALIZATION", None),
-    "GroupNormalization": ("NORMALIZATION", None), "InstanceNormalization": ("NORMALIZATION", None),
-}
-
-
-def _trt_rules():
-    from .trt_build import _COMPUTE_LAYERS, FP32_LAYER_MATCH
-
-    return FP32_LAYER_MATCH, _COMPUTE_LAYERS
-
-
-def node_is_kept(node, keep_ops, keep_names, float_inputs: bool = True) -> bool:
-    """Whether the TensorRT build pins the layer of this ONNX node to fp32 (same rule as trt_build)."""
-    match, compute = _trt_rules()
-    if not float_inputs:
-        return False  # integer shape arithmetic: trt_build skips it
-    layer_type, operation = ONNX_TO_TRT_LAYER.get(node.op_type, ("OTHER", None))
-    if layer_type in compute and any(fnmatch.fnmatchcase(node.name, pat) for pat in keep_names):
-        return True
-    for op in keep_ops:
-        want_type, want_op = match[op]
-        if want_type == layer_type and (want_op is None or want_op == operation):
-            return True
-    return False
-
-
-def inferred_value_infos(model) -> list:
-    """ONNX shape inference over a weightless copy of `model`: the value infos of its inputs, inferred
-    intermediate values and outputs (types and shapes), without copying the weights' bytes."""
-    import onnx
-
-    structure = onnx.ModelProto()
-    structure.CopyFrom(model)
-    for init in structure.graph.initializer:  # shape inference needs only the declared types and shapes ...
-        if init.data_type == onnx.TensorProto.INT64 and len(init.dims) <= 1 and init.data_location == 0 \
-                and (not init.dims or init.dims[0] <= 16):
-            continue  # ... and the values of small integer inputs (the `axes` of opset-18 Reduce* ops)
-        init.ClearField("raw_data")
-        init.ClearField("float_data")
-        init.ClearField("int64_data")
-        init.ClearField("int32_data")
-        init.ClearField("double_data")
-        del init.external_data[:]
-        init.data_location = onnx.TensorProto.DEFAULT
-    inferred = onnx.shape_inference.infer_shapes(structure)
-    return list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
 
 
 def _value_types(model) -> dict:
@@ -155,9 +92,8 @@ def emulate_model(model, precision: str, keep_ops=(), keep_names=()):
         raise ExportError(f"precision {precision!r}: expected fp32, fp16 or bf16")
     low = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.BFLOAT16
     keep_ops, keep_names = list(keep_ops), list(keep_names)
-    match, _ = _trt_rules()
     for op in keep_ops:
-        if op not in match:
+        if op not in FP32_LAYER_MATCH:
             raise ExportError(f"keep_fp32: unknown op type {op!r}")
     out = copy.deepcopy(model)
     graph = out.graph
@@ -255,8 +191,6 @@ def kept_node_names(model, keep_ops=(), keep_names=()) -> set:
 def emulate_quantized_model(model, precision: str, keep_ops=(), keep_names=(), calibration=None, name=None):
     """A copy of the fp32 `model` that computes like an fp8 / int8wo engine: its Q/DQ copy (vv_export.qdq)
     rounded like the engine's activation precision (`ACTIVATION_PRECISION`: bf16). `calibration`: fp8's (see qdq_model)."""
-    from .qdq import ACTIVATION_PRECISION, qdq_model
-
     quantized = qdq_model(model, precision, calibration, keep_ops=keep_ops, keep_names=keep_names, name=name)
     return emulate_model(quantized, ACTIVATION_PRECISION[precision], keep_ops, keep_names)
 
@@ -267,8 +201,6 @@ def emulate_graph_file(onnx_path, precision: str, builder: dict, out_path=None, 
     fp8 needs `calibration` (the graph's validation inputs, vv_export.qdq.load_calibration)."""
     import onnx
 
-    from .qdq import QDQ_PRECISIONS
-
     model = onnx.load(str(onnx_path), load_external_data=True)
     keep = (builder.get("keep_fp32", ()), builder.get("keep_fp32_names", ()))
     if precision in QDQ_PRECISIONS:
@@ -276,12 +208,7 @@ def emulate_graph_file(onnx_path, precision: str, builder: dict, out_path=None, 
     else:
         emulated = emulate_model(model, precision, *keep)
     if out_path is not None:
-        out_path = Path(out_path)
-        if emulated.ByteSize() > (1 << 30):
-            onnx.save_model(emulated, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=out_path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(emulated, str(out_path))
+        save_graph(emulated, out_path)
     return emulated
 
 
@@ -294,8 +221,6 @@ def write_emulated_engine_dir(engine_dir, out_dir, plan, precisions: dict | None
     validation inputs, like the engine. manifest.json records `emulated_precision` per graph and the new
     files' sha256.
     """
-    from .qdq import load_calibration
-
     engine_dir, out_dir = Path(engine_dir), Path(out_dir)
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     if out_dir.exists():
@@ -325,120 +250,3 @@ def write_emulated_engine_dir(engine_dir, out_dir, plan, precisions: dict | None
     manifest.pop("trt", None)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
-
-
-def cpu_session(model_or_path, threads: int = 1):
-    """An ONNX Runtime CPU session for an (emulated) graph."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
-    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def max_error(got: np.ndarray, ref: np.ndarray) -> float:
-    """max |got - ref| (inf when `got` has a non-finite value where `ref` is finite)."""
-    if ref.size == 0:
-        return 0.0
-    got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
-    if not np.all(np.isfinite(got64[np.isfinite(ref64)])):
-        return float("inf")
-    return float(np.max(np.abs(got64 - ref64)))
-
-
-def allowed_error(tol: dict, ref: np.ndarray) -> float:
-    """atol + rtol * max |ref|: the plan's tolerance rule (docs/PRECISION.md)."""
-    peak = float(np.max(np.abs(ref))) if ref.size else 0.0
-    return float(tol["atol"]) + float(tol["rtol"]) * peak
-
-
-# --- whole generations ----------------------------------------------------------------------------
-
-def token_agreement(tokens: list, reference: list) -> float:
-    """Fraction of reference positions where the tokens agree (a length difference counts as disagreement)."""
-    n = max(len(tokens), len(reference))
-    if n == 0:
-        return 1.0
-    return sum(1 for a, b in zip(tokens, reference) if a == b) / n
-
-
-def audio_snr_db(audio: np.ndarray, reference: np.ndarray) -> float:
-    """10 log10(|ref|^2 / |audio - ref|^2) over the common length (inf when equal)."""
-    n = min(len(audio), len(reference))
-    ref = reference[:n].astype(np.float64)
-    err = float(np.sum((audio[:n].astype(np.float64) - ref) ** 2))
-    sig = float(np.sum(ref ** 2))
-    if err == 0.0:
-        return float("inf")
-    return 10.0 * float(np.log10(sig / err)) if sig > 0 else float("-inf")
-
-
-def compare_generations(reference_dir, emulated_dir, script, voices, noise, cfg_scale=None, max_new_frames=None) -> dict:
-    """Generate one script on both ENGINE_DIRs (ONNX Runtime, same noise): token agreement and audio error."""
-    from vv_runtime.pipeline import Pipeline
-
-    results = []
-    for directory in (reference_dir, emulated_dir):
-        pipe = Pipeline.from_engine_dir(directory, backend="ort")
-        try:
-            results.append(pipe.generate(script, voices, cfg_scale=cfg_scale, max_new_frames=max_new_frames,
-                                         noise=noise))
-        finally:
-            pipe.close()
-    ref, got = results
-    ref_tokens, got_tokens = list(ref.tokens[0]), list(got.tokens[0])
-    ref_audio, got_audio = ref.audio[0], got.audio[0]
-    first_diff = next((i for i, (a, b) in enumerate(zip(got_tokens, ref_tokens)) if a != b),
-                      None if len(got_tokens) == len(ref_tokens) else min(len(got_tokens), len(ref_tokens)))
-    n = min(len(ref_audio), len(got_audio))
-    peak = float(np.max(np.abs(ref_audio))) if len(ref_audio) else 0.0
-    return {
-        "tokens": len(ref_tokens), "tokens_emulated": len(got_tokens),
-        "token_agreement": token_agreement(got_tokens, ref_tokens), "first_token_difference": first_diff,
-        "frames": int(ref.frames[0]), "frames_emulated": int(got.frames[0]),
-        "audio_max_abs_error": float(np.max(np.abs(got_audio[:n] - ref_audio[:n]))) if n else 0.0,
-        "audio_peak": peak, "audio_snr_db": audio_snr_db(got_audio, ref_audio),
-        "audio_finite": bool(np.all(np.isfinite(got_audio))),
-    }
-
-
-class _DecisionRecorder:
-    """A real backend that also keeps the positive row's control logits of every token decision (batch 1)."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.logits = []
-        self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-    def run(self, graph, feeds):
-        out = self.backend.run(graph, feeds)
-        if graph == "lm":
-            self.calls += 1
-            # the second lm call of a generation is the negative rows' prefill ([speech_start], no past)
-            if not (self.calls > 1 and feeds["past_kv"].shape[4] == 0):
-                self.logits.append(np.array(out["control_logits"][0]))
-        return out
-
-
-def decision_margins(engine_dir, script, voices, noise, cfg_scale=None, max_new_frames=None):
-    """(tokens, top-2 control-logit margin of each token decision) of one fp32 generation (batch 1)."""
-    from vv_runtime.backend import OrtBackend
-    from vv_runtime.manifest import load_manifest
-    from vv_runtime.pipeline import Pipeline
-
-    manifest = load_manifest(engine_dir)
-    recorder = _DecisionRecorder(OrtBackend(engine_dir, manifest))
-    pipe = Pipeline(engine_dir, manifest, recorder)
-    try:
-        result = pipe.generate(script, voices, cfg_scale=cfg_scale, max_new_frames=max_new_frames, noise=noise)
-    finally:
-        pipe.close()
-    tokens = list(result.tokens[0])
-    margins = [float(np.sort(lg)[-1] - np.sort(lg)[-2]) for lg in recorder.logits]
-    return tokens, margins[:len(tokens)]

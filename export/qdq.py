@@ -21,7 +21,7 @@ network from, and that ONNX Runtime (CPU) runs, so the quantized arithmetic can 
   those tensors added as outputs. Values beyond the calibrated absmax saturate to +-448 x scale at run
   time, as in the engine.
 * Shared weights stay shared: the diffusion sampler's unrolled steps read each head weight through
-  `Identity` nodes of one initializer; they are bypassed first (vv_export.quantize) and every reader
+  `Identity` nodes of one initializer; they are bypassed first (vv_export.graph_rules) and every reader
   gets its own DequantizeLinear node (the pattern TensorRT fuses) of the ONE quantized initializer.
 * The copy's default-domain opset is raised to 19 (FP8 QuantizeLinear/DequantizeLinear need it; the
   exporter writes 17): the one change on the way that existing nodes need, the Reduce* ops' `axes`
@@ -36,28 +36,19 @@ engine holds. Nothing here imports torch: `vv-export trt` uses it.
 from __future__ import annotations
 
 import copy
-import tempfile
 from pathlib import Path
 
 from .errors import ExportError
+from .graph_rules import (EXTERNAL_DATA_BYTES, QDQ_PRECISIONS, bypass_weight_identities, cpu_session, node_is_kept,
+                          save_graph, weight_bytes)
+from .validation_data import load_validation_data, validation_paths
 
-QDQ_PRECISIONS = ("fp8", "int8wo")
-# What the engine computes the tensors outside the Q/DQ pairs in (the builder's float flag):
-# bf16 for both (fp32 range): Qwen2's residual stream exceeds fp16 at full size (why the default lm is
-# bf16), and next to FP8's 3 mantissa bits bf16's 8 cost little; TensorRT's FP8 GEMMs take bf16 outputs.
-ACTIVATION_PRECISION = {"fp8": "bf16", "int8wo": "bf16"}
-# Oldest GPU (compute capability) each precision runs on: FP8 tensor cores from Ada (8.9) and Hopper;
-# bf16 (int8wo's activations) from Ampere (8.0).
-MIN_COMPUTE_CAPABILITY = {"fp8": (8, 9), "int8wo": (8, 0), "bf16": (8, 0)}
 QDQ_OPSET = 19
-# Bumped when the Q/DQ rewrite changes what an engine computes (part of the plan hash of these engines).
-QDQ_FORMAT = 2  # 2: fp8 engines bf16 (not fp16) outside their FP8 GEMMs
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 # ONNX ops whose `axes` moved from an attribute to an input in opset 18 (ReduceSum already in 13)
 _AXES_TO_INPUT_18 = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
                      "ReduceLogSumExp", "ReduceSumSquare")
-_LARGE_MODEL_BYTES = 1 << 30  # models with more initializer bytes go through files (protobuf caps at 2 GB)
 
 
 def check_precision(precision: str) -> None:
@@ -86,11 +77,8 @@ def weight_matmuls(graph, keep_ops=(), keep_names=()) -> list:
         init = inits.get(node.input[1])
         if init is None or init.data_type != TensorProto.FLOAT or len(init.dims) != 2:
             continue
-        if keep_ops or keep_names:
-            from .precision import node_is_kept
-
-            if node_is_kept(node, keep_ops, keep_names):
-                continue
+        if (keep_ops or keep_names) and node_is_kept(node, keep_ops, keep_names):
+            continue
         # output channels: N of a [K, N] MatMul weight; a Gemm's B is [N, K] when transB
         axis = 0 if node.op_type == "Gemm" and _attrs(node).get("transB", 0) else 1
         out.append((node, node.input[1], axis))
@@ -140,27 +128,6 @@ def quantize_fp8(w):
 
 # --- calibration ----------------------------------------------------------------------------------
 
-def _initializer_bytes(model) -> int:
-    return sum(len(i.raw_data) for i in model.graph.initializer)
-
-
-def _ort_session(model):
-    """An ONNX Runtime CPU session for an in-memory model (through a file when it is too large for bytes)."""
-    import onnx
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.inter_op_num_threads = 1
-    if _initializer_bytes(model) <= _LARGE_MODEL_BYTES:
-        return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(prefix="vv-calibrate-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def calibrate(model, feeds_list: list, names: list[str]) -> dict:
     """name -> max |value| of each tensor `names` over the runs of the fp32 `model` on `feeds_list`."""
     import numpy as np
@@ -173,7 +140,7 @@ def calibrate(model, feeds_list: list, names: list[str]) -> dict:
     for name in names:
         if name not in present:
             probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = _ort_session(probe)
+    session = cpu_session(probe, threads=None)
     absmax = {name: 0.0 for name in names}
     for feeds in feeds_list:
         values = session.run(names, {k: np.asarray(v) for k, v in feeds.items()})
@@ -188,8 +155,6 @@ def calibrate(model, feeds_list: list, names: list[str]) -> dict:
 
 def load_calibration(engine_dir, graph: str) -> list:
     """The graph's saved validation inputs (the fp8 calibration set), or a one-line ExportError."""
-    from .validation_data import load_validation_data, validation_paths
-
     inputs_path, _ = validation_paths(engine_dir, graph)
     if not inputs_path.is_file():
         raise ExportError(f"graph {graph}: fp8 needs calibration inputs and {inputs_path} is missing; re-export the "
@@ -261,13 +226,11 @@ def qdq_model(model, precision: str, calibration=None, *, keep_ops=(), keep_name
     import onnx
     from onnx import helper, numpy_helper
 
-    from .quantize import _bypass_weight_identities
-
     check_precision(precision)
     graph_name = name or model.graph.name or "graph"
     out = copy.deepcopy(model)
     graph = out.graph
-    _bypass_weight_identities(graph)
+    bypass_weight_identities(graph)
     targets = weight_matmuls(graph, keep_ops, keep_names)
     if not targets:
         raise ExportError(f"graph {graph_name}: no MatMul/Gemm with a constant 2-D weight, so {precision} would change "
@@ -357,7 +320,7 @@ def qdq_model(model, precision: str, calibration=None, *, keep_ops=(), keep_name
     graph.ClearField("initializer")
     graph.initializer.extend(keep)
     upgrade_opset(out, QDQ_OPSET)
-    if check and _initializer_bytes(out) <= _LARGE_MODEL_BYTES:
+    if check and weight_bytes(out) <= EXTERNAL_DATA_BYTES:
         onnx.checker.check_model(out, full_check=True)
     return out
 
@@ -385,19 +348,6 @@ def quantized_weight_bytes(model) -> dict:
 
 # --- files ----------------------------------------------------------------------------------------
 
-def save_model(model, path) -> None:
-    """Save a (Q/DQ) graph like the exporter: weights in a side file past 1 GiB; checked with onnx.checker."""
-    import onnx
-
-    path = Path(path)
-    if _initializer_bytes(model) > _LARGE_MODEL_BYTES:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    onnx.checker.check_model(str(path))
-
-
 def qdq_graph_file(engine_dir, graph: str, precision: str, builder: dict | None = None, out_path=None,
                    onnx_path=None):
     """The Q/DQ copy of ENGINE_DIR's `graph` under a plan's builder options (keep rules); saved to `out_path`.
@@ -420,5 +370,5 @@ def qdq_graph_file(engine_dir, graph: str, precision: str, builder: dict | None 
                     keep_names=builder.get("keep_fp32_names", ()), name=graph)
     del model
     if out_path is not None:
-        save_model(out, out_path)
+        save_graph(out, out_path)
     return out

@@ -14,8 +14,8 @@ PyTorch; it uses ONNX Runtime's own tooling only:
   large strided Conv / ConvTranspose rewritten as MatMul first (`vv_export.conv_matmul`: exactly the
   same products over whole frames), so that their weights are quantized too. ~87 % of the stacks'
   weights are the blocks' feed-forward MatMuls; most of the rest is in two strided convolutions
-  (2048 x 1024 x 16 each at full size), for which ORT has no fast quantized Conv kernel (a dynamic
-  int8 `ConvInteger` candidate was measured slower than fp32 every time and was dropped). A third
+  (2048 x 1024 x 16 each at full size), for which ORT has no fast quantized Conv kernel (its dynamic
+  int8 `ConvInteger` runs slower than fp32 on these convolutions, so it is not a candidate). A third
   candidate adds dynamic int8 (`DynamicQuantizeMatMul`, int8 GEMM) for their small MatMuls, which run
   over hundreds to thousands of time steps per frame and are compute-bound, not weight-bound.
 
@@ -59,7 +59,11 @@ from pathlib import Path
 import numpy as np
 
 from .conv_matmul import convs_to_matmul
-from .errors import ExportError, one_line
+from .engine_dir import sha256_file
+from .errors import ExportError, ValidationError, one_line
+from .graph_rules import (bypass_weight_identities, check_within_tolerance, cpu_session, max_error, save_graph,
+                          weight_bytes)
+from .validation_data import REFERENCE_RUNNER, load_validation_data
 
 MODES = {"int8": 8, "int4": 4}
 # weights per block along K. 128-weight int8 blocks (1.03 instead of 1.125 bytes per weight, ~9 % faster
@@ -134,40 +138,6 @@ def tolerance_for(graph: str, bits: int, outputs: list[str]) -> dict:
 
 # --- graph rewrites --------------------------------------------------------------------------------
 
-def _initializer_bytes(init) -> int:
-    from onnx import numpy_helper
-
-    if init.raw_data:
-        return len(init.raw_data)
-    return int(numpy_helper.to_array(init).nbytes)
-
-
-def weight_bytes(model) -> int:
-    return sum(_initializer_bytes(i) for i in model.graph.initializer)
-
-
-def _bypass_weight_identities(graph) -> int:
-    """Consumers of `Identity(initializer)` read the initializer itself (shared weights stay shared)."""
-    inits = {i.name for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    alias = {}
-    keep = []
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
-            alias[node.output[0]] = node.input[0]
-        else:
-            keep.append(node)
-    if not alias:
-        return 0
-    for node in keep:
-        for i, name in enumerate(node.input):
-            if name in alias:
-                node.input[i] = alias[name]
-    graph.ClearField("node")
-    graph.node.extend(keep)
-    return len(alias)
-
-
 def _gemm_to_matmul(graph) -> int:
     """Gemm(A, W, C) with a constant W (alpha 1, A not transposed) -> MatMul(A, W as [K, N]) (+ Add(beta*C))."""
     from onnx import helper, numpy_helper
@@ -225,7 +195,7 @@ def _drop_unused_and_duplicate_initializers(graph) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_logging():
+def quiet_logging():
     """ORT's quantization tools log every tensor at INFO (some through the root logger) and advise
     pre-processing at WARNING."""
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
@@ -244,11 +214,11 @@ def quantize_matmuls(model, bits: int):
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                   MatMulNBitsQuantizer)
 
-    _bypass_weight_identities(model.graph)
+    bypass_weight_identities(model.graph)
     _gemm_to_matmul(model.graph)
     block = BLOCK_SIZES[bits]
     config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits)
-    with _quiet_logging():
+    with quiet_logging():
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
                                          accuracy_level=ACCURACY_LEVEL, algo_config=config)
         quantizer.process()
@@ -278,7 +248,7 @@ def quantize_small_matmuls_dynamic(model, work: Path):
     onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=src.name + ".data", size_threshold=1024)
     del model
-    with _quiet_logging():
+    with quiet_logging():
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=small,
                          per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
     out = onnx.load(str(dst), load_external_data=True)
@@ -290,33 +260,10 @@ def quantize_small_matmuls_dynamic(model, work: Path):
 
 # --- saving, validating, timing --------------------------------------------------------------------
 
-def save_graph(model, path: Path) -> list[str]:
-    """Save like the exporter: weights in a side file past EXTERNAL_DATA_BYTES; returns the file names."""
-    import onnx
-
-    from .onnx_export import EXTERNAL_DATA_BYTES
-
-    if weight_bytes(model) > EXTERNAL_DATA_BYTES:
-        data_name = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        files = [path.name, data_name]
-    else:
-        onnx.save_model(model, str(path))
-        files = [path.name]
-    onnx.checker.check_model(str(path))
-    return files
-
-
 def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """A CPU session for timing and validation: `threads` intra-op threads (None: one per core), idle
+    workers not spinning (the sessions of a comparison run interleaved)."""
+    return cpu_session(path, int(threads or os.cpu_count() or 1), spinning=False)
 
 
 def validate_quantized(name: str, path: Path, directory: Path, tolerance: dict, threads: int | None):
@@ -324,10 +271,6 @@ def validate_quantized(name: str, path: Path, directory: Path, tolerance: dict, 
 
     Returns (errors, first failure message or None).
     """
-    from .onnx_export import _compare
-    from .errors import ValidationError
-    from .validation_data import REFERENCE_RUNNER, load_validation_data
-
     feeds_list, results = load_validation_data(directory, name)
     refs = dict(results)[REFERENCE_RUNNER]
     session = _session(path, threads)
@@ -338,13 +281,12 @@ def validate_quantized(name: str, path: Path, directory: Path, tolerance: dict, 
         got = session.run(outputs, feeds)
         for out_name, value in zip(outputs, got):
             reference = np.asarray(ref[out_name])
-            diff = np.abs(value.astype(np.float64) - reference.astype(np.float64))
-            err = float(diff.max()) if diff.size else 0.0
+            err = max_error(value, reference)
             worst[out_name] = max(worst[out_name], err) if np.isfinite(err) else float("inf")
             if failure is None:
                 try:
-                    _compare(name, out_name, value, reference, tolerance[out_name],
-                             {k: list(v.shape) for k, v in feeds.items()})
+                    check_within_tolerance(name, out_name, value, reference, tolerance[out_name],
+                                           {k: list(v.shape) for k, v in feeds.items()})
                 except ValidationError as exc:
                     failure = str(exc)
     return worst, failure
@@ -395,8 +337,6 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
     describes the graph as it is now on disk. `record` is the manifest's `quantization` object.
     """
     import onnx
-
-    from .engine_dir import sha256_file
 
     bits = MODES[mode]
     name = spec.name

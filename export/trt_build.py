@@ -49,39 +49,12 @@ from typing import Callable
 
 from .engine_dir import ENGINE_FORMAT, TRT_DIR, atomic_write, file_lock, read_manifest, sha256_file, update_manifest
 from .errors import ExportError, TrtUnavailable, one_line
-from .plans import KEEP_FP32_OPS, PRECISIONS, GraphPlan, Plan, resolve_plan
-from .qdq import ACTIVATION_PRECISION, MIN_COMPUTE_CAPABILITY, QDQ_PRECISIONS
+from .graph_rules import ACTIVATION_PRECISION, COMPUTE_LAYERS, FP32_LAYER_MATCH, MIN_COMPUTE_CAPABILITY, QDQ_PRECISIONS
+from .plans import PRECISIONS, GraphPlan, Plan, resolve_plan
+from .qdq import qdq_graph_file
 
 TIMING_CACHE = "timing.cache"
 MIN_TRT_MAJOR = 10
-
-# keep_fp32 ONNX op types -> the TensorRT layers they become (layer type, operation or None)
-FP32_LAYER_MATCH = {
-    "Pow": ("ELEMENTWISE", "POW"),
-    "Div": ("ELEMENTWISE", "DIV"),
-    "Mul": ("ELEMENTWISE", "PROD"),
-    "Add": ("ELEMENTWISE", "SUM"),
-    "Sub": ("ELEMENTWISE", "SUB"),
-    "ReduceMean": ("REDUCE", None),
-    "ReduceSum": ("REDUCE", None),
-    "Sqrt": ("UNARY", "SQRT"),
-    "Reciprocal": ("UNARY", "RECIP"),
-    "Exp": ("UNARY", "EXP"),
-    "Log": ("UNARY", "LOG"),
-    "Sin": ("UNARY", "SIN"),
-    "Cos": ("UNARY", "COS"),
-    "RMSNormalization": ("NORMALIZATION", None),
-    "LayerNormalization": ("NORMALIZATION", None),
-    "Softmax": ("SOFTMAX", None),
-    "MatMul": ("MATRIX_MULTIPLY", None),
-    "Gemm": ("MATRIX_MULTIPLY", None),
-    "Conv": ("CONVOLUTION", None),
-    "ConvTranspose": ("DECONVOLUTION", None),
-}
-assert set(FP32_LAYER_MATCH) == set(KEEP_FP32_OPS)
-# Layers a name pattern (keep_fp32_names) may pin to fp32: arithmetic, not data movement or shape logic.
-_COMPUTE_LAYERS = {"ELEMENTWISE", "UNARY", "REDUCE", "NORMALIZATION", "SOFTMAX", "MATRIX_MULTIPLY", "CONVOLUTION",
-                   "DECONVOLUTION", "ACTIVATION", "SCALE"}
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -354,7 +327,7 @@ def _mark_fp32_layers(trt, network, keep_ops: list[str], keep_names: list[str]) 
     for index in range(network.num_layers):
         layer = network.get_layer(index)
         type_name = getattr(layer.type, "name", str(layer.type))
-        hit = type_name in _COMPUTE_LAYERS and any(fnmatch.fnmatchcase(layer.name, pat) for pat in keep_names)
+        hit = type_name in COMPUTE_LAYERS and any(fnmatch.fnmatchcase(layer.name, pat) for pat in keep_names)
         if not hit and type_name in wanted:
             ops = wanted[type_name]
             if None in ops:
@@ -423,8 +396,6 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
     typing = _typing(env, gp)
     path = onnx_path
     if gp.precision in QDQ_PRECISIONS:
-        from .qdq import qdq_graph_file
-
         path = work / f"{gp.graph}.{gp.precision}.onnx"
         try:
             qdq_graph_file(onnx_path.parent, gp.graph, gp.precision, gp.builder, out_path=path, onnx_path=onnx_path)

@@ -33,11 +33,9 @@ from vv_export import trt_build
 from vv_export.accuracy import reference_outputs
 from vv_export.errors import ExportError
 from vv_export.plans import PlanError, load_plan_data, memory_estimate, resolve_plan
-from vv_export.precision import (allowed_error, cpu_session, emulate_model, emulate_quantized_model, max_error,
-                                 write_emulated_engine_dir)
-from vv_export.qdq import (ACTIVATION_PRECISION, QDQ_OPSET, load_calibration, qdq_graph_file, qdq_model,
-                           quantized_weight_bytes, weight_matmuls)
-from vv_export.quantize import _bypass_weight_identities
+from vv_export.graph_rules import ACTIVATION_PRECISION, allowed_error, bypass_weight_identities, cpu_session, max_error
+from vv_export.precision import emulate_model, emulate_quantized_model, write_emulated_engine_dir
+from vv_export.qdq import QDQ_OPSET, load_calibration, qdq_graph_file, qdq_model, quantized_weight_bytes, weight_matmuls
 from vv_export.trt_build import build_engines, check_precision_supported
 from vv_export.validation_data import load_validation_data
 
@@ -125,7 +123,7 @@ def test_qdq_copy_is_valid_and_holds_quantized_weights(graphs, qdq, graph, preci
     # every weight MatMul reads its weight through a DequantizeLinear of 1-byte codes; none reads fp32 weights
     assert not [n.name for n in matmuls if n.input[1] in inits]
     original = copy.deepcopy(graphs[graph].graph)
-    _bypass_weight_identities(original)
+    bypass_weight_identities(original)
     targets = weight_matmuls(original)
     assert len(quantized) == len(targets) > 0
     for node in quantized:

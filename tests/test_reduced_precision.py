@@ -20,12 +20,15 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import load_benchmark
 from vv_export import wrappers
+from vv_export.graph_rules import ONNX_TO_TRT_LAYER, allowed_error, cpu_session, max_error
 from vv_export.plans import KEEP_FP32_OPS, resolve_plan
-from vv_export.precision import (ONNX_TO_TRT_LAYER, allowed_error, compare_generations, cpu_session,
-                                 decision_margins, emulate_model, kept_node_names, max_error,
-                                 write_emulated_engine_dir)
+from vv_export.precision import emulate_model, kept_node_names, write_emulated_engine_dir
 from vv_export.validation_data import load_validation_data
+
+_generation_compare = load_benchmark("generation_compare")  # benchmarks/generation_compare.py
+compare_generations, decision_margins = _generation_compare.compare_generations, _generation_compare.decision_margins
 
 PRECISIONS = ("fp16", "bf16")
 GRAPHS = ("lm", "acoustic_encoder", "acoustic_decoder", "semantic_encoder", "acoustic_connector",
@@ -116,7 +119,7 @@ def test_fp16_overflow_gives_inf_like_the_gpu():
 
 
 def test_onnx_op_mapping_agrees_with_the_trt_build():
-    from vv_export.trt_build import FP32_LAYER_MATCH
+    from vv_export.graph_rules import FP32_LAYER_MATCH
 
     for op in KEEP_FP32_OPS:
         assert ONNX_TO_TRT_LAYER[op] == FP32_LAYER_MATCH[op], op

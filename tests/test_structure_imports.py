@@ -1,10 +1,14 @@
-"""Module structure: what each entry point imports, and no import circle in vv_runtime.
+"""Module structure: what each entry point imports, and no import circles.
 
-* `vv-export trt` (cli, trt_build, plans, engine_dir, accuracy) never imports torch or transformers, so it
-  runs where only TensorRT is installed; checked in fresh interpreters, and on the real command with
-  ``python -X importtime`` (which lists every module the process imported).
+* `vv-export trt` (cli, trt_build, plans, engine_dir, accuracy, graph_rules, qdq) never imports torch or
+  transformers, so it runs where only TensorRT is installed; checked in fresh interpreters, and on the real
+  command with ``python -X importtime`` (which lists every module the process imported).
 * vv_runtime has no module-level import circle: the graph of its top-level ``from .x import`` statements
   (parsed with ast) is acyclic, and every module imports first in a fresh interpreter.
+* vv_export (export/) and the benchmark scripts (benchmarks/) have no import circle either, counting the
+  imports inside functions too (a circle there fails only when the function runs): their import graphs,
+  parsed with ast, are trees; vv_export.graph_rules, the rules the export modules share, imports no other
+  module of vv_export but its errors.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ def _has_tensorrt() -> bool:
 
 def test_trt_command_modules_do_not_import_torch():
     code = ("import sys, vv_export.cli, vv_export.trt_build, vv_export.plans, vv_export.engine_dir, "
-            "vv_export.accuracy; print(sorted(m for m in %r if m in sys.modules))" % (HEAVY,))
+            "vv_export.accuracy, vv_export.graph_rules, vv_export.qdq; "
+            "print(sorted(m for m in %r if m in sys.modules))" % (HEAVY,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     # the check itself can fail: the exporter's model code does import torch
@@ -84,46 +89,62 @@ def _runtime_modules() -> dict[str, Path]:
     return {p.stem: p for p in sorted((REPO / "runtime").glob("*.py")) if p.stem != "__init__"}
 
 
-def _module_level_imports(path: Path, package: str = "vv_runtime") -> set[str]:
-    """Sibling modules imported at module level (not inside functions): `from .x import`, `from . import x`,
-    `import vv_runtime.x`, `from vv_runtime.x import`; under `if TYPE_CHECKING:` excluded."""
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_statements(tree: ast.AST, nested: bool):
+    """The import statements of a parsed module, those under `if TYPE_CHECKING:` excluded; with `nested`
+    those inside functions too, else only what runs when the module is imported."""
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        elif isinstance(child, ast.If) and _is_type_checking(child.test):
+            for stmt in child.orelse:
+                yield from _import_statements(ast.Module(body=[stmt], type_ignores=[]), nested)
+        elif nested or not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield from _import_statements(child, nested)
+
+
+def _module_level_imports(path: Path, package: str | None = "vv_runtime", nested: bool = False) -> set[str]:
+    """Names of the modules `path` imports from its own directory: `from .x import`, `from . import x`,
+    `import package.x`, `from package.x import`, `from package import x`; with `package` None (scripts that
+    import each other by plain name) `import x` and `from x import`. Module level only unless `nested`.
+    The caller keeps the names that are modules of the directory."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found: set[str] = set()
-
-    def visit(nodes):
-        for node in nodes:
-            if isinstance(node, ast.ImportFrom):
-                if node.level == 1:
-                    if node.module:
-                        found.add(node.module.split(".")[0])
-                    else:
-                        found.update(a.name for a in node.names)
-                elif node.module and node.module.split(".")[0] == package:
-                    parts = node.module.split(".")
+    for node in _import_statements(tree, nested):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(a.name for a in node.names)
+            elif node.level == 0 and node.module:
+                parts = node.module.split(".")
+                if package is None:
+                    found.add(parts[0])
+                elif parts[0] == package:
                     if len(parts) > 1:
                         found.add(parts[1])
                     else:
                         found.update(a.name for a in node.names)
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    parts = alias.name.split(".")
-                    if parts[0] == package and len(parts) > 1:
-                        found.add(parts[1])
-            elif isinstance(node, ast.If):
-                test = node.test
-                if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
-                    continue
-                visit(node.body)
-                visit(node.orelse)
-            elif isinstance(node, (ast.Try,)):
-                visit(node.body)
-                for handler in node.handlers:
-                    visit(handler.body)
-                visit(node.orelse)
-                visit(node.finalbody)
-
-    visit(tree.body)
+        else:
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if package is None:
+                    found.add(parts[0])
+                elif parts[0] == package and len(parts) > 1:
+                    found.add(parts[1])
     return found
+
+
+def _import_graph(directory: Path, package: str | None, nested: bool) -> dict[str, set[str]]:
+    """module -> the modules of the same directory it imports (its *.py files, __init__ aside)."""
+    modules = {p.stem: p for p in sorted(directory.glob("*.py")) if p.stem != "__init__"}
+    return {name: _module_level_imports(path, package, nested) & (set(modules) - {name})
+            for name, path in modules.items()}
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -181,3 +202,50 @@ def test_backend_names_keep_their_old_import_path():
     assert backend.Backend is backend_base.Backend
     assert backend.HostKVCache is backend_base.HostKVCache
     assert backend.bucket_slots is backend_base.bucket_slots
+
+
+# --- vv_export and benchmarks: no import circle, function-level imports included ---------------------
+
+def _assert_no_circle(graph: dict[str, set[str]]) -> None:
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_import_graph_sees_a_circle_through_function_level_imports(tmp_path):
+    """The checker on constructed packages: a circle closed by an import inside a function is found (and is
+    invisible to a module-level-only parse), in package form and in the benchmarks' plain-name form."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low.py").write_text("def rule():\n    from .high import use\n    return use\n")
+    (pkg / "high.py").write_text("from . import low\n\n\ndef use():\n    return low.rule\n")
+    (pkg / "leaf.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .high import use\n")
+    graph = _import_graph(pkg, "pkg", nested=True)
+    assert graph == {"high": {"low"}, "leaf": set(), "low": {"high"}}
+    assert _find_cycle(graph) in (["high", "low", "high"], ["low", "high", "low"])
+    assert _find_cycle(_import_graph(pkg, "pkg", nested=False)) is None
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "common.py").write_text("import json\n\n\ndef helper():\n    import report\n")
+    (scripts / "report.py").write_text("import sys\nfrom common import helper\n")
+    graph = _import_graph(scripts, None, nested=True)
+    assert graph == {"common": {"report"}, "report": {"common"}}
+    assert _find_cycle(graph) is not None
+
+
+def test_export_modules_form_a_tree():
+    graph = _import_graph(REPO / "export", "vv_export", nested=True)
+    # the graph is the real one: module-level and function-level edges are both seen
+    assert "graph_rules" in graph["trt_build"] and "quantize" in graph["onnx_export"]
+    _assert_no_circle(graph)
+    # the shared ONNX-graph rules sit below every other export module
+    assert graph["graph_rules"] <= {"errors"}, graph["graph_rules"]
+    for name in ("conv_matmul", "precision", "qdq", "quantize", "trt_build", "plans", "accuracy"):
+        assert "graph_rules" in graph[name], name
+
+
+def test_benchmarks_have_no_import_circle():
+    graph = _import_graph(REPO / "benchmarks", None, nested=True)
+    assert "common" in graph["bench_runtime"] and "bench_runtime" in graph["bench_quant"]
+    assert "generation_compare" in graph["precision_report"]
+    _assert_no_circle(graph)
