@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CapacityError, RuntimeInputError
+from .manifest import DERIVED_DIMS
 
 SMALL_GRAPH_BYTES = 64 << 20  # below this many weight bytes a graph runs on one intra-op thread by default
 
@@ -96,8 +97,6 @@ class Backend:
 
 
 # --- limits of profile-bound backends (TensorRT) ---------------------------------------------------
-
-DERIVED_DIMS = {"total": ("past", "seq")}
 
 
 class PlanLimits:
