@@ -181,3 +181,20 @@ def test_backend_names_keep_their_old_import_path():
     assert backend.Backend is backend_base.Backend
     assert backend.HostKVCache is backend_base.HostKVCache
     assert backend.bucket_slots is backend_base.bucket_slots
+
+
+
+# --- vv_engine_dir: the contract below both sides -------------------------------------------------
+
+@pytest.mark.parametrize("module, unwanted", [
+    ("vv_engine_dir", HEAVY + ("vv_export", "vv_runtime")),
+    ("vv_runtime.manifest", HEAVY + ("vv_export",)),
+    ("vv_export.engine_dir", HEAVY + ("vv_runtime",)),
+])
+def test_engine_dir_contract_imports_neither_side_nor_torch(module, unwanted):
+    """vv_engine_dir, which the exporter and the runtime (on its ONNX Runtime path) import, imports neither of
+    them, nor torch or transformers; nor does each side's module that reads the contract import the other
+    side. Checked in a fresh interpreter."""
+    code = f"import sys, {module}; print(sorted(m for m in {unwanted!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"{module} imports {out.strip()}"
