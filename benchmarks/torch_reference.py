@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-CONTROL_TOKENS = ("speech_start", "speech_end", "speech_diffusion", "eos")
+from vv_engine_dir import CONTROL_TOKENS
 
 
 @dataclass

@@ -196,6 +196,7 @@ def _manifest(ctx: ExportContext, specs: list[GraphSpec], entries: dict, dtype: 
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "model_family": "vibevoice",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {
             "hidden_size": ctx.hidden, "num_layers": ctx.layers, "num_attention_heads": ctx.heads,

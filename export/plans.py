@@ -30,6 +30,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .engine_dir import DERIVED_DIMS
 from .errors import ExportError, one_line
 from .graph_rules import ACTIVATION_PRECISION, KEEP_FP32_OPS, QDQ_FORMAT, QDQ_PRECISIONS
 
@@ -41,8 +42,6 @@ PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8wo")
 # what `precision=` may set for every graph at once: fp8/int8wo are chosen per graph (some graphs have no
 # weight MatMul, and each needs its own measured tolerance): plans fp8 / int8wo
 OVERRIDE_PRECISIONS = ("fp32", "fp16", "bf16")
-# Dimensions that are never given in a plan: computed from others (the lm attention mask's length).
-DERIVED_DIMS = {"total": ("past", "seq")}
 # Dimensions whose range may include 0 (the prefill profile has no past).
 ZERO_OK_DIMS = ("past",)
 # Dimensions that count positions (cache slots, new inputs): at most max_position_embeddings each.

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from . import wrappers
+from .engine_dir import CONTROL_TOKENS
 from .schedule import dpm_solver_coefficients
 
 DIMS = {
@@ -29,8 +30,6 @@ DIMS = {
     "samples": "voice prompt samples (a multiple of the hop length)",
     "frames": "latent frames (samples / hop length)",
 }
-
-CONTROL_TOKENS = ("speech_start", "speech_end", "speech_diffusion", "eos")
 
 
 @dataclass

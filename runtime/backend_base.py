@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import CapacityError, RuntimeInputError
 from .kv_cache import HostKVCache, KVCache, bucket_slots  # noqa: F401 (re-exported: the backends' cache types)
+from .manifest import DERIVED_DIMS
 
 SMALL_GRAPH_BYTES = 64 << 20  # below this many weight bytes a graph runs on one intra-op thread by default
 
@@ -55,8 +56,6 @@ class Backend:
 
 
 # --- limits of profile-bound backends (TensorRT) ---------------------------------------------------
-
-DERIVED_DIMS = {"total": ("past", "seq")}
 
 
 class PlanLimits:

@@ -1,5 +1,7 @@
 """User-facing errors of the runtime: one line that names the problem, no traceback unless --debug."""
 
+from vv_engine_dir import one_line  # noqa: F401  re-exported: how every error of this package shows a cause
+
 
 class RuntimeInputError(Exception):
     """A problem with the user's input (script, voices, ENGINE_DIR, output path) reported in one line."""
@@ -14,9 +16,3 @@ class CapacityError(RuntimeInputError):
 class BackendFault(Exception):
     """A graph execution that failed for a reason that is not the request's (TensorRT execution error,
     out of device memory). One line; a service answers 500 as JSON and the other requests go on."""
-
-
-def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (whitespace runs, newlines included, become one space), or its
-    type name when it has no message: what every one-line error of this package shows of a cause."""
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,5 +1,6 @@
-"""The graph roles of the ENGINE_DIR contract (docs/ENGINE_DIR.md): written by the exporter, documented,
-read by the runtime (which graphs a backend loads) and by the plans (which engines are built, in order).
+"""The ENGINE_DIR contract (docs/ENGINE_DIR.md, vv_engine_dir): the graph roles, written by the exporter,
+documented, read by the runtime (which graphs a backend loads) and by the plans (which engines are built, in
+order); the model families and the voice presets table, documented and checked by the one reader.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import vv_engine_dir
 from vv_export import engine_dir as export_engine_dir
 from vv_export.errors import ExportError
 from vv_runtime import manifest as runtime_manifest
@@ -99,3 +101,94 @@ def test_plans_build_the_manifests_graphs_in_its_order(manifest):
     assert list(resolve_plan("default", manifest).graphs) == list(manifest["graphs"])
     reordered = {**manifest, "graphs": dict(reversed(list(manifest["graphs"].items())))}
     assert list(resolve_plan("default", reordered).graphs) == list(reversed(list(manifest["graphs"])))
+
+
+# --- model families and voice presets ---------------------------------------------------------------
+
+def _streaming_engine_dir(path: Path, **changes) -> Path:
+    """A minimal ENGINE_DIR of the vibevoice_streaming family (empty graph files: the reader opens none)."""
+    graphs = {name: {"file": f"{name}.onnx", "role": role, "inputs": [], "outputs": []}
+              for name, role in vv_engine_dir.FAMILIES["vibevoice_streaming"].graph_roles.items()}
+    manifest = {"format": vv_engine_dir.FORMAT, "format_version": vv_engine_dir.FORMAT_VERSION,
+                "model_family": "vibevoice_streaming", "model": {}, "tokens": {"endoftext": 0, "pad": 1},
+                "streaming": {"text_window": 5, "speech_window": 6}, "diffusion": {"steps": 5}, "graphs": graphs}
+    manifest.update(changes)
+    path.mkdir(parents=True, exist_ok=True)
+    for graph in graphs.values():
+        (path / graph["file"]).write_bytes(b"")
+    (path / "tokenizer.json").write_text("{}")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def _refusal(engine_dir: Path) -> str:
+    """The one-line message of the reader, the same on the contract's, the runtime's and the exporter's side."""
+    with pytest.raises(vv_engine_dir.EngineDirError) as contract:
+        vv_engine_dir.read_manifest(engine_dir)
+    with pytest.raises(RuntimeInputError) as runtime:
+        runtime_manifest.load_manifest(engine_dir)
+    with pytest.raises(ExportError) as exporter:
+        export_engine_dir.read_manifest(engine_dir)
+    message = str(contract.value)
+    assert str(runtime.value) == str(exporter.value) == message and "\n" not in message
+    return message
+
+
+def test_families_are_documented():
+    text = DOC.read_text(encoding="utf-8")
+    families = {name: (fields, tokens) for name, fields, tokens in
+                re.findall(r"^\| (\w+) \| [^|]+ \| ([\w, ]+) \| ([\w, ]+) \|$", text, flags=re.M)}
+    assert families == {name: (", ".join(f.fields), ", ".join(f.tokens))
+                        for name, f in vv_engine_dir.FAMILIES.items()}, "docs/ENGINE_DIR.md's families table"
+    roles: dict[str, dict[str, str]] = {"vibevoice": EXPECTED_ROLES}
+    for family, graph, role in re.findall(r"^\| (\w+) \| (\w+) \| (loop|per-frame|auxiliary) \|", text, flags=re.M):
+        roles.setdefault(family, {})[graph] = role
+    assert roles == {name: f.graph_roles for name, f in vv_engine_dir.FAMILIES.items()}
+    assert vv_engine_dir.FAMILIES["vibevoice"].control_tokens == vv_engine_dir.CONTROL_TOKENS
+    assert vv_engine_dir.FAMILIES["vibevoice_streaming"].control_tokens is None
+    assert '"model_family"' in text and '"voices"' in text
+
+
+def test_a_manifest_without_family_is_vibevoice(engine_copy, manifest):
+    assert manifest["model_family"] == "vibevoice"  # the exporter writes it
+    _rewrite(engine_copy, lambda m: m.pop("model_family"))
+    loaded = vv_engine_dir.read_manifest(engine_copy)
+    assert vv_engine_dir.model_family(loaded).name == "vibevoice"
+    assert vv_engine_dir.required_graphs(loaded) == [g for g, r in EXPECTED_ROLES.items() if r != "auxiliary"]
+
+
+def test_unknown_family_is_refused_naming_the_known_ones(engine_copy):
+    _rewrite(engine_copy, lambda m: m.update(model_family="vibevoice_9000"))
+    message = _refusal(engine_copy)
+    assert "unknown model_family 'vibevoice_9000' (known: vibevoice, vibevoice_streaming)" in message
+
+
+def test_streaming_family_has_its_own_graphs_and_fields(tmp_path):
+    engine_dir = _streaming_engine_dir(tmp_path / "streaming")
+    loaded = vv_engine_dir.read_manifest(engine_dir)  # no control_tokens, no prompt, no lm
+    assert vv_engine_dir.required_graphs(loaded) == ["text_embed", "text_lm", "tts_lm", "diffusion_sampler",
+                                                     "acoustic_decoder"]
+    # roles not recorded: the family's roles
+    _rewrite(engine_dir, lambda m: [entry.pop("role") for entry in m["graphs"].values()])
+    assert vv_engine_dir.graph_roles(vv_engine_dir.read_manifest(engine_dir)) == \
+        vv_engine_dir.FAMILIES["vibevoice_streaming"].graph_roles
+    only_embed = {"text_embed": {"file": "text_embed.onnx", "inputs": [], "outputs": []}}
+    assert "graph 'text_lm' not listed" in _refusal(_streaming_engine_dir(tmp_path / "no-lms", graphs=only_embed))
+    no_windows = _streaming_engine_dir(tmp_path / "no-windows")
+    _rewrite(no_windows, lambda m: m.pop("streaming"))
+    assert "missing field 'streaming'" in _refusal(no_windows)
+    assert "tokens.endoftext missing" in _refusal(_streaming_engine_dir(tmp_path / "no-eot", tokens={"pad": 1}))
+
+
+def test_voice_presets_table_is_checked(tmp_path):
+    voices = {"en-Carter_man": {"file": "voices/en-Carter_man.safetensors",
+                                "positions": {"text_lm": 8, "tts_lm": 12, "neg_text_lm": 1, "neg_tts_lm": 1}}}
+    engine_dir = _streaming_engine_dir(tmp_path / "streaming", voices=voices)
+    assert "voices/en-Carter_man.safetensors: file of voice 'en-Carter_man' is missing" in _refusal(engine_dir)
+    (engine_dir / "voices").mkdir()
+    (engine_dir / "voices" / "en-Carter_man.safetensors").write_bytes(b"")
+    assert vv_engine_dir.read_manifest(engine_dir)["voices"] == voices
+    _rewrite(engine_dir, lambda m: m["voices"].update(other={"positions": {}}))
+    assert "voice 'other' names no file" in _refusal(engine_dir)
+    _rewrite(engine_dir, lambda m: m.update(voices=["en-Carter_man"]))
+    assert "voices is not a table of voice presets" in _refusal(engine_dir)

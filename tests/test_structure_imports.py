@@ -249,3 +249,28 @@ def test_benchmarks_have_no_import_circle():
     assert "common" in graph["bench_runtime"] and "bench_runtime" in graph["bench_quant"]
     assert "generation_compare" in graph["precision_report"]
     _assert_no_circle(graph)
+
+# --- vv_engine_dir: the contract below both sides -------------------------------------------------
+
+@pytest.mark.parametrize("module, unwanted", [
+    ("vv_engine_dir", HEAVY + ("vv_export", "vv_runtime")),
+    ("vv_runtime.manifest", HEAVY + ("vv_export",)),
+    ("vv_export.engine_dir", HEAVY + ("vv_runtime",)),
+])
+def test_engine_dir_contract_imports_neither_side_nor_torch(module, unwanted):
+    """vv_engine_dir, which the exporter and the runtime (on its ONNX Runtime path) import, imports neither of
+    them, nor torch or transformers; nor does each side's module that reads the contract import the other
+    side. Checked in a fresh interpreter."""
+    code = f"import sys, {module}; print(sorted(m for m in {unwanted!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"{module} imports {out.strip()}"
+
+
+@pytest.mark.parametrize("directory, package", [("runtime", "vv_runtime"), ("runtime/serve", "vv_runtime.serve")])
+def test_runtime_has_no_import_circle_function_level_imports_included(directory, package):
+    graph = _import_graph(REPO / directory, package.split(".")[-1] if "." in package else package, nested=True)
+    if package == "vv_runtime":
+        # the loop's layers: policy below the model steps, the KV-row manager below the policy
+        assert "scheduler" in graph["vibevoice_steps"] and "kv_rows" in graph["scheduler"]
+        assert not graph["kv_rows"] & {"scheduler", "vibevoice_steps", "realtime_steps", "pipeline"}
+    _assert_no_circle(graph)
