@@ -113,7 +113,7 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
     from .audio import WavWriter
     from .backend import select_backend
     from .manifest import load_manifest
-    from .pipeline import Pipeline, check_context, prepare_rows
+    from .pipeline import Pipeline, prepare_rows
     from .prompt import PromptBuilder
 
     if (script is None) == (batch_file is None):
@@ -135,8 +135,8 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
     started = time.perf_counter()
     # inputs first (cheap, no graph loaded), then the output files, then the graphs
     manifest = load_manifest(engine_dir)
-    rows = prepare_rows(PromptBuilder.from_manifest(engine_dir, manifest), scripts, list(voices))
-    check_context(rows, int(manifest["model"]["max_position_embeddings"]))
+    prompts = PromptBuilder.from_manifest(engine_dir, manifest)
+    rows = prepare_rows(prompts, scripts, list(voices), int(manifest["model"]["max_position_embeddings"]))
     sample_rate = int(manifest["model"].get("sample_rate", 24000))
 
     writers = []
@@ -145,7 +145,8 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
     try:
         for path in outputs:
             writers.append(WavWriter(path, sample_rate, "PCM_16" if pcm16 else "FLOAT", live=stream))
-        pipeline = Pipeline(engine_dir, manifest, select_backend(engine_dir, manifest, backend, threads=threads))
+        pipeline = Pipeline(engine_dir, manifest, select_backend(engine_dir, manifest, backend, threads=threads),
+                            prompts=prompts)
         loaded = time.perf_counter()
 
         def on_step(step, total):

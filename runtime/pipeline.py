@@ -88,9 +88,11 @@ class Result:
     rows: list[PreparedRow] = field(default_factory=list)
 
 
-def prepare_rows(prompts: PromptBuilder, scripts: str | Sequence[str], voices=None) -> list[PreparedRow]:
+def prepare_rows(prompts: PromptBuilder, scripts: str | Sequence[str], voices=None,
+                 max_positions: int | None = None) -> list[PreparedRow]:
     """Scripts (text or .txt paths) and voices (a list shared by all scripts, or one list per script)
-    -> prompt rows with their normalised voices. Needs no graph: inputs can be checked before loading."""
+    -> prompt rows with their normalised voices, each prompt checked against the model's context
+    (`max_positions`). Needs no graph: inputs are checked before anything loads."""
     if isinstance(scripts, str):
         scripts = [scripts]
     if not scripts:
@@ -116,19 +118,18 @@ def prepare_rows(prompts: PromptBuilder, scripts: str | Sequence[str], voices=No
         prompt = prompts.build(parsed, [frames for _, frames in prepared])
         used = [audio for audio, _ in prepared[: len(prompt.voice_frames)]]
         rows.append(PreparedRow(parsed, prompt, used))
+    if max_positions is not None:
+        for i, row in enumerate(rows):
+            check_prompt_length(len(row.prompt.input_ids), max_positions,
+                                label=f"script {i}: " if len(rows) > 1 else "")
     return rows
-
-
-def check_context(rows: list[PreparedRow], max_positions: int) -> None:
-    """Every prompt must leave the model's context room for at least one step."""
-    for i, row in enumerate(rows):
-        check_prompt_length(len(row.prompt.input_ids), max_positions, label=f"script {i}: " if len(rows) > 1 else "")
 
 
 class Pipeline:
     """The graphs of an ENGINE_DIR (a backend), the prompt builder and the model facts; `generate` speaks."""
 
-    def __init__(self, engine_dir: str | Path, manifest: dict, backend: Backend):
+    def __init__(self, engine_dir: str | Path, manifest: dict, backend: Backend,
+                 prompts: PromptBuilder | None = None):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
@@ -138,7 +139,7 @@ class Pipeline:
         self.sample_rate = int(model.get("sample_rate", 24000))
         self.tokens = dict(manifest["tokens"])
         self.default_cfg_scale = float((manifest.get("diffusion") or {}).get("default_cfg_scale", 1.3))
-        self.prompts = PromptBuilder.from_manifest(engine_dir, manifest)
+        self.prompts = prompts if prompts is not None else PromptBuilder.from_manifest(engine_dir, manifest)
         self._control_embeds: np.ndarray | None = None
 
     # the model facts, as tests and tools read them
@@ -167,9 +168,7 @@ class Pipeline:
 
     def prepare(self, scripts: str | Sequence[str], voices=None) -> list[PreparedRow]:
         """Scripts (text or .txt paths) and voices (shared list, or one list per script) -> rows."""
-        rows = prepare_rows(self.prompts, scripts, voices)
-        check_context(rows, self.max_positions)
-        return rows
+        return prepare_rows(self.prompts, scripts, voices, self.max_positions)
 
     def control_embeds(self) -> np.ndarray:
         """Embeddings of the 4 control tokens [4, H], computed once."""
@@ -207,7 +206,6 @@ class Pipeline:
         """
         rows = scripts if scripts and isinstance(scripts, list) and isinstance(scripts[0], PreparedRow) \
             else self.prepare(scripts, voices)
-        check_context(rows, self.max_positions)
         if max_new_frames is not None and int(max_new_frames) < 1:
             raise RuntimeInputError(f"--max-new-frames {max_new_frames}: must be at least 1")
         gen = self._run(rows, self.default_cfg_scale if cfg_scale is None else float(cfg_scale),
