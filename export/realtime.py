@@ -290,8 +290,9 @@ def _tts_lm_sample(ctx, dims, gen):
     return feeds
 
 
-# prefill (no past), one text window over a cache, one step of several rows over a cache
-LM_SHAPES = [{"batch": 1, "seq": TEXT_WINDOW, "past": 0}, {"batch": 2, "seq": 1, "past": 7},
+# one text window over a (voice preset's) cache, one step of several rows, a short window of several rows: the
+# loop's calls (it never prefills: its caches start from a preset), within the TensorRT plans' profiles
+LM_SHAPES = [{"batch": 1, "seq": TEXT_WINDOW, "past": 9}, {"batch": 2, "seq": 1, "past": 7},
              {"batch": 3, "seq": 3, "past": 5}]
 
 
@@ -327,9 +328,9 @@ def build_specs(ctx: RealtimeContext) -> list[GraphSpec]:
             sample=_tts_lm_sample,
             role="loop",
         ),
-        specs.diffusion_sampler_spec(ctx),
         specs.acoustic_decoder_spec(ctx),
         specs.acoustic_connector_spec(ctx),
+        specs.diffusion_sampler_spec(ctx),
     ]
 
 
