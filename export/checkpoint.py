@@ -22,6 +22,7 @@ SPECIAL_TOKENS = {
     "speech_diffusion": "<|vision_pad|>",
     "eos": "<|endoftext|>",
 }
+VIBEVOICE = "vibevoice"  # LoadedModel.family (and manifest "model_family") of VibeVoice 1.5B / 7B
 
 
 @dataclass
@@ -34,6 +35,7 @@ class LoadedModel:
     diffusion: dict
     token_ids: dict = field(default_factory=dict)
     tokenizer_json: str | None = None  # in-memory tokenizer for random models
+    family: str = VIBEVOICE  # the model family: VIBEVOICE, or vv_export.realtime.FAMILY
 
 
 def _is_hub_id(text: str) -> bool:
@@ -58,7 +60,7 @@ def resolve_model_dir(model: str) -> Path:
         raise ExportError(f"--model {model}: no such directory, and the hub download failed ({first})") from exc
 
 
-def _safetensors_files(directory: Path) -> list[Path]:
+def safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -114,7 +116,7 @@ def build_model(hf_kwargs: dict, seed: int | None = None):
     return model.float().eval()
 
 
-def _find_tokenizer(model_dir: Path | None, tokenizer_dir: str | None) -> Path | None:
+def find_tokenizer(model_dir: Path | None, tokenizer_dir: str | None) -> Path | None:
     if tokenizer_dir is not None:
         tdir = Path(tokenizer_dir).expanduser()
         cand = tdir if tdir.is_file() else tdir / "tokenizer.json"
@@ -126,22 +128,33 @@ def _find_tokenizer(model_dir: Path | None, tokenizer_dir: str | None) -> Path |
     return None
 
 
-def resolve_special_tokens(tokenizer_file: Path | None, tokenizer_json: str | None = None) -> dict:
-    """Ids of VibeVoice's special tokens, looked up by their strings in the tokenizer."""
+def missing_tokenizer(directory: Path) -> ExportError:
+    return ExportError(f"{directory} ships no tokenizer.json: original checkpoints use the Qwen2.5 tokenizer, pass it "
+                       "with --tokenizer DIR")
+
+
+def lookup_token_ids(tokens: dict, tokenizer_file: Path | None, tokenizer_json: str | None = None) -> dict:
+    """role -> id of each special token (role -> string) in the tokenizer; one-line error for a missing one."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json) if tokenizer_json else Tokenizer.from_file(str(tokenizer_file))
     ids = {}
-    for role, text in SPECIAL_TOKENS.items():
+    for role, text in tokens.items():
         tid = tok.token_to_id(text)
         if tid is None:
             raise ExportError(f"tokenizer has no {text} token (needed as {role}); is it a Qwen2.5 tokenizer?")
         ids[role] = int(tid)
+    return ids
+
+
+def resolve_special_tokens(tokenizer_file: Path | None, tokenizer_json: str | None = None) -> dict:
+    """Ids of VibeVoice's special tokens, looked up by their strings in the tokenizer."""
+    ids = lookup_token_ids(SPECIAL_TOKENS, tokenizer_file, tokenizer_json)
     ids["pad"] = ids["eos"]
     return ids
 
 
-def _init_nonpersistent_buffers(net) -> None:
+def init_nonpersistent_buffers(net) -> None:
     """Recompute the buffers that checkpoints do not hold (the model was built on the meta device)."""
     import torch
 
@@ -165,8 +178,27 @@ def _init_nonpersistent_buffers(net) -> None:
                 raise ExportError(f"internal: do not know how to initialise buffer {full}")
 
 
+def check_state(expected: dict, state: dict, optional=lambda name: False) -> None:
+    """One-line errors for a state dict that lacks a tensor the model needs (unless `optional(name)`), has one
+    it does not know, or has one of another shape."""
+    missing = [k for k in expected if k not in state and not optional(k)]
+    if missing:
+        raise ExportError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]!r}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ExportError(f"checkpoint has {len(unexpected)} tensors the model does not know, e.g. {unexpected[0]!r}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ExportError(f"tensor {k}: shape {tuple(v.shape)} in the checkpoint, model expects "
+                              f"{tuple(expected[k].shape)}")
+
+
 def load_checkpoint(model: str, tokenizer_dir: str | None = None) -> LoadedModel:
-    """Load a checkpoint directory or hub id of either layout into transformers' VibeVoice (fp32)."""
+    """Load a checkpoint directory or hub id of either layout into transformers' VibeVoice (fp32).
+
+    A VibeVoice-Realtime checkpoint (config `model_type: vibevoice_streaming`) is loaded by its family's
+    module (vv_export.realtime), which builds on this module's helpers.
+    """
     import torch
 
     directory = resolve_model_dir(model)
@@ -179,14 +211,15 @@ def load_checkpoint(model: str, tokenizer_dir: str | None = None) -> LoadedModel
         raise ExportError(f"{config_path}: not valid JSON ({exc})") from exc
     if not isinstance(cfg, dict):
         raise ExportError(f"{config_path}: not a VibeVoice config")
+    from . import realtime  # the streaming family (it imports this module's helpers)
+
+    if realtime.is_realtime_config(cfg):
+        return realtime.load_realtime_checkpoint(model, directory, cfg, tokenizer_dir)
     layout = detect_layout(cfg)
-    files = _safetensors_files(directory)
-    tokenizer_file = _find_tokenizer(directory, tokenizer_dir)
+    files = safetensors_files(directory)
+    tokenizer_file = find_tokenizer(directory, tokenizer_dir)
     if tokenizer_file is None:
-        raise ExportError(
-            f"{directory} ships no tokenizer.json: original checkpoints use the Qwen2.5 tokenizer, pass it with "
-            "--tokenizer DIR"
-        )
+        raise missing_tokenizer(directory)
     token_ids = resolve_special_tokens(tokenizer_file)
     tensors = read_safetensors(files)
 
@@ -206,23 +239,13 @@ def load_checkpoint(model: str, tokenizer_dir: str | None = None) -> LoadedModel
     except Exception as exc:
         raise ExportError(f"{config_path}: cannot build a VibeVoice model from this config ({exc})") from exc
     net = net.to_empty(device="cpu")
-    expected = net.state_dict()
     tied = bool(getattr(net.config.text_config, "tie_word_embeddings", False))
     if tied:
         state.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")
-               and not k.endswith("timestep_embedding.freq")]
-    if missing:
-        raise ExportError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]!r}")
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        raise ExportError(f"checkpoint has {len(unexpected)} tensors the model does not know, e.g. {unexpected[0]!r}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ExportError(f"tensor {k}: shape {tuple(v.shape)} in the checkpoint, model expects "
-                              f"{tuple(expected[k].shape)}")
+    check_state(net.state_dict(), state,
+                optional=lambda k: (tied and k == "lm_head.weight") or k.endswith("timestep_embedding.freq"))
     net.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    _init_nonpersistent_buffers(net)
+    init_nonpersistent_buffers(net)
     if tied:
         net.lm_head.weight = net.model.language_model.embed_tokens.weight
     net = net.float().eval()
@@ -266,8 +289,8 @@ def tiny_original_config(vocab_size: int) -> dict:
     }
 
 
-def byte_level_tokenizer_json() -> str:
-    """A tiny byte-level BPE tokenizer (no merges) with VibeVoice's four special tokens."""
+def byte_level_tokenizer_json(extra_special: tuple = ()) -> str:
+    """A tiny byte-level BPE tokenizer (no merges) with VibeVoice's four special tokens (then `extra_special`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -275,7 +298,8 @@ def byte_level_tokenizer_json() -> str:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([SPECIAL_TOKENS[k] for k in ("eos", "speech_start", "speech_end", "speech_diffusion")])
+    tok.add_special_tokens([SPECIAL_TOKENS[k] for k in ("eos", "speech_start", "speech_end", "speech_diffusion")]
+                           + list(extra_special))
     return tok.to_str()
 
 

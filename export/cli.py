@@ -24,15 +24,16 @@ def main() -> None:
 
 @main.command("onnx")
 @click.option("--model", "model", default=None, metavar="DIR|HUB_ID",
-              help="Checkpoint directory or hub id (original or transformers layout). "
+              help="Checkpoint directory or hub id (original or transformers layout; VibeVoice or VibeVoice-Realtime). "
                    "Without it: a tiny randomly initialised VibeVoice of the real architecture.")
 @click.option("--out", "out", required=True, type=click.Path(), metavar="ENGINE_DIR", help="Directory to write.")
 @click.option("--tokenizer", "tokenizer", default=None, metavar="DIR",
               help="Directory with tokenizer.json (original checkpoints ship none: use Qwen2.5's).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Storage dtype of the graphs' weights.")
-@click.option("--diffusion-steps", type=click.IntRange(1, 100), default=10, show_default=True,
-              help="DPM-Solver++ steps baked into the diffusion_sampler graph.")
+@click.option("--diffusion-steps", type=click.IntRange(1, 100), default=None,
+              help="DPM-Solver++ steps baked into the diffusion_sampler graph.  [default: the model's: 10 for "
+                   "VibeVoice, 5 for VibeVoice-Realtime]")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Check every graph in ONNX Runtime against PyTorch.")
 @click.option("--force", is_flag=True, help="Replace an existing ENGINE_DIR.")

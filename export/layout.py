@@ -80,36 +80,55 @@ def _tokenizer_config(tok: dict, name: str, hidden_size: int) -> dict:
     }
 
 
-def original_config_to_transformers(cfg: dict) -> dict:
-    """Build the `VibeVoiceConfig` kwargs (transformers) from an original-layout config.json."""
-    dec = dict(cfg["decoder_config"])
+def text_config_kwargs(cfg: dict) -> dict:
+    """The Qwen2 config kwargs (transformers) of an original-layout config's `decoder_config`."""
+    text_config = {k: v for k, v in cfg["decoder_config"].items()
+                   if k not in ("torch_dtype", "_attn_implementation_autoset")}
+    text_config["model_type"] = "qwen2"
+    return text_config
+
+
+def acoustic_dim(cfg: dict) -> int:
+    """The acoustic latent size of an original-layout config."""
+    return int(cfg.get("acoustic_vae_dim", cfg["acoustic_tokenizer_config"].get("vae_dim", 64)))
+
+
+def audio_config_kwargs(cfg: dict) -> dict:
+    """transformers' acoustic tokenizer config kwargs of an original-layout `acoustic_tokenizer_config`."""
+    return {"model_type": "vibevoice_acoustic_tokenizer",
+            **_tokenizer_config(cfg["acoustic_tokenizer_config"], "acoustic_tokenizer_config", acoustic_dim(cfg))}
+
+
+def diffusion_head_config_kwargs(cfg: dict) -> dict:
+    """transformers' diffusion head config kwargs of an original-layout `diffusion_head_config`."""
     head = cfg["diffusion_head_config"]
-    ac = cfg["acoustic_tokenizer_config"]
-    sc = cfg["semantic_tokenizer_config"]
-    acoustic_dim = int(cfg.get("acoustic_vae_dim", ac.get("vae_dim", 64)))
-    semantic_dim = int(cfg.get("semantic_vae_dim", sc.get("vae_dim", 128)))
-    hidden = int(dec["hidden_size"])
+    hidden = int(cfg["decoder_config"]["hidden_size"])
     if int(head.get("hidden_size", hidden)) != hidden:
         raise ExportError("diffusion_head_config.hidden_size differs from the LM hidden size")
     if head.get("prediction_type", "v_prediction") != "v_prediction":
         raise ExportError(f"diffusion prediction_type {head.get('prediction_type')!r} is not supported")
-    text_config = {k: v for k, v in dec.items() if k not in ("torch_dtype", "_attn_implementation_autoset")}
-    text_config["model_type"] = "qwen2"
+    return {
+        "hidden_size": hidden,
+        "latent_size": acoustic_dim(cfg),
+        "num_hidden_layers": int(head.get("head_layers", 4)),
+        "intermediate_size": int(round(hidden * float(head.get("head_ffn_ratio", 3.0)))),
+        "rms_norm_eps": float(head.get("rms_norm_eps", 1e-5)),
+        "hidden_act": "silu",
+    }
+
+
+def original_config_to_transformers(cfg: dict) -> dict:
+    """Build the `VibeVoiceConfig` kwargs (transformers) from an original-layout config.json."""
+    sc = cfg["semantic_tokenizer_config"]
+    semantic_dim = int(cfg.get("semantic_vae_dim", sc.get("vae_dim", 128)))
+    diffusion_head = diffusion_head_config_kwargs(cfg)
     semantic = _tokenizer_config(sc, "semantic_tokenizer_config", semantic_dim)
     semantic.pop("vae_std")
     return {
-        "text_config": text_config,
-        "audio_config": {"model_type": "vibevoice_acoustic_tokenizer",
-                         **_tokenizer_config(ac, "acoustic_tokenizer_config", acoustic_dim)},
+        "text_config": text_config_kwargs(cfg),
+        "audio_config": audio_config_kwargs(cfg),
         "semantic_model_config": {"model_type": "vibevoice_acoustic_tokenizer_encoder", **semantic},
-        "diffusion_head_config": {
-            "hidden_size": hidden,
-            "latent_size": acoustic_dim,
-            "num_hidden_layers": int(head.get("head_layers", 4)),
-            "intermediate_size": int(round(hidden * float(head.get("head_ffn_ratio", 3.0)))),
-            "rms_norm_eps": float(head.get("rms_norm_eps", 1e-5)),
-            "hidden_act": "silu",
-        },
+        "diffusion_head_config": diffusion_head,
     }
 
 

@@ -15,13 +15,16 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .engine_dir import FORMAT, FORMAT_VERSION, ROLES, sha256_file
+from . import realtime
 from .errors import ExportError
 from .graph_rules import EXTERNAL_DATA_BYTES, check_within_tolerance, cpu_session
-from .specs import CONTROL_TOKENS, DIMS, ExportContext, GraphSpec, build_specs, sample_inputs
+from .specs import (CONTROL_TOKENS, DEFAULT_CFG_SCALE, DEFAULT_DIFFUSION_STEPS, DIMS, SAMPLE_RATE, ContextBase,
+                    ExportContext, GraphSpec, build_specs, sample_inputs)
 from .wrappers import FP32_STORAGE_PREFIXES
 
 OPSET = 17
@@ -116,7 +119,7 @@ def _exportable_ops():
         F.rms_norm = original
 
 
-def export_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, dtype: str) -> dict:
+def export_graph(spec: GraphSpec, ctx: ContextBase, directory: Path, dtype: str) -> dict:
     """Export one graph to directory/<name>.onnx; returns its file entries."""
     import onnx
     import torch
@@ -153,7 +156,7 @@ def export_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, dtype: st
             "weight_bytes": int(weight_bytes)}
 
 
-def validate_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, threads: int | None = None) -> dict:
+def validate_graph(spec: GraphSpec, ctx: ContextBase, directory: Path, threads: int | None = None) -> dict:
     """Run the graph in ONNX Runtime (CPU) against PyTorch on every validation shape."""
     import torch
 
@@ -183,9 +186,44 @@ def validate_graph(spec: GraphSpec, ctx: ExportContext, directory: Path, threads
     return worst
 
 
-def _manifest(ctx: ExportContext, specs: list[GraphSpec], entries: dict, dtype: str, validation: dict | None) -> dict:
-    loaded = ctx.loaded
+def _vibevoice_facts(ctx: ExportContext) -> dict:
+    """The manifest sections of VibeVoice (1.5B / 7B): model, tokens, control_tokens, prompt, diffusion."""
     tc = ctx.net.config.text_config
+    return {
+        "model": {
+            "hidden_size": ctx.hidden, "num_layers": ctx.layers, "num_attention_heads": ctx.heads,
+            "num_kv_heads": ctx.kv_heads, "head_dim": ctx.head_dim, "vocab_size": ctx.vocab,
+            "max_position_embeddings": ctx.max_positions, "acoustic_vae_dim": ctx.acoustic_dim,
+            "semantic_vae_dim": ctx.semantic_dim, "hop_length": ctx.hop, "sample_rate": SAMPLE_RATE,
+            "latent_scaling_factor": float(ctx.scale.item()), "latent_bias_factor": float(ctx.bias.item()),
+            "vae_std": float(ctx.net.config.audio_config.vae_std),
+            "tie_word_embeddings": bool(getattr(tc, "tie_word_embeddings", False)),
+            "decoder_state_size": ctx.decoder_state, "semantic_state_size": ctx.semantic_state,
+        },
+        "tokens": dict(ctx.loaded.token_ids),
+        "control_tokens": list(CONTROL_TOKENS),
+        "prompt": dict(PROMPT),
+        "diffusion": ctx.diffusion_facts(DEFAULT_CFG_SCALE),
+    }
+
+
+class _Family(NamedTuple):
+    context: Callable  # (loaded, diffusion_steps=) -> the specs' context
+    build_specs: Callable  # context -> [GraphSpec]
+    manifest_facts: Callable  # context -> the family's manifest sections
+    default_diffusion_steps: int
+
+
+def _family(loaded) -> _Family:
+    """How the loaded model's family (LoadedModel.family) is exported."""
+    if loaded.family == realtime.FAMILY:
+        return _Family(realtime.RealtimeContext, realtime.build_specs, realtime.manifest_facts,
+                       realtime.DEFAULT_DIFFUSION_STEPS)
+    return _Family(ExportContext, build_specs, _vibevoice_facts, DEFAULT_DIFFUSION_STEPS)
+
+
+def _manifest(ctx: ContextBase, specs: list[GraphSpec], entries: dict, dtype: str, validation: dict | None) -> dict:
+    loaded = ctx.loaded
     graphs = {}
     for spec in specs:
         if spec.role not in ROLES:
@@ -196,26 +234,9 @@ def _manifest(ctx: ExportContext, specs: list[GraphSpec], entries: dict, dtype: 
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_family": "vibevoice",
+        "model_family": loaded.family,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {
-            "hidden_size": ctx.hidden, "num_layers": ctx.layers, "num_attention_heads": ctx.heads,
-            "num_kv_heads": ctx.kv_heads, "head_dim": ctx.head_dim, "vocab_size": ctx.vocab,
-            "max_position_embeddings": ctx.max_positions, "acoustic_vae_dim": ctx.acoustic_dim,
-            "semantic_vae_dim": ctx.semantic_dim, "hop_length": ctx.hop, "sample_rate": 24000,
-            "latent_scaling_factor": float(ctx.scale.item()), "latent_bias_factor": float(ctx.bias.item()),
-            "vae_std": float(ctx.net.config.audio_config.vae_std),
-            "tie_word_embeddings": bool(getattr(tc, "tie_word_embeddings", False)),
-            "decoder_state_size": ctx.decoder_state, "semantic_state_size": ctx.semantic_state,
-        },
-        "tokens": dict(loaded.token_ids),
-        "control_tokens": list(CONTROL_TOKENS),
-        "prompt": dict(PROMPT),
-        "diffusion": {**loaded.diffusion, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
-                      "solver_order": 2, "lower_order_final": True, "final_sigmas_type": "zero",
-                      "steps": ctx.steps, "timesteps": ctx.coefficients["timesteps"],
-                      "coefficients": {k: ctx.coefficients[k] for k in ("alpha", "sigma", "ratio", "d0", "d1")},
-                      "default_cfg_scale": 1.3},
+        **_family(loaded).manifest_facts(ctx),
         "dtype": dtype,
         "dims": dict(DIMS),
         "graphs": graphs,
@@ -246,10 +267,12 @@ def check_out_path(out: str | os.PathLike, force: bool) -> Path:
 
 
 def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate: bool = True,
-                force: bool = False, diffusion_steps: int = 10, progress: bool = True,
+                force: bool = False, diffusion_steps: int | None = None, progress: bool = True,
                 threads: int | None = None, quantize: str = "none", quantize_select: str = "measure") -> Path:
     """Export every graph of `loaded` into the ENGINE_DIR `out` (atomically).
 
+    diffusion_steps: DPM-Solver++ steps of the sampler graph (default: the family's, 10 for VibeVoice, 5 for
+    VibeVoice-Realtime).
     quantize int8|int4: weight quantization of each validated fp32 graph where it stays within its
     tolerance and is faster (export/quantize.py; quantize_select="all" keeps it whatever its speed).
     """
@@ -266,8 +289,9 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
     out = Path(out)
     parent = check_out_path(out, force)
     round_weights_(loaded.model, dtype)
-    ctx = ExportContext(loaded, diffusion_steps=diffusion_steps)
-    specs = build_specs(ctx)
+    family = _family(loaded)
+    ctx = family.context(loaded, diffusion_steps=diffusion_steps or family.default_diffusion_steps)
+    specs = family.build_specs(ctx)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     try:
         entries, validation, quantized = {}, {} if validate else None, {}

@@ -34,10 +34,10 @@ from .engine_dir import DERIVED_DIMS
 from .errors import ExportError, one_line
 from .graph_rules import ACTIVATION_PRECISION, KEEP_FP32_OPS, QDQ_FORMAT, QDQ_PRECISIONS
 
-# Graph names a plan may have sections for (the exporter's graphs); what is built is the manifest's graphs,
-# in the manifest's order.
-PLAN_GRAPHS = ("text_embed", "lm", "acoustic_encoder", "acoustic_decoder", "semantic_encoder",
-               "acoustic_connector", "semantic_connector", "diffusion_step", "diffusion_sampler")
+# Graph names a plan may have sections for (the exporter's graphs of both model families: text_lm and tts_lm
+# are VibeVoice-Realtime's); what is built is the manifest's graphs, in the manifest's order.
+PLAN_GRAPHS = ("text_embed", "lm", "text_lm", "tts_lm", "acoustic_encoder", "acoustic_decoder",
+               "semantic_encoder", "acoustic_connector", "semantic_connector", "diffusion_step", "diffusion_sampler")
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8wo")
 # what `precision=` may set for every graph at once: fp8/int8wo are chosen per graph (some graphs have no
 # weight MatMul, and each needs its own measured tolerance): plans fp8 / int8wo
@@ -549,11 +549,11 @@ def _shape_at(io: dict, dims: dict, k: int) -> tuple:
     return tuple(dims[d][k] if isinstance(d, str) else int(d) for d in io["shape"])
 
 
-def _lm_intermediate(model: dict, lm_weight_elems: int) -> int:
+def _lm_intermediate(model: dict, lm_weight_elems: int, layers: int) -> int:
     """The MLP width: from the manifest, else from the lm weights (per layer: q/o, k/v, 3 MLP matrices)."""
     if isinstance(model.get("intermediate_size"), int):
         return model["intermediate_size"]
-    H, L = model["hidden_size"], model["num_layers"]
+    H, L = model["hidden_size"], layers
     heads, kv, d = model.get("num_attention_heads", 1), model["num_kv_heads"], model["head_dim"]
     attn = 2 * H * heads * d + 2 * H * kv * d
     return max(1, (lm_weight_elems // L - attn) // (3 * H))
@@ -566,7 +566,8 @@ def memory_estimate(plan: Plan, manifest: dict) -> dict:
       (1 byte each at fp8/int8wo, for all of the graph's weights: an under-estimate by the few that are no
       MatMul weights and stay float, norm scales and the lm's RoPE table, < 1 % of the 1.5B lm's bytes);
     - per optimisation profile, at its max shapes: the graph's inputs and outputs (the I/O stays fp32 /
-      int64), and for the lm the activations of one layer (layers run one after another): attention
+      int64), and for an lm (a graph with a `past_kv` input: the lm, VibeVoice-Realtime's text_lm and
+      tts_lm) the activations of one layer (layers run one after another): attention
       scores and probabilities in fp32 (rows x heads x seq x total x 4 x 2; softmax inputs are kept in
       fp32), the MLP's gate/up/product at the engine's activation precision (rows x seq x intermediate x
       3; fp16/bf16 at fp8/int8wo), the
@@ -583,6 +584,11 @@ def memory_estimate(plan: Plan, manifest: dict) -> dict:
     model = manifest.get("model") or {}
     storage = _DTYPE_BYTES.get(str(manifest.get("dtype", "fp32")), 4)
     weights, profiles, over = {}, {}, []
+    lm_layers = {}  # lm-like graph -> its layers (past_kv: [layers, 2, batch, kv_heads, past, head_dim])
+    for g in plan.graphs:
+        for io in manifest["graphs"][g].get("inputs") or []:
+            if io["name"] == "past_kv":
+                lm_layers[g] = io["shape"][0]
     for g, gp in plan.graphs.items():
         entry = manifest["graphs"][g]
         elems = int(entry.get("weight_bytes", 0)) // storage
@@ -601,19 +607,19 @@ def memory_estimate(plan: Plan, manifest: dict) -> dict:
                     over.append(f"{g}/{prof.name}:{io['name']} {list(shape)} = {n} elements")
                 io_bytes += n * _DTYPE_BYTES.get(io.get("dtype", "float32"), 4)
             act = 0
-            if g == "lm" and {"hidden_size", "num_layers", "num_kv_heads", "head_dim"} <= set(model):
+            if g in lm_layers and {"hidden_size", "num_kv_heads", "head_dim"} <= set(model):
                 rows, seq, past = (prof.dims[d][2] for d in ("batch", "seq", "past"))
                 total = past + seq
                 H, kv, d = model["hidden_size"], model["num_kv_heads"], model["head_dim"]
                 heads = model.get("num_attention_heads", kv)
-                inter = _lm_intermediate(model, elems)
+                inter = _lm_intermediate(model, elems, lm_layers[g])
                 act = (rows * heads * seq * total * 4 * 2 + rows * seq * inter * _activation_bytes(gp.precision) * 3
                        + 2 * rows * kv * total * d * 4 + rows * seq * H * 4 * 6)
             elif g == "acoustic_encoder" and "samples" in prof.dims:
                 act = prof.dims["batch"][2] * prof.dims["samples"][2] * 32 * 4 * 2
             profiles[f"{g}/{prof.name}"] = {"io_bytes": io_bytes, "activation_bytes": act, "bytes": io_bytes + act}
-    lm = {k: v for k, v in profiles.items() if k.startswith("lm/")}
-    other = {k: v for k, v in profiles.items() if not k.startswith("lm/")}
+    lm = {k: v for k, v in profiles.items() if k.split("/")[0] in lm_layers}
+    other = {k: v for k, v in profiles.items() if k.split("/")[0] not in lm_layers}
     largest_lm = max(lm, key=lambda k: lm[k]["bytes"]) if lm else None
     largest_other = max(other, key=lambda k: other[k]["bytes"]) if other else None
     workspace = max((gp.builder["workspace_mib"] for gp in plan.graphs.values()), default=0) << 20

@@ -31,6 +31,10 @@ DIMS = {
     "frames": "latent frames (samples / hop length)",
 }
 
+DEFAULT_DIFFUSION_STEPS = 10  # VibeVoice's DPM-Solver++ steps
+DEFAULT_CFG_SCALE = 1.3  # ... and its classifier-free guidance scale
+SAMPLE_RATE = 24000  # Hz: the acoustic tokenizer's audio rate (hop_length samples per latent frame)
+
 
 @dataclass
 class IO:
@@ -73,44 +77,68 @@ class GraphSpec:
                 "tolerance": self.tolerance, **self.extra}
 
 
-class ExportContext:
-    """The loaded model plus the constants the specs need."""
+class ContextBase:
+    """What the graph specs of every model family need: the loaded model, the text LM's shape, the
+    acoustic decoder's state, the latent scaling and the diffusion schedule.
 
-    def __init__(self, loaded, diffusion_steps: int = 10):
+    `body` holds transformers' modules under the names both families share (language_model, audio_tower
+    with its decoder, multi_modal_projector, diffusion_head, latent_scaling_factor, latent_bias_factor);
+    `text_config` is the Qwen2 config of its text LM.
+    """
+
+    def __init__(self, loaded, body, text_config, diffusion_steps: int):
         self.loaded = loaded
-        net = loaded.model
-        self.net = net
-        tc = net.config.text_config
+        self.net = loaded.model
+        tc = text_config
         self.hidden = tc.hidden_size
-        self.layers = tc.num_hidden_layers
         self.kv_heads = tc.num_key_value_heads
         self.heads = tc.num_attention_heads
         self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         self.vocab = tc.vocab_size
         self.max_positions = tc.max_position_embeddings
-        self.acoustic_dim = net.config.audio_config.hidden_size
-        self.semantic_dim = net.config.semantic_model_config.hidden_size
-        self.hop = int(torch.tensor(net.config.audio_config.downsampling_ratios).prod())
-        self.scale = net.model.latent_scaling_factor
-        self.bias = net.model.latent_bias_factor
+        decoder_config = body.audio_tower.decoder.config
+        self.acoustic_dim = decoder_config.hidden_size
+        self.hop = int(torch.tensor(decoder_config.downsampling_ratios).prod())
+        self.scale = body.latent_scaling_factor
+        self.bias = body.latent_bias_factor
         self.steps = diffusion_steps
         settings = loaded.diffusion
         self.coefficients = dpm_solver_coefficients(diffusion_steps, settings["num_train_timesteps"],
                                                     settings["beta_schedule"])
-        self.control_ids = [loaded.token_ids[k] for k in CONTROL_TOKENS]
-        dec = wrappers.AcousticDecoderStep(net.model.audio_tower, self.scale, self.bias)
-        sem = wrappers.SemanticEncoderStep(net.model.semantic_tokenizer_encoder, net.model.semantic_connector)
+        dec = wrappers.AcousticDecoderStep(body.audio_tower, self.scale, self.bias)
         self.decoder_state = dec.state_size
-        self.semantic_state = sem.state_size
         self.decoder_layout = dec.layout
+
+    def diffusion_facts(self, default_cfg_scale: float) -> dict:
+        """The manifest's `diffusion` section: the schedule the sampler graph bakes in."""
+        return {**self.loaded.diffusion, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+                "solver_order": 2, "lower_order_final": True, "final_sigmas_type": "zero",
+                "steps": self.steps, "timesteps": self.coefficients["timesteps"],
+                "coefficients": {k: self.coefficients[k] for k in ("alpha", "sigma", "ratio", "d0", "d1")},
+                "default_cfg_scale": default_cfg_scale}
+
+
+class ExportContext(ContextBase):
+    """The loaded VibeVoice (1.5B / 7B) plus the constants the specs need."""
+
+    def __init__(self, loaded, diffusion_steps: int = DEFAULT_DIFFUSION_STEPS):
+        net = loaded.model
+        super().__init__(loaded, net.model, net.config.text_config, diffusion_steps)
+        self.layers = net.config.text_config.num_hidden_layers
+        self.semantic_dim = net.config.semantic_model_config.hidden_size
+        self.control_ids = [loaded.token_ids[k] for k in CONTROL_TOKENS]
+        sem = wrappers.SemanticEncoderStep(net.model.semantic_tokenizer_encoder, net.model.semantic_connector)
+        self.semantic_state = sem.state_size
         self.semantic_layout = sem.layout
 
 
-def _tol(atol, rtol, *names):
+def uniform_tolerance(atol, rtol, *names):
+    """The same {atol, rtol} for every output named."""
     return {n: {"atol": atol, "rtol": rtol} for n in names}
 
 
-def _lm_sample(ctx, dims, gen):
+def lm_sample(ctx, dims, gen, layers=None):
+    """Inputs of an lm-like graph (DecoderStep) of `layers` layers (default: ctx.layers)."""
     b, s, p = dims["batch"], dims["seq"], dims["past"]
     embeds = torch.randn(b, s, ctx.hidden, generator=gen) * 0.5
     mask = torch.ones(b, p + s, dtype=torch.int64)
@@ -123,7 +151,7 @@ def _lm_sample(ctx, dims, gen):
             mask[row, p - 2] = 0
         valid_before = int(mask[row, :p].sum())
         pos[row] = torch.arange(s) + valid_before
-    kv = torch.randn(ctx.layers, 2, b, ctx.kv_heads, p, ctx.head_dim, generator=gen)
+    kv = torch.randn(ctx.layers if layers is None else layers, 2, b, ctx.kv_heads, p, ctx.head_dim, generator=gen)
     return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, "past_kv": kv}
 
 
@@ -162,21 +190,73 @@ def _sampler_sample(ctx, dims, gen):
             "cfg_scale": torch.tensor([1.3])}
 
 
+# --- the graphs both families share (the streaming family's are in vv_export.realtime) -------------
+
+def text_embed_spec(ctx: ContextBase) -> GraphSpec:
+    net = ctx.net.model
+    return GraphSpec(
+        "text_embed",
+        [IO("input_ids", ("batch", "seq"), "int64")],
+        [IO("inputs_embeds", ("batch", "seq", ctx.hidden))],
+        lambda c: wrappers.TextEmbed(net.language_model.embed_tokens),
+        [{"batch": 1, "seq": 5}, {"batch": 3, "seq": 2}],
+        uniform_tolerance(0.0, 0.0, "inputs_embeds"),  # a gather: exact
+        sample=_ids_sample,
+        role="loop",
+    )
+
+
+def acoustic_decoder_spec(ctx: ContextBase) -> GraphSpec:
+    net = ctx.net.model
+    return GraphSpec(
+        "acoustic_decoder",
+        [IO("latent", ("batch", 1, ctx.acoustic_dim)), IO("state", ("batch", ctx.decoder_state))],
+        [IO("audio", ("batch", 1, ctx.hop)), IO("new_state", ("batch", ctx.decoder_state))],
+        lambda c: wrappers.AcousticDecoderStep(net.audio_tower, c.scale, c.bias),
+        [{"batch": 1}, {"batch": 3}],
+        uniform_tolerance(1e-5, 1e-4, "audio", "new_state"),
+        sample=_decoder_sample,
+        extra={"state_layout": ctx.decoder_layout},
+        role="per-frame",
+    )
+
+
+def acoustic_connector_spec(ctx: ContextBase) -> GraphSpec:
+    net = ctx.net.model
+    return GraphSpec(
+        "acoustic_connector",
+        [IO("latent", ("batch", "frames", ctx.acoustic_dim))],
+        [IO("embeds", ("batch", "frames", ctx.hidden))],
+        lambda c: wrappers.Connector(net.multi_modal_projector),
+        [{"batch": 1, "frames": 4}, {"batch": 2, "frames": 1}],
+        uniform_tolerance(1e-5, 1e-5, "embeds"),
+        role="auxiliary",
+    )
+
+
+def diffusion_sampler_spec(ctx: ContextBase) -> GraphSpec:
+    net = ctx.net.model
+    H, A = ctx.hidden, ctx.acoustic_dim
+    return GraphSpec(
+        "diffusion_sampler",
+        [IO("noise", ("batch", A)), IO("pos_condition", ("batch", H)), IO("neg_condition", ("batch", H)),
+         IO("cfg_scale", (1,))],
+        [IO("latent", ("batch", A)), IO("acoustic_embed", ("batch", H))],
+        lambda c: wrappers.DiffusionSampler(net.diffusion_head, net.multi_modal_projector, c.coefficients),
+        [{"batch": 1}, {"batch": 3}],
+        uniform_tolerance(1e-4, 1e-3, "latent", "acoustic_embed"),
+        sample=_sampler_sample,
+        extra={"steps": ctx.steps},
+        role="per-frame",
+    )
+
+
 def build_specs(ctx: ExportContext) -> list[GraphSpec]:
     H, A, S = ctx.hidden, ctx.acoustic_dim, ctx.semantic_dim
     L, KV, D = ctx.layers, ctx.kv_heads, ctx.head_dim
     net = ctx.net.model
     return [
-        GraphSpec(
-            "text_embed",
-            [IO("input_ids", ("batch", "seq"), "int64")],
-            [IO("inputs_embeds", ("batch", "seq", H))],
-            lambda c: wrappers.TextEmbed(net.language_model.embed_tokens),
-            [{"batch": 1, "seq": 5}, {"batch": 3, "seq": 2}],
-            _tol(0.0, 0.0, "inputs_embeds"),  # a gather: exact
-            sample=_ids_sample,
-            role="loop",
-        ),
+        text_embed_spec(ctx),
         GraphSpec(
             "lm",
             [IO("inputs_embeds", ("batch", "seq", H)), IO("attention_mask", ("batch", "total"), "int64"),
@@ -184,8 +264,8 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             [IO("hidden", ("batch", H)), IO("control_logits", ("batch", 4)), IO("new_kv", (L, 2, "batch", KV, "seq", D))],
             lambda c: wrappers.LMStep(net.language_model, c.net.lm_head.weight, c.control_ids),
             [{"batch": 1, "seq": 6, "past": 0}, {"batch": 2, "seq": 1, "past": 7}, {"batch": 3, "seq": 3, "past": 5}],
-            _tol(1e-5, 1e-4, "hidden", "control_logits", "new_kv"),
-            sample=_lm_sample,
+            uniform_tolerance(1e-5, 1e-4, "hidden", "control_logits", "new_kv"),
+            sample=lm_sample,
             role="loop",
         ),
         GraphSpec(
@@ -194,21 +274,11 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             [IO("latent_mean", ("batch", "frames", A)), IO("voice_embeds", ("batch", "frames", H))],
             lambda c: wrappers.AcousticEncoder(net.audio_tower, net.multi_modal_projector, c.scale, c.bias),
             [{"batch": 1, "frames": 2}, {"batch": 2, "frames": 3}],
-            _tol(1e-5, 1e-4, "latent_mean", "voice_embeds"),
+            uniform_tolerance(1e-5, 1e-4, "latent_mean", "voice_embeds"),
             sample=_audio_sample,
             role="loop",
         ),
-        GraphSpec(
-            "acoustic_decoder",
-            [IO("latent", ("batch", 1, A)), IO("state", ("batch", ctx.decoder_state))],
-            [IO("audio", ("batch", 1, ctx.hop)), IO("new_state", ("batch", ctx.decoder_state))],
-            lambda c: wrappers.AcousticDecoderStep(net.audio_tower, c.scale, c.bias),
-            [{"batch": 1}, {"batch": 3}],
-            _tol(1e-5, 1e-4, "audio", "new_state"),
-            sample=_decoder_sample,
-            extra={"state_layout": ctx.decoder_layout},
-            role="per-frame",
-        ),
+        acoustic_decoder_spec(ctx),
         GraphSpec(
             "semantic_encoder",
             [IO("audio", ("batch", 1, ctx.hop)), IO("state", ("batch", ctx.semantic_state))],
@@ -216,27 +286,19 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
              IO("new_state", ("batch", ctx.semantic_state))],
             lambda c: wrappers.SemanticEncoderStep(net.semantic_tokenizer_encoder, net.semantic_connector),
             [{"batch": 1}, {"batch": 2}],
-            _tol(1e-5, 1e-4, "features", "semantic_embed", "new_state"),
+            uniform_tolerance(1e-5, 1e-4, "features", "semantic_embed", "new_state"),
             sample=_semantic_sample,
             extra={"state_layout": ctx.semantic_layout},
             role="per-frame",
         ),
-        GraphSpec(
-            "acoustic_connector",
-            [IO("latent", ("batch", "frames", A))],
-            [IO("embeds", ("batch", "frames", H))],
-            lambda c: wrappers.Connector(net.multi_modal_projector),
-            [{"batch": 1, "frames": 4}, {"batch": 2, "frames": 1}],
-            _tol(1e-5, 1e-5, "embeds"),
-            role="auxiliary",
-        ),
+        acoustic_connector_spec(ctx),
         GraphSpec(
             "semantic_connector",
             [IO("features", ("batch", "frames", S))],
             [IO("embeds", ("batch", "frames", H))],
             lambda c: wrappers.Connector(net.semantic_connector),
             [{"batch": 1, "frames": 4}, {"batch": 2, "frames": 1}],
-            _tol(1e-5, 1e-5, "embeds"),
+            uniform_tolerance(1e-5, 1e-5, "embeds"),
             role="auxiliary",
         ),
         GraphSpec(
@@ -246,26 +308,15 @@ def build_specs(ctx: ExportContext) -> list[GraphSpec]:
             [IO("guided", ("batch", A))],
             lambda c: wrappers.DiffusionStep(net.diffusion_head),
             [{"batch": 1}, {"batch": 4}],
-            _tol(1e-5, 1e-4, "guided"),
+            uniform_tolerance(1e-5, 1e-4, "guided"),
             sample=_step_sample,
             role="auxiliary",
         ),
-        GraphSpec(
-            "diffusion_sampler",
-            [IO("noise", ("batch", A)), IO("pos_condition", ("batch", H)), IO("neg_condition", ("batch", H)),
-             IO("cfg_scale", (1,))],
-            [IO("latent", ("batch", A)), IO("acoustic_embed", ("batch", H))],
-            lambda c: wrappers.DiffusionSampler(net.diffusion_head, net.multi_modal_projector, c.coefficients),
-            [{"batch": 1}, {"batch": 3}],
-            _tol(1e-4, 1e-3, "latent", "acoustic_embed"),
-            sample=_sampler_sample,
-            extra={"steps": ctx.steps},
-            role="per-frame",
-        ),
+        diffusion_sampler_spec(ctx),
     ]
 
 
-def sample_inputs(spec: GraphSpec, ctx: ExportContext, dims: dict, seed: int) -> dict:
+def sample_inputs(spec: GraphSpec, ctx: ContextBase, dims: dict, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     if spec.sample is not None:
         return spec.sample(ctx, dims, gen)

@@ -81,27 +81,26 @@ class ScoresSoftmaxFp32(nn.Module):
         return torch.softmax(scores, dim=-1)
 
 
-class LMStep(nn.Module):
-    """Qwen2 decoder over new positions, with the cache of earlier positions as one input tensor.
+class DecoderStep(nn.Module):
+    """Qwen2 decoder layers over new positions, with the cache of earlier positions as one input tensor.
 
     past_kv [L, 2, B, KV, past, D] -> new_kv [L, 2, B, KV, seq, D]: the graph returns only the keys and
     values of the new positions; the caller owns the cache. The attention mask covers past + seq slots
     and is combined with causality, so masked (padding, dropped or reset) slots get exactly zero weight.
     A query always attends its own slot, so a padded query never has every key masked (its softmax
-    stays finite; real rows never depend on it). Outputs the last position's final-normed hidden state
-    and the logits of the 4 control tokens only.
+    stays finite; real rows never depend on it). `decode` returns the last layer's hidden states of
+    every new position, before the model's final norm; the graphs built on it pick their outputs.
 
     Reduced precision (docs/PRECISION.md): RoPE cos/sin come from an fp32 table (RopeTable), the mask
     bias is finite (MASK_BIAS), and the attention scores + softmax live in `attn_scores_fp32.<i>`.
     """
 
-    def __init__(self, language_model, lm_head_weight: torch.Tensor, control_ids: list[int]):
+    def __init__(self, language_model):
         super().__init__()
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
         self._rope = apply_rotary_pos_emb
         self.layers = language_model.layers
-        self.norm = language_model.norm
         cfg = language_model.config
         self.num_heads = cfg.num_attention_heads
         self.num_kv = cfg.num_key_value_heads
@@ -109,7 +108,6 @@ class LMStep(nn.Module):
         self.rope_table = RopeTable(language_model.rotary_emb, cfg.max_position_embeddings, self.head_dim)
         self.attn_scores_fp32 = nn.ModuleList([ScoresSoftmaxFp32(float(layer.self_attn.scaling))
                                                for layer in self.layers])
-        self.control_weight = nn.Parameter(lm_head_weight.detach()[control_ids].clone(), requires_grad=False)
 
     def _attention_bias(self, attention_mask, past: int, seq: int):
         """[B, 1, seq, past + seq] additive bias: 0 where a query attends a key, MASK_BIAS elsewhere."""
@@ -122,7 +120,8 @@ class LMStep(nn.Module):
         return torch.where(allowed, torch.zeros((), dtype=torch.float32),
                            torch.full((), MASK_BIAS, dtype=torch.float32))
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_kv):
+    def decode(self, inputs_embeds, attention_mask, position_ids, past_kv):
+        """(hidden [B, seq, H] of the last layer, no final norm; new_kv [L, 2, B, KV, seq, D])."""
         bsz, seq, _ = inputs_embeds.shape
         past = past_kv.shape[4]
         cos, sin = self.rope_table(position_ids)
@@ -150,10 +149,24 @@ class LMStep(nn.Module):
             out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
             hidden = residual + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        new_kv = torch.stack([torch.stack(new_keys, 0), torch.stack(new_values, 0)], 1)
+        return hidden, new_kv
+
+
+class LMStep(DecoderStep):
+    """VibeVoice's LM step (DecoderStep): the last position's final-normed hidden state and the logits of
+    the 4 control tokens only."""
+
+    def __init__(self, language_model, lm_head_weight: torch.Tensor, control_ids: list[int]):
+        super().__init__(language_model)
+        self.norm = language_model.norm
+        self.control_weight = nn.Parameter(lm_head_weight.detach()[control_ids].clone(), requires_grad=False)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past_kv):
+        hidden, new_kv = self.decode(inputs_embeds, attention_mask, position_ids, past_kv)
         hidden = self.norm(hidden)
         last = hidden[:, -1, :]
         logits = torch.matmul(last, self.control_weight.t())
-        new_kv = torch.stack([torch.stack(new_keys, 0), torch.stack(new_values, 0)], 1)
         return last, logits, new_kv
 
 

@@ -11,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
 FIXTURE = SHARED / "fixtures" / "vibevoice-tiny-original"
+REALTIME_FIXTURE = SHARED / "fixtures" / "vibevoice-realtime-tiny-original"
 REFERENCE = SHARED / "reference"
 
 
@@ -62,6 +63,32 @@ def tiny_engine_dir(fixture_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     export_onnx(load_checkpoint(str(fixture_dir)), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def realtime_fixture_dir() -> Path:
+    """The shared tiny VibeVoice-Realtime checkpoint (original layout, reference outputs of Microsoft's code)."""
+    return _need(REALTIME_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def realtime_reference(realtime_fixture_dir):
+    """(reference.json dict, reference_outputs as numpy arrays) of the realtime fixture."""
+    from safetensors.numpy import load_file
+
+    return (json.loads((realtime_fixture_dir / "reference.json").read_text()),
+            load_file(str(realtime_fixture_dir / "reference_outputs.safetensors")))
+
+
+@pytest.fixture(scope="session")
+def realtime_engine_dir(realtime_fixture_dir, tmp_path_factory) -> Path:
+    """The realtime fixture exported (fp32, validated, 5 diffusion steps) once per test session."""
+    from vv_export.checkpoint import load_checkpoint
+    from vv_export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("engines") / "realtime-tiny"
+    export_onnx(load_checkpoint(str(realtime_fixture_dir)), out, progress=False)
     return out
 
 

@@ -311,6 +311,10 @@ def test_expressions():
 #                the whole buffer is past_kv, seq 1, total = past + 1)
 #   lm extend    B <= max_rows rows continuing a cached prefix of <= extend_past slots by 2..max_prompt
 #   per frame    diffusion_step/sampler, acoustic_decoder, semantic_encoder: batch <= max_rows
+#   realtime     (VibeVoice-Realtime's text_lm and tts_lm) B <= max_rows rows of text windows (1..5 tokens)
+#                over every cache bucket up to batch_context, and B <= long_rows up to max_context; tts_lm
+#                also one speech step of 2B rows (CFG) over the same buckets. Caches start from a voice
+#                preset (past >= 1): nothing is prefilled from scratch.
 #   voice        acoustic_encoder: one voice of hop..max_voice_seconds; connectors: its frames
 #   validation   every validation input set the exporter saved (the GPU accuracy check runs them)
 
@@ -373,6 +377,13 @@ def runtime_calls(plan, manifest: dict, validation: dict) -> list[tuple[str, str
         calls += [("lm", "prefill_long", {"batch": b, "seq": n, "past": 0}) for n in _lengths(LP)]
         calls += [("lm", "decode_long", {"batch": 2 * b, "seq": 1, "past": p}) for p in _buckets(C)]
     calls.append(("lm", "negative row", {"batch": 1, "seq": 1, "past": 0}))
+    text_window = (manifest.get("streaming") or {}).get("text_window", 5)
+    for rows, limit, label in ((R, BC, ""), (LR, C, "_long")) if {"text_lm", "tts_lm"} & set(plan.graphs) else ():
+        for b in range(1, rows + 1):
+            for p in _buckets(limit):
+                calls += [("realtime_lms", f"window{label}", {"batch": b, "seq": n, "past": p})
+                          for n in range(1, text_window + 1)]
+                calls.append(("tts_lm", f"decode{label}", {"batch": 2 * b, "seq": 1, "past": p}))
     max_frames = s["max_voice_seconds"] * sr // hop
     for f in _lengths(max_frames):
         calls.append(("acoustic_encoder", "voice", {"batch": 1, "samples": f * hop}))
@@ -380,7 +391,8 @@ def runtime_calls(plan, manifest: dict, validation: dict) -> list[tuple[str, str
     out = []
     for graph, label, dims in calls:
         graphs = {"per_frame": ("diffusion_step", "diffusion_sampler", "acoustic_decoder", "semantic_encoder"),
-                  "connectors": ("acoustic_connector", "semantic_connector")}.get(graph, (graph,))
+                  "connectors": ("acoustic_connector", "semantic_connector"),
+                  "realtime_lms": ("text_lm", "tts_lm")}.get(graph, (graph,))
         out += [(g, label, dims) for g in graphs if g in plan.graphs]
     for graph, dims_list in validation.items():
         out += [(graph, "validation", dims) for dims in dims_list if graph in plan.graphs]
@@ -468,6 +480,68 @@ def test_coverage_check_finds_the_old_gaps(manifest, full_manifest, validation_d
     assert gaps == ["default: lm decode_long {'batch': 2, 'seq': 1, 'past': 65536}"]
 
 
+@pytest.fixture(scope="module")
+def realtime_manifest(realtime_engine_dir):
+    return json.loads((realtime_engine_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def realtime_validation_dims(realtime_engine_dir, realtime_manifest):
+    from vv_export.validation_data import load_validation_data
+
+    out = {}
+    for graph, entry in realtime_manifest["graphs"].items():
+        feeds, _ = load_validation_data(realtime_engine_dir, graph)
+        out[graph] = [_dims_of(entry, f) for f in feeds]
+    assert {"batch": 1, "seq": 5, "past": 9} in out["tts_lm"]  # a text window over a preset's cache
+    return out
+
+
+def test_every_plan_covers_what_runs_on_realtime(realtime_manifest, realtime_validation_dims):
+    """VibeVoice-Realtime's ENGINE_DIR: every packaged plan resolves against it (its graphs, in its order) and
+    covers its loop's calls. The fixture has the full-size model's context (8192 positions), so the named
+    dimensions, which are all the profiles give, are those of Realtime-0.5B."""
+    assert realtime_manifest["model"]["max_position_embeddings"] == 8192
+    for name in available_plans():
+        plan = resolve_plan(name, realtime_manifest)
+        assert list(plan.graphs) == [g for g in PLAN_GRAPHS if g in realtime_manifest["graphs"]]
+        assert list(plan.graphs) == list(realtime_manifest["graphs"])
+        gaps = coverage_gaps(plan, realtime_manifest, realtime_validation_dims)
+        assert not gaps, f"{len(gaps)} gaps, e.g. {gaps[:3]}"
+        labels = {label for g, label, _ in runtime_calls(plan, realtime_manifest, realtime_validation_dims)
+                  if g == "tts_lm"}
+        assert labels == {"window", "window_long", "decode", "decode_long", "validation"}
+
+
+def test_realtime_lm_profiles(realtime_manifest):
+    plan = resolve_plan("default", realtime_manifest)
+    tts = plan.graphs["tts_lm"]
+    assert tts.precision == "bf16" and plan.graphs["text_lm"].precision == "bf16"
+    assert [p.name for p in tts.profiles] == ["window", "decode", "window_long", "decode_long"]
+    window, decode, window_long, decode_long = tts.profiles
+    assert window.dims["seq"] == (1, 5, 5) and window.dims["past"] == (1, 1024, 4096)
+    assert decode.dims["batch"] == (1, 2, 32) and decode.dims["seq"] == (1, 1, 1)
+    assert decode_long.dims["past"][2] == window_long.dims["past"][2] == 8192  # max_context capped to the model's
+    m = realtime_manifest["model"]
+    assert decode.shapes["past_kv"][2] == (m["tts_lm_layers"], 2, 32, m["num_kv_heads"], 4096, m["head_dim"])
+    assert decode.shapes["input_types"] == ((1, 1), (2, 1), (32, 1))
+    assert [p.name for p in plan.graphs["text_lm"].profiles] == ["window", "window_long"]
+    assert set(tts.tolerance_for("bf16")) == {"hidden", "eos_logit", "new_kv"}
+
+
+def test_coverage_check_finds_realtime_gaps(realtime_manifest, realtime_validation_dims, default_data):
+    """A text window one token short, and no speech step beyond batch_context: both found."""
+    short = copy.deepcopy(default_data)
+    short["graphs"]["text_lm"]["profiles"][0]["seq"] = [1, 4, 4]
+    gaps = coverage_gaps(_resolve(short, realtime_manifest), realtime_manifest, realtime_validation_dims)
+    assert gaps and all(g.startswith("default: text_lm window {") and "'seq': 5" in g for g in gaps), gaps[:3]
+    no_long = copy.deepcopy(default_data)
+    del no_long["graphs"]["tts_lm"]["profiles"][3]
+    gaps = coverage_gaps(_resolve(no_long, realtime_manifest), realtime_manifest, realtime_validation_dims)
+    assert gaps and all(g.startswith("default: tts_lm decode_long") for g in gaps), gaps[:3]
+    assert "default: tts_lm decode_long {'batch': 2, 'seq': 1, 'past': 8192}" in gaps
+
+
 # --- device memory -----------------------------------------------------------------------------------
 
 def test_every_plan_fits_its_gpu(full_manifest):
@@ -511,6 +585,67 @@ def test_quantized_plans_need_less_memory(full_manifest):
         assert est["profiles"]["lm/prefill"] == default["profiles"]["lm/prefill"]  # bf16/fp16 activations
         saved = sum(default["weights_bytes"][g] - est["weights_bytes"][g] for g in est["weights_bytes"])
         assert est["total_bytes"] == default["total_bytes"] - saved and saved > 1.5e9, (name, saved)  # 1.56 GB
+
+
+@pytest.fixture(scope="module")
+def realtime_full_manifest(realtime_manifest, full_manifest, reference_dir):
+    """The VibeVoice-Realtime-0.5B manifest: the realtime fixture's I/O at the full-size config's dimensions,
+    each graph's weight bytes counted on the model built on the meta device (no weights allocated)."""
+    import torch
+
+    from vv_export import realtime
+
+    config = json.loads((reference_dir / "vibevoice-realtime-0.5b-config.json").read_text())
+    with torch.device("meta"):
+        net = realtime.build_model(realtime.config_kwargs(config))
+    body = net.model
+    dec = config["decoder_config"]
+    H, KV, D = dec["hidden_size"], dec["num_key_value_heads"], dec["hidden_size"] // dec["num_attention_heads"]
+    A, state = config["acoustic_vae_dim"], full_manifest["model"]["decoder_state_size"]  # the 1.5B's decoder
+    layers = {"text_lm": len(body.language_model.layers), "tts_lm": len(body.tts_language_model.layers)}
+    sized = {"inputs_embeds": {2: H}, "hidden": {-1: H}, "pos_condition": {1: H}, "neg_condition": {1: H},
+             "acoustic_embed": {1: H}, "embeds": {2: H}, "noise": {1: A}, "latent": {-1: A},
+             "state": {1: state}, "new_state": {1: state}}
+
+    def numel(*modules):
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    rope = dec["max_position_embeddings"] * D  # the fp32 cos/sin table (2 x positions x D/2)
+    elems = {"text_embed": numel(body.language_model.embed_tokens),
+             "text_lm": numel(body.language_model.layers) + rope,
+             "tts_lm": numel(body.tts_language_model, body.tts_input_types, net.tts_eos_classifier) + rope,
+             "acoustic_decoder": numel(body.audio_tower), "acoustic_connector": numel(body.multi_modal_projector),
+             "diffusion_sampler": numel(body.diffusion_head, body.multi_modal_projector)}
+    full = copy.deepcopy(realtime_manifest)
+    for graph, entry in full["graphs"].items():
+        for io in entry["inputs"] + entry["outputs"]:
+            fixed = dict(sized.get(io["name"], {}))
+            if io["name"] in ("past_kv", "new_kv"):
+                fixed = {0: layers[graph], 3: KV, 5: D}
+            for axis, value in fixed.items():
+                io["shape"][axis] = value
+        entry["weight_bytes"] = 4 * elems[graph]
+    full["model"].update(hidden_size=H, text_lm_layers=layers["text_lm"], tts_lm_layers=layers["tts_lm"],
+                         num_attention_heads=dec["num_attention_heads"], num_kv_heads=KV, head_dim=D,
+                         intermediate_size=dec["intermediate_size"], vocab_size=dec["vocab_size"],
+                         acoustic_vae_dim=A, decoder_state_size=state)
+    assert full["graphs"]["tts_lm"]["inputs"][4]["shape"] == [20, 2, "batch", 2, "past", 64]  # the presets' caches
+    assert 0.85e9 < sum(elems.values()) < 0.9e9  # Qwen2.5-0.5B, the 0.34 B acoustic decoder, the 4-layer head
+    return full
+
+
+def test_every_plan_fits_its_gpu_with_realtime(realtime_full_manifest):
+    """Realtime-0.5B under every plan: within the plan's GPU, its LM activations counted (text_lm, tts_lm)."""
+    for name in available_plans():
+        plan = resolve_plan(name, realtime_full_manifest)
+        est = memory_estimate(plan, realtime_full_manifest)
+        assert est["over_int32"] == [] and est["fits"], (name, round(est["total_bytes"] / 1e9, 1))
+        assert est["largest_lm_profile"].split("/")[0] in ("text_lm", "tts_lm")
+    est = memory_estimate(resolve_plan("default", realtime_full_manifest), realtime_full_manifest)
+    decode = est["profiles"]["tts_lm/decode"]
+    past_kv = 20 * 2 * 32 * 2 * 4096 * 64 * 4  # [L, 2, rows, KV, past, D] fp32
+    assert past_kv < decode["io_bytes"] < past_kv * 1.01 and decode["activation_bytes"] > 0
+    assert est["weights_bytes"]["tts_lm"] == realtime_full_manifest["graphs"]["tts_lm"]["weight_bytes"] // 2  # bf16
 
 
 def test_old_default_would_not_fit(full_manifest, default_data):
