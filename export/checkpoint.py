@@ -27,7 +27,7 @@ VIBEVOICE = "vibevoice"  # LoadedModel.family (and manifest "model_family") of V
 
 @dataclass
 class LoadedModel:
-    model: object  # transformers VibeVoiceForConditionalGeneration, fp32, eval
+    model: object  # fp32, eval: transformers VibeVoiceForConditionalGeneration, or vv_export.realtime.RealtimeModel
     layout: str
     source: str
     tokenizer_file: Path | None

@@ -58,6 +58,9 @@ QWEN_TOKEN_IDS = {"endoftext": 151643, "pad": 151655}  # their ids in Qwen2.5's 
 UNUSED_PREFIXES = ("model.acoustic_tokenizer.encoder.", "model.tts_language_model.embed_tokens.")
 # Tensors of this family only, named the same in the checkpoint and in RealtimeModel.
 OWN_PREFIXES = ("model.tts_language_model.", "model.tts_input_types.", "tts_eos_classifier.")
+# RealtimeModel's names of the parts it shares with VibeVoice (mapped as the 1.5B's, vv_export.layout).
+SHARED_PREFIXES = ("model.language_model.", "model.audio_tower.decoder.", "model.multi_modal_projector.",
+                   "model.diffusion_head.", "model.latent_scaling_factor", "model.latent_bias_factor")
 
 
 def is_realtime_config(cfg: dict) -> bool:
@@ -166,9 +169,7 @@ def map_state_dict_names(names) -> dict[str, str | None]:
             mapping[name] = name
         else:
             new = original_to_transformers_name(name)
-            if new is None or not new.startswith(("model.language_model.", "model.audio_tower.decoder.",
-                                                  "model.multi_modal_projector.", "model.diffusion_head.",
-                                                  "model.latent_")):
+            if new is None or not new.startswith(SHARED_PREFIXES):
                 unknown.append(name)
             else:
                 mapping[name] = new
