@@ -83,7 +83,8 @@ MID_DESCRIPTION = ("random weights (perturbed like the tiny random models); Qwen
 
 
 def load_model(name: str):
-    from vv_export.checkpoint import byte_level_tokenizer_json, load_checkpoint, perturb_, random_model
+    from vv_export.checkpoint import byte_level_tokenizer_json, perturb_, random_model
+    from vv_export.families import load_checkpoint
 
     if name == "tiny":
         return load_checkpoint(str(FIXTURE))

@@ -114,7 +114,7 @@ def _legacy_lm_class():
 def long_lms(work: Path):
     import onnx
 
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.onnx_export import export_graph
     from vv_export.specs import ExportContext, build_specs
 
@@ -249,7 +249,8 @@ def main(argv=None) -> int:
     import soundfile as sf
     from safetensors.numpy import load_file
 
-    from vv_export.checkpoint import load_checkpoint, tiny_random_model
+    from vv_export.checkpoint import tiny_random_model
+    from vv_export.families import load_checkpoint
     from vv_export.onnx_export import export_onnx
     from vv_export.plans import resolve_plan
 

@@ -47,7 +47,8 @@ FIXTURE = SHARED / "fixtures" / "vibevoice-tiny-original"
 # --- models and exports -----------------------------------------------------------------------------
 
 def load_model(name: str, tokenizer: str | None = None):
-    from vv_export.checkpoint import load_checkpoint, tiny_random_model
+    from vv_export.checkpoint import tiny_random_model
+    from vv_export.families import load_checkpoint
 
     if name == "fixture":
         return load_checkpoint(str(FIXTURE))

@@ -40,6 +40,14 @@ LOOP_ROLES = ("loop", "per-frame")
 
 # The "vibevoice" lm's control_logits columns, in this order (manifest["control_tokens"]).
 CONTROL_TOKENS = ("speech_start", "speech_end", "speech_diffusion", "eos")
+# The prompt template of the vibevoice family (manifest["prompt"]; the runtime falls back to it for a missing key)
+PROMPT = {
+    "system_prompt": " Transform the text provided by various speakers into speech output, utilizing the distinct "
+                     "voice of each respective speaker.\n",
+    "voice_header": " Voice input:\n",
+    "text_header": " Text input:\n",
+    "output_header": " Speech output:\n",
+}
 
 
 class EngineDirError(ValueError):

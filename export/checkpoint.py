@@ -193,28 +193,12 @@ def check_state(expected: dict, state: dict, optional=lambda name: False) -> Non
                               f"{tuple(expected[k].shape)}")
 
 
-def load_checkpoint(model: str, tokenizer_dir: str | None = None) -> LoadedModel:
-    """Load a checkpoint directory or hub id of either layout into transformers' VibeVoice (fp32).
-
-    A VibeVoice-Realtime checkpoint (config `model_type: vibevoice_streaming`) is loaded by its family's
-    module (vv_export.realtime), which builds on this module's helpers.
-    """
+def load_vibevoice_checkpoint(model: str, directory: Path, cfg: dict, tokenizer_dir: str | None = None) -> LoadedModel:
+    """A VibeVoice-1.5B / 7B checkpoint (either layout) in `directory`, its config `cfg`, as transformers'
+    VibeVoiceForConditionalGeneration (fp32, eval)."""
     import torch
 
-    directory = resolve_model_dir(model)
     config_path = directory / "config.json"
-    if not config_path.exists():
-        raise ExportError(f"{directory}: not a VibeVoice checkpoint (no config.json)")
-    try:
-        cfg = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise ExportError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise ExportError(f"{config_path}: not a VibeVoice config")
-    from . import realtime  # the streaming family (it imports this module's helpers)
-
-    if realtime.is_realtime_config(cfg):
-        return realtime.load_realtime_checkpoint(model, directory, cfg, tokenizer_dir)
     layout = detect_layout(cfg)
     files = safetensors_files(directory)
     tokenizer_file = find_tokenizer(directory, tokenizer_dir)

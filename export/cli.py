@@ -45,7 +45,8 @@ def main() -> None:
 def onnx_cmd(model, out, tokenizer, dtype, diffusion_steps, validate, force, quantize, seed, debug):
     """Split the model into ONNX graphs, validate them and write a self-describing ENGINE_DIR."""
     try:
-        from .checkpoint import load_checkpoint, tiny_random_model
+        from .checkpoint import tiny_random_model
+        from .families import load_checkpoint
         from .onnx_export import check_out_path, export_onnx
 
         check_out_path(out, force)  # fail before the (long) model load

@@ -15,27 +15,19 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+
 
 import numpy as np
 
 from .engine_dir import FORMAT, FORMAT_VERSION, ROLES, sha256_file
-from . import realtime
 from .errors import ExportError
+from .families import family_of
 from .graph_rules import EXTERNAL_DATA_BYTES, check_within_tolerance, cpu_session
-from .specs import (CONTROL_TOKENS, DEFAULT_CFG_SCALE, DEFAULT_DIFFUSION_STEPS, DIMS, SAMPLE_RATE, ContextBase,
-                    ExportContext, GraphSpec, build_specs, sample_inputs)
+from .specs import DIMS, ContextBase, GraphSpec, sample_inputs
 from .wrappers import FP32_STORAGE_PREFIXES
 
 OPSET = 17
 
-PROMPT = {
-    "system_prompt": " Transform the text provided by various speakers into speech output, utilizing the "
-                     "distinct voice of each respective speaker.\n",
-    "voice_header": " Voice input:\n",
-    "text_header": " Text input:\n",
-    "output_header": " Speech output:\n",
-}
 
 
 def _versions() -> dict:
@@ -186,42 +178,6 @@ def validate_graph(spec: GraphSpec, ctx: ContextBase, directory: Path, threads: 
     return worst
 
 
-def _vibevoice_facts(ctx: ExportContext) -> dict:
-    """The manifest sections of VibeVoice (1.5B / 7B): model, tokens, control_tokens, prompt, diffusion."""
-    tc = ctx.net.config.text_config
-    return {
-        "model": {
-            "hidden_size": ctx.hidden, "num_layers": ctx.layers, "num_attention_heads": ctx.heads,
-            "num_kv_heads": ctx.kv_heads, "head_dim": ctx.head_dim, "vocab_size": ctx.vocab,
-            "max_position_embeddings": ctx.max_positions, "acoustic_vae_dim": ctx.acoustic_dim,
-            "semantic_vae_dim": ctx.semantic_dim, "hop_length": ctx.hop, "sample_rate": SAMPLE_RATE,
-            "latent_scaling_factor": float(ctx.scale.item()), "latent_bias_factor": float(ctx.bias.item()),
-            "vae_std": float(ctx.net.config.audio_config.vae_std),
-            "tie_word_embeddings": bool(getattr(tc, "tie_word_embeddings", False)),
-            "decoder_state_size": ctx.decoder_state, "semantic_state_size": ctx.semantic_state,
-        },
-        "tokens": dict(ctx.loaded.token_ids),
-        "control_tokens": list(CONTROL_TOKENS),
-        "prompt": dict(PROMPT),
-        "diffusion": ctx.diffusion_facts(DEFAULT_CFG_SCALE),
-    }
-
-
-class _Family(NamedTuple):
-    context: Callable  # (loaded, diffusion_steps=) -> the specs' context
-    build_specs: Callable  # context -> [GraphSpec]
-    manifest_facts: Callable  # context -> the family's manifest sections
-    default_diffusion_steps: int
-
-
-def _family(loaded) -> _Family:
-    """How the loaded model's family (LoadedModel.family) is exported."""
-    if loaded.family == realtime.FAMILY:
-        return _Family(realtime.RealtimeContext, realtime.build_specs, realtime.manifest_facts,
-                       realtime.DEFAULT_DIFFUSION_STEPS)
-    return _Family(ExportContext, build_specs, _vibevoice_facts, DEFAULT_DIFFUSION_STEPS)
-
-
 def _manifest(ctx: ContextBase, specs: list[GraphSpec], entries: dict, dtype: str, validation: dict | None) -> dict:
     loaded = ctx.loaded
     graphs = {}
@@ -236,7 +192,7 @@ def _manifest(ctx: ContextBase, specs: list[GraphSpec], entries: dict, dtype: st
         "format_version": FORMAT_VERSION,
         "model_family": loaded.family,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **_family(loaded).manifest_facts(ctx),
+        **family_of(loaded).manifest_facts(ctx),
         "dtype": dtype,
         "dims": dict(DIMS),
         "graphs": graphs,
@@ -289,7 +245,7 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
     out = Path(out)
     parent = check_out_path(out, force)
     round_weights_(loaded.model, dtype)
-    family = _family(loaded)
+    family = family_of(loaded)
     ctx = family.context(loaded, diffusion_steps=diffusion_steps or family.default_diffusion_steps)
     specs = family.build_specs(ctx)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))

@@ -2,8 +2,7 @@
 
 Everything this family does differently from VibeVoice (1.5B / 7B) is here: reading its checkpoint, its
 model built from transformers' modules, random models of its architecture, its graphs and its manifest
-facts. `vv_export.checkpoint.load_checkpoint` and `vv_export.onnx_export.export_onnx` dispatch here on
-the config's `model_type` and on `LoadedModel.family`.
+facts, registered in `vv_export.families` (which recognises the family by the config's `model_type`).
 
 The model (Microsoft's `VibeVoiceStreamingForConditionalGenerationInference`) splits a Qwen2 decoder:
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from . import wrappers
-from .engine_dir import CONTROL_TOKENS
+from .engine_dir import CONTROL_TOKENS, PROMPT
 from .schedule import dpm_solver_coefficients
 
 DIMS = {
@@ -321,3 +321,26 @@ def sample_inputs(spec: GraphSpec, ctx: ContextBase, dims: dict, seed: int) -> d
     if spec.sample is not None:
         return spec.sample(ctx, dims, gen)
     return {io.name: torch.randn(spec.concrete(io, dims), generator=gen) for io in spec.inputs}
+
+
+
+
+def manifest_facts(ctx: ExportContext) -> dict:
+    """The manifest sections of VibeVoice (1.5B / 7B): model, tokens, control_tokens, prompt, diffusion."""
+    tc = ctx.net.config.text_config
+    return {
+        "model": {
+            "hidden_size": ctx.hidden, "num_layers": ctx.layers, "num_attention_heads": ctx.heads,
+            "num_kv_heads": ctx.kv_heads, "head_dim": ctx.head_dim, "vocab_size": ctx.vocab,
+            "max_position_embeddings": ctx.max_positions, "acoustic_vae_dim": ctx.acoustic_dim,
+            "semantic_vae_dim": ctx.semantic_dim, "hop_length": ctx.hop, "sample_rate": SAMPLE_RATE,
+            "latent_scaling_factor": float(ctx.scale.item()), "latent_bias_factor": float(ctx.bias.item()),
+            "vae_std": float(ctx.net.config.audio_config.vae_std),
+            "tie_word_embeddings": bool(getattr(tc, "tie_word_embeddings", False)),
+            "decoder_state_size": ctx.decoder_state, "semantic_state_size": ctx.semantic_state,
+        },
+        "tokens": dict(ctx.loaded.token_ids),
+        "control_tokens": list(CONTROL_TOKENS),
+        "prompt": dict(PROMPT),
+        "diffusion": ctx.diffusion_facts(DEFAULT_CFG_SCALE),
+    }

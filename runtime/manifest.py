@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import vv_engine_dir
-from vv_engine_dir import (CONTROL_TOKENS, DEFAULT_ROLES, DERIVED_DIMS, FORMAT, FORMAT_VERSION, LOOP_ROLES,
+from vv_engine_dir import (CONTROL_TOKENS, PROMPT, DEFAULT_ROLES, DERIVED_DIMS, FORMAT, FORMAT_VERSION, LOOP_ROLES,
                            REQUIRED_GRAPHS, ROLES, EngineDirError, graph_roles, graphs_with_role, required_graphs)
 
 from .errors import RuntimeInputError
 
-__all__ = ["CONTROL_TOKENS", "DEFAULT_ROLES", "DERIVED_DIMS", "FORMAT", "FORMAT_VERSION", "LOOP_ROLES",
+__all__ = ["CONTROL_TOKENS", "PROMPT", "DEFAULT_ROLES", "DERIVED_DIMS", "FORMAT", "FORMAT_VERSION", "LOOP_ROLES",
            "REQUIRED_GRAPHS", "ROLES", "graph_roles", "graphs_with_role", "io_names", "load_manifest",
            "required_graphs", "state_size"]
 

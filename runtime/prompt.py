@@ -20,15 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RuntimeInputError
+from .manifest import PROMPT as DEFAULT_PROMPT
 from .script import speakers
 
-DEFAULT_PROMPT = {
-    "system_prompt": " Transform the text provided by various speakers into speech output, utilizing the distinct "
-                     "voice of each respective speaker.\n",
-    "voice_header": " Voice input:\n",
-    "text_header": " Text input:\n",
-    "output_header": " Speech output:\n",
-}
 
 
 @dataclass

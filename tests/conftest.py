@@ -58,7 +58,7 @@ def fixture_reference(fixture_dir):
 @pytest.fixture(scope="session")
 def tiny_engine_dir(fixture_dir, tmp_path_factory) -> Path:
     """The shared fixture exported (fp32, validated) once per test session."""
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
@@ -84,11 +84,24 @@ def realtime_reference(realtime_fixture_dir):
 @pytest.fixture(scope="session")
 def realtime_engine_dir(realtime_fixture_dir, tmp_path_factory) -> Path:
     """The realtime fixture exported (fp32, validated, 5 diffusion steps) once per test session."""
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("engines") / "realtime-tiny"
     export_onnx(load_checkpoint(str(realtime_fixture_dir)), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def realtime_voiced_engine_dir(realtime_engine_dir, realtime_fixture_dir, tmp_path_factory) -> Path:
+    """The exported realtime fixture with its voice preset (`en-Tiny_man`) converted in."""
+    import shutil
+
+    from vv_export.voices import convert_voices
+
+    out = tmp_path_factory.mktemp("engines") / "realtime-tiny-voiced"
+    shutil.copytree(realtime_engine_dir, out)
+    convert_voices(out, [realtime_fixture_dir / "voices" / "en-Tiny_man.pt"])
     return out
 
 

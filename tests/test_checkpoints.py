@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from vv_export.checkpoint import load_checkpoint, resolve_special_tokens
+from vv_export.checkpoint import resolve_special_tokens
+from vv_export.families import load_checkpoint
 from vv_export.errors import ExportError
 
 

@@ -105,7 +105,7 @@ def test_unwritable_out(fixture_dir, tmp_path):
 def test_validation_failure_names_graph_output_and_tolerance(fixture_dir, tmp_path, monkeypatch):
     """A graph outside its tolerance fails the export with the graph, output, error and bound named."""
     from vv_export import specs as specs_module
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.errors import ValidationError
     from vv_export.onnx_export import export_onnx
 
@@ -118,7 +118,7 @@ def test_validation_failure_names_graph_output_and_tolerance(fixture_dir, tmp_pa
                 spec.tolerance = {"embeds": {"atol": -1.0, "rtol": 0.0}}  # impossible to meet
         return out
 
-    monkeypatch.setattr("vv_export.onnx_export.build_specs", strict_specs)
+    monkeypatch.setattr("vv_export.specs.build_specs", strict_specs)
     out = tmp_path / "out"
     with pytest.raises(ValidationError, match=r"graph acoustic_connector: output embeds differs from PyTorch by .* "
                                               r"\(allowed .*atol -1"):

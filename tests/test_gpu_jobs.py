@@ -357,7 +357,7 @@ def test_bench_gpu_torch_sides_run(bench_gpu, fixture_dir):
     import torch
 
     from torch_reference import TorchReference
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
 
     loaded = load_checkpoint(str(fixture_dir))
     bench_gpu.align_generation_tokens(loaded.model, loaded.token_ids)
@@ -465,7 +465,7 @@ def test_bench_gpu_torch_sides_in_both_dtypes(bench_gpu, fixture_dir, tiny_engin
     full-size random model): each figure is the faster dtype's, labelled, both dtypes kept."""
     import torch
 
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
 
     loads = []
 

@@ -34,7 +34,7 @@ INT4_FIRST_FRAME_LATENT_REL = 0.6        # forced run, frame 0 [0.38]: int4 is N
 
 @pytest.fixture(scope="module")
 def quant_dirs(fixture_dir, tmp_path_factory):
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.onnx_export import export_onnx
 
     base = tmp_path_factory.mktemp("quant")

@@ -229,7 +229,7 @@ def test_acoustic_connector(ctx):
 
 @pytest.fixture(scope="module")
 def loaded(realtime_fixture_dir):
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
 
     return load_checkpoint(str(realtime_fixture_dir))
 
@@ -323,7 +323,7 @@ def test_checkpoint_missing_a_required_tensor_is_one_line(realtime_fixture_dir, 
 
 def test_unused_tensors_are_skipped_and_foreign_ones_refused(realtime_fixture_dir, tmp_path):
     """An acoustic encoder (unused: voices are presets) loads; a semantic tokenizer (the 1.5B's) does not."""
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.errors import ExportError
 
     def add_encoder(t):
@@ -343,7 +343,7 @@ def test_unused_tensors_are_skipped_and_foreign_ones_refused(realtime_fixture_di
 
 @pytest.mark.parametrize("layers", [0, 4, "2"])
 def test_bad_layer_split_is_one_line(realtime_fixture_dir, tmp_path, layers):
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.errors import ExportError
 
     ckpt = tmp_path / "c"

@@ -20,17 +20,25 @@ from vv_runtime.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
-def realtime(realtime_engine_dir):
+def realtime(realtime_voiced_engine_dir):
     from vv_runtime.manifest import load_manifest
 
-    manifest = load_manifest(realtime_engine_dir)
-    pipe = RealtimePipeline(realtime_engine_dir, manifest, OrtBackend(realtime_engine_dir, manifest))
+    engine_dir = realtime_voiced_engine_dir
+    manifest = load_manifest(engine_dir)
+    pipe = RealtimePipeline(engine_dir, manifest, OrtBackend(engine_dir, manifest))
     yield pipe
     pipe.close()
 
 
 def test_fixture_generation_matches_the_original(realtime, realtime_reference):
-    ref, settings = realtime_reference
+    """Same text tokens, the same 56 frames (speech ends on the same frame), the end-of-speech logits of every
+    frame, and the audio: within 1e-4 of the peak over the first 8 frames, 2e-3 over all 56.
+
+    Why not 1e-4 over all 56: the loop amplifies rounding. Fed back through 56 frames (the TTS LM, the sampler's
+    5 x-prediction steps), a relative change of 1e-7 of the recorded noise (below fp32's resolution of 1.2e-7)
+    moves the audio by 5.8e-5 of the peak, 1e-6 by 1.1e-3 (`test_the_loop_amplifies_rounding` below); this loop
+    and the original differ only in operation order (frame 1: 1.4e-6 of the peak, frame 56: ~7e-4)."""
+    settings, ref = realtime_reference
     text = settings["generate"]["script"]
     assert realtime.text_tokens(text) == ref["generate.tts_text_ids"][0].tolist()
     result = realtime.generate(text, "en-Tiny_man", cfg_scale=settings["generate"]["cfg_scale"],
@@ -39,14 +47,31 @@ def test_fixture_generation_matches_the_original(realtime, realtime_reference):
     assert result.frames == settings["generate"]["frames"] == 56
     assert result.audio.shape == want.shape
     peak = float(np.abs(want).max())
-    assert float(np.abs(result.audio - want).max()) <= 1e-4 * peak
+    error = np.abs(result.audio - want).reshape(56, -1).max(axis=1) / peak
+    assert error[:8].max() <= 1e-4, error[:8]
+    assert error.max() <= 2e-3, error
     # the end-of-speech logits of the frames fed, as the original computed them
-    np.testing.assert_allclose(result.eos_logits, ref["generate.eos_logits"][:result.frames], atol=1e-3)
+    np.testing.assert_allclose(result.eos_logits, ref["generate.eos_logits"][:result.frames], atol=2e-3)
     assert result.eos_logits[-1] > 0 and max(result.eos_logits[:-1]) < 0
 
 
+def test_the_loop_amplifies_rounding(realtime, realtime_reference):
+    """The measurement behind the tolerance above: the same loop with the recorded noise changed by 1e-6
+    relative moves the audio by about 1e-3 of the peak by the end, far more than at the start."""
+    settings, ref = realtime_reference
+    text = settings["generate"]["script"]
+    noise = ref["generate.noise"]
+    base = realtime.generate(text, "en-Tiny_man", cfg_scale=1.5, noise=noise)
+    nudged = noise * (1 + 1e-6 * np.random.default_rng(0).standard_normal(noise.shape).astype(np.float32))
+    moved = realtime.generate(text, "en-Tiny_man", cfg_scale=1.5, noise=nudged)
+    n = min(base.frames, moved.frames)
+    peak = float(np.abs(base.audio).max())
+    drift = np.abs(moved.audio[: n * 3200] - base.audio[: n * 3200]).reshape(n, -1).max(axis=1) / peak
+    assert drift[0] < 1e-5 and drift.max() > 2e-4, drift
+
+
 def test_streamed_text_equals_text_given_at_once(realtime, realtime_reference):
-    ref, settings = realtime_reference
+    settings, ref = realtime_reference
     text = settings["generate"]["script"]
     alone = realtime.generate(text, "en-Tiny_man", seed=11, max_new_frames=30)
     rng = np.random.default_rng(0)

@@ -272,7 +272,7 @@ class _LegacyLMStep(wrappers.LMStep):
 @pytest.fixture(scope="module")
 def long_lms(fixture_dir, tmp_path_factory):
     """The fixture's LM with a 64K-position RoPE table (its weights, VibeVoice-1.5B's context), new and old."""
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.onnx_export import export_graph
     from vv_export.specs import ExportContext, build_specs
 

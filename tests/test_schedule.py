@@ -42,7 +42,7 @@ def test_exported_sampler_matches_diffusers_loop(tiny_engine_dir, fixture_dir):
     """The one-graph sampler (ORT) == diffusers' scheduler driving the PyTorch head with CFG, 10 steps."""
     import onnxruntime as ort
 
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
 
     net = load_checkpoint(str(fixture_dir)).model
     head, projector = net.model.diffusion_head, net.model.multi_modal_projector

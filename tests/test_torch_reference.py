@@ -17,7 +17,7 @@ def _torch_reference():
 
 @pytest.fixture(scope="module")
 def reference_run(fixture_dir, fixture_reference):
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
 
     ref, out = fixture_reference
     gen = ref["generate"]
@@ -49,7 +49,7 @@ def test_reproduces_audio(reference_run):
 
 
 def test_forced_diffusion_makes_one_frame_per_step(fixture_dir, fixture_reference):
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
 
     _, out = fixture_reference
     loaded = load_checkpoint(str(fixture_dir))

@@ -9,6 +9,7 @@ ENGINE_DIR is left exactly as it was.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import pickle
 import subprocess
@@ -43,16 +44,14 @@ def config_dims(config_path: Path) -> dict:
             "head_dim": decoder.get("head_dim") or decoder["hidden_size"] // decoder["num_attention_heads"]}
 
 
-def fake_engine_dir(root: Path, dims: dict, dtype: str = "fp32", family: str | None = "vibevoice_streaming") -> Path:
-    """A stand-in for the streaming exporter's ENGINE_DIR: a manifest with only the fields `vv-export voices`
-    reads (format, family, dtype, the model dimensions), no graphs."""
+def engine_copy(root: Path, source: Path, dtype: str | None = None) -> Path:
+    """A copy of an exported ENGINE_DIR to convert voices into (`dtype`: the manifest's, rewritten)."""
     engine = root / "engine"
-    engine.mkdir()
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "graphs": {},
-                "model": {**dims, "num_attention_heads": 4, "max_position_embeddings": 8192}}
-    if family is not None:
-        manifest["model_family"] = family
-    (engine / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.copytree(source, engine)
+    if dtype is not None:
+        manifest = json.loads((engine / "manifest.json").read_text())
+        manifest["dtype"] = dtype
+        (engine / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return engine
 
 
@@ -176,7 +175,7 @@ HOSTILE = {"os.system": _os_system, "builtins.eval": _builtins_eval, "subprocess
 
 
 @pytest.mark.parametrize("refused_name", list(HOSTILE))
-def test_hostile_pickle_is_refused_before_it_runs(refused_name, tmp_path):
+def test_hostile_pickle_is_refused_before_it_runs(refused_name, tmp_path, realtime_engine_dir):
     make = HOSTILE[refused_name]
     # the payload is live: a plain unpickler runs it
     control = tmp_path / "control-marker"
@@ -190,7 +189,7 @@ def test_hostile_pickle_is_refused_before_it_runs(refused_name, tmp_path):
     assert refused_name in str(refused.value) and "refused" in str(refused.value)
     assert not marker.exists()
 
-    engine = fake_engine_dir(tmp_path, config_dims(REALTIME_FIXTURE / "config.json"))
+    engine = engine_copy(tmp_path, realtime_engine_dir)
     before = snapshot(engine)
     line = assert_refused(run_voices(engine, TINY_PRESET, hostile), refused_name)
     assert "evil.pt" in line
@@ -215,7 +214,7 @@ def _save_with_torch(path: Path, content) -> Path:
     return path
 
 
-def test_broken_files_are_refused_in_one_line(tmp_path):
+def test_broken_files_are_refused_in_one_line(tmp_path, realtime_engine_dir):
     torch = pytest.importorskip("torch")
     original = TINY_PRESET.read_bytes()
     (tmp_path / "truncated.pt").write_bytes(original[: len(original) // 2])
@@ -261,7 +260,7 @@ def test_broken_files_are_refused_in_one_line(tmp_path):
         message = str(refused.value)
         assert "\n" not in message and message.startswith(str(tmp_path / name)) and needle in message, message
 
-    engine = fake_engine_dir(tmp_path, config_dims(REALTIME_FIXTURE / "config.json"))
+    engine = engine_copy(tmp_path, realtime_engine_dir)
     before = snapshot(engine)
     assert_refused(run_voices(engine, TINY_PRESET, tmp_path / "corrupt.pt"), "Bad CRC-32")
     assert_refused(run_voices(engine, tmp_path / "missing-keys.pt"), "missing neg_lm, neg_tts_lm")
@@ -270,9 +269,8 @@ def test_broken_files_are_refused_in_one_line(tmp_path):
 
 # ---- the command ---------------------------------------------------------------------------------------------
 
-def test_cli_converts_a_preset_into_the_engine_dir(tmp_path):
-    tiny = config_dims(REALTIME_FIXTURE / "config.json")
-    engine = fake_engine_dir(tmp_path, tiny)
+def test_cli_converts_a_preset_into_the_engine_dir(tmp_path, realtime_engine_dir):
+    engine = engine_copy(tmp_path, realtime_engine_dir)
     proc = run_voices(engine, TINY_PRESET, importtime=True)
     assert proc.returncode == 0, proc.stderr
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in proc.stderr.splitlines()
@@ -312,16 +310,16 @@ def test_cli_converts_a_preset_into_the_engine_dir(tmp_path):
     assert json.loads((engine / "manifest.json").read_text())["voices"] == manifest["voices"]
 
 
-def test_cli_refuses_a_preset_of_another_model_size(tmp_path):
-    engine = fake_engine_dir(tmp_path, config_dims(REALTIME_FIXTURE / "config.json"))
+def test_cli_refuses_a_preset_of_another_model_size(tmp_path, realtime_engine_dir):
+    engine = engine_copy(tmp_path, realtime_engine_dir)
     before = snapshot(engine)
     line = assert_refused(run_voices(engine, TINY_PRESET, REAL_PRESET), "en-Davis_man.pt was made for another model")
     assert "text LM layers 4 (engine: 2)" in line and "hidden size 896 (engine: 64)" in line
     assert snapshot(engine) == before  # the tiny preset, which fits, was not written alone
 
 
-def test_cli_refuses_an_engine_dir_of_another_family(tmp_path):
-    engine = fake_engine_dir(tmp_path, config_dims(REALTIME_FIXTURE / "config.json"), family=None)
+def test_cli_refuses_an_engine_dir_of_another_family(tmp_path, tiny_engine_dir):
+    engine = engine_copy(tmp_path, tiny_engine_dir)
     before = snapshot(engine)
     assert_refused(run_voices(engine, TINY_PRESET), "holds a vibevoice model; voice presets are for "
                                                     "vibevoice_streaming")
@@ -329,9 +327,8 @@ def test_cli_refuses_an_engine_dir_of_another_family(tmp_path):
     assert snapshot(engine) == before
 
 
-def test_voice_names_and_fp16_engines(tmp_path):
-    tiny = config_dims(REALTIME_FIXTURE / "config.json")
-    engine = fake_engine_dir(tmp_path, tiny, dtype="fp16")
+def test_voice_names_and_fp16_engines(tmp_path, realtime_engine_dir):
+    engine = engine_copy(tmp_path, realtime_engine_dir, dtype="fp16")
     (tmp_path / "a b.pt").write_bytes(TINY_PRESET.read_bytes())
     with pytest.raises(PresetError, match="the voice name 'a b'"):
         convert_voices(engine, [tmp_path / "a b.pt"])
@@ -343,7 +340,7 @@ def test_voice_names_and_fp16_engines(tmp_path):
         manifest = json.loads((engine / "manifest.json").read_text())
         del manifest["model"]["head_dim"]
         broken = tmp_path / "broken"
-        broken.mkdir()
+        shutil.copytree(engine, broken)
         (broken / "manifest.json").write_text(json.dumps(manifest))
         convert_voices(broken, [TINY_PRESET])
     assert not (engine / "voices").exists()
