@@ -93,6 +93,19 @@ def realtime_engine_dir(realtime_fixture_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def realtime_voiced_engine_dir(realtime_engine_dir, realtime_fixture_dir, tmp_path_factory) -> Path:
+    """The exported realtime fixture with its voice preset `en-Tiny_man` converted in (`vv-export voices`)."""
+    import shutil
+
+    from vv_export.voices import convert_voices
+
+    out = tmp_path_factory.mktemp("engines") / "realtime-tiny-voiced"
+    shutil.copytree(realtime_engine_dir, out)
+    convert_voices(out, [realtime_fixture_dir / "voices" / "en-Tiny_man.pt"])
+    return out
+
+
+@pytest.fixture(scope="session")
 def random_engine_dir(tmp_path_factory) -> Path:
     """The README demo's tiny random model exported once per session."""
     from vv_export.checkpoint import tiny_random_model

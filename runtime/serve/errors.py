@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from ..errors import BackendFault, CapacityError, RuntimeInputError, one_line
-from ..service_engine import Cancelled, EngineStopped, QueueFull
+from ..request_engine import Cancelled, EngineStopped, QueueFull
 
 INVALID = "invalid_request_error"
 
