@@ -123,23 +123,25 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level):
     import uvicorn
 
-    from ..service_engine import SpeechEngine
     from .app import create_app
+    from .engines import open_engine
+    from .realtime_routes import STREAM_PATH
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     sock = listening_socket(host, port)  # before loading: a taken port fails at once
-    engine = SpeechEngine.from_engine_dir(engine_dir, backend=backend, threads=threads, max_batch=max_batch,
-                                          max_queue=max_queue, voices_dir=voices_dir,
-                                          max_voice_seconds=limits.max_voice_seconds).start()
+    engine = open_engine(engine_dir, backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                         voices_dir=voices_dir, max_voice_seconds=limits.max_voice_seconds).start()
     app = create_app(engine, limits)
     service = app.state.service
+    # a WebSocket message (a text chunk of a streamed request) is bounded as an HTTP body is
     config = uvicorn.Config(app, log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=graceful_timeout(limits))
+                            timeout_graceful_shutdown=graceful_timeout(limits),
+                            ws_max_size=limits.body_limit(STREAM_PATH))
     server = draining_server(config, service)
     service.abort_client = lambda client: abort_connection(server, client)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    print(f"vv-serve: listening on http://{shown}:{bound[1]} ({len(engine.voices.list())} voices, "
+    print(f"vv-serve: listening on http://{shown}:{bound[1]} ({engine.family}, {len(engine.voices.list())} voices, "
           f"max batch {max_batch}, max queue {max_queue})", flush=True)
     try:
         server.run(sockets=[sock])
