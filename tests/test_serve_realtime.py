@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+import wave
 from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import ServerProcess
+from conftest import REPO, ServerProcess
 
 websockets = pytest.importorskip("websockets", reason="websockets not installed (serve extra)")
 
@@ -256,3 +259,17 @@ def test_voices_dir_is_refused_for_a_realtime_engine(realtime_voiced_engine_dir,
     lines = [ln for ln in srv.log().splitlines() if ln.strip()]
     assert lines[-1].startswith("error: --voices") and "vv-export voices" in lines[-1]
     assert "Traceback" not in srv.log()
+
+
+def test_the_example_client_streams_text_and_writes_the_wav(server, tmp_path):
+    out = tmp_path / "streamed.wav"
+    run = subprocess.run([sys.executable, str(REPO / "examples" / "stream_client.py"), "--url", ws_url(server),
+                          "--voice", VOICE, "--text", TEXTS[1], "--seed", "3", "--max-frames", "24", "--words", "2",
+                          "--every", "0.02", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "first audio" in run.stderr and "wrote" in run.stderr
+    with wave.open(str(out)) as wav:
+        assert wav.getframerate() == 24000 and wav.getnchannels() == 1 and wav.getsampwidth() == 2
+        samples = wav.readframes(wav.getnframes())
+    at_once = asyncio.run(stream(server, {"seed": 3, "max_new_frames": 24, "text": TEXTS[1]}, []))
+    assert samples == b"".join(at_once.frames) and len(samples) == 24 * HOP * 2
