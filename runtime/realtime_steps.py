@@ -263,10 +263,14 @@ class RealtimeSteps:
             job.ready = True
             if job.window_frames < self.facts.speech_window:
                 continue
+            # `closed` before the count: a stream releases its last tokens before it says closed, so a closed
+            # text read here has all its tokens counted (read the other way round, a close landing in between
+            # would make a short window of what was counted)
+            closed = job.text.closed
             left = job.text.available() - job.text_used
-            if left >= self.facts.text_window or (job.text.closed and left > 0):
+            if left >= self.facts.text_window or (closed and left > 0):
                 self._text_window(job, min(left, self.facts.text_window))
-            elif not job.text.closed:
+            elif not closed:
                 job.ready = False      # the window is not complete yet: wait for text
                 if job.waiting_since is None:
                     job.waiting_since = self.clock()
