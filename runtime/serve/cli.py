@@ -4,6 +4,10 @@
              [--max-queue 64] [--backend auto|ort|trt] [--max-text-chars 4096] [--max-voice-seconds 60]
              [--request-timeout 300] [--write-timeout 30] [--no-voice-uploads] [--ray --replicas N]
 
+On a VibeVoice-Realtime ENGINE_DIR (manifest `model_family: vibevoice_streaming`) it serves that model: its
+voices are the presets of the ENGINE_DIR (no --voices), and a WebSocket takes text while audio is made
+(docs/SERVE.md).
+
 It prints `vv-serve: listening on http://HOST:PORT` once the engine is loaded and the socket is bound
 (`--port 0` picks a free port). SIGTERM (or Ctrl-C) stops admission (new requests: 503, then
 connection refused), lets in-flight requests finish, stops the engine and exits 0. A client that
@@ -34,7 +38,8 @@ from ..errors import RuntimeInputError, one_line
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port to listen on (0: any free port, printed at start).")
 @click.option("--voices", "voices_dir", type=click.Path(), default=None, metavar="DIR",
-              help="Voice presets: every sound file in DIR, id = file name without extension.")
+              help="Voice presets: every sound file in DIR, id = file name without extension (VibeVoice; a "
+                   "VibeVoice-Realtime ENGINE_DIR has its own presets).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Most requests generated together (each takes two LM rows).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
