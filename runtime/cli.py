@@ -1,11 +1,14 @@
 """`vv-run`: speak a script (or a batch of scripts) with the graphs of an ENGINE_DIR.
 
-It drives the same step-wise scheduler as the speech service (`Pipeline.generate` ->
-`vv_runtime.scheduler`): the scripts of a batch run together, each equal to itself run alone.
+Both model families: VibeVoice-1.5B/7B (`Speaker N:` scripts, voices from audio files) and VibeVoice-Realtime-0.5B
+(plain text, one voice preset of the ENGINE_DIR by name), chosen by the manifest's `model_family`; the defaults
+(diffusion steps, CFG scale) are the manifest's. It drives the same step-wise scheduler as the speech service
+(`vv_runtime.scheduler`): the scripts of a batch run together, each equal to itself run alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sys
@@ -15,6 +18,8 @@ from pathlib import Path
 import click
 
 from .errors import RuntimeInputError, one_line
+
+REALTIME_FAMILY = "vibevoice_streaming"
 
 
 class _OneLineErrors(click.Command):
@@ -67,10 +72,12 @@ def read_batch_file(path: Path) -> list[str]:
               help="Directory written by `vv-export onnx`.")
 @click.option("--script", default=None, metavar="FILE.txt|TEXT",
               help="A .txt script file, or the script itself ('Speaker 1: Hello.' lines).")
-@click.option("--voice", "voices", multiple=True, type=click.Path(), metavar="AUDIO",
-              help="Voice prompt audio, one per speaker in order (Speaker 1 = first --voice). Repeatable.")
+@click.option("--voice", "voices", multiple=True, type=click.Path(), metavar="AUDIO|PRESET",
+              help="VibeVoice: voice prompt audio, one per speaker in order (Speaker 1 = first --voice), "
+                   "repeatable. VibeVoice-Realtime: the name of one voice preset of ENGINE_DIR.")
 @click.option("--out", required=True, type=click.Path(), metavar="OUT.wav", help="Output wav file (24 kHz mono).")
-@click.option("--cfg-scale", type=float, default=None, help="Classifier-free guidance scale [default: 1.3].")
+@click.option("--cfg-scale", type=float, default=None,
+              help="Classifier-free guidance scale [default: the manifest's: 1.3 VibeVoice, 1.5 Realtime].")
 @click.option("--seed", type=int, default=None,
               help="Seed of the diffusion noise [default: random, reported]; script i of a --batch-file uses "
                    "SEED + i, so each output equals its script run alone with that seed.")
@@ -110,20 +117,13 @@ def main(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
 
 def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, stream, batch_file, backend, threads,
          pcm16) -> dict:
-    from .audio import WavWriter
-    from .backend import select_backend
     from .manifest import load_manifest
-    from .pipeline import Pipeline, prepare_rows
-    from .prompt import PromptBuilder
 
     if (script is None) == (batch_file is None):
         raise RuntimeInputError("give exactly one of --script and --batch-file")
     out = Path(out)
     if out.suffix.lower() != ".wav":
         raise RuntimeInputError(f"--out {out}: must be a .wav file")
-    for voice in voices:
-        if not Path(voice).is_file():
-            raise RuntimeInputError(f"--voice {voice}: file not found")
     if batch_file is not None:
         scripts = read_batch_file(Path(batch_file))
         outputs = batch_outputs(out, len(scripts))
@@ -135,78 +135,189 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
     started = time.perf_counter()
     # inputs first (cheap, no graph loaded), then the output files, then the graphs
     manifest = load_manifest(engine_dir)
-    prompts = PromptBuilder.from_manifest(engine_dir, manifest)
-    rows = prepare_rows(prompts, scripts, list(voices), int(manifest["model"]["max_position_embeddings"]))
-    sample_rate = int(manifest["model"].get("sample_rate", 24000))
+    run = _run_realtime if manifest.get("model_family") == REALTIME_FAMILY else _run_vibevoice
+    summary = run(engine_dir, manifest, scripts, outputs, list(voices), cfg_scale, seed, max_new_frames, stream,
+                  backend, threads, pcm16, started)
+    summary["stream"] = bool(stream)
+    return summary
+
+
+@contextlib.contextmanager
+def _outputs(paths: list[Path], sample_rate: int, pcm16: bool, live: bool):
+    """One WavWriter per path: all committed when the block ends normally, all removed when it fails."""
+    from .audio import WavWriter
 
     writers = []
-    progress = None
-    pipeline = None
     try:
-        for path in outputs:
-            writers.append(WavWriter(path, sample_rate, "PCM_16" if pcm16 else "FLOAT", live=stream))
-        pipeline = Pipeline(engine_dir, manifest, select_backend(engine_dir, manifest, backend, threads=threads),
-                            prompts=prompts)
-        loaded = time.perf_counter()
-
-        def on_step(step, total):
-            nonlocal progress
-            if progress is None:
-                from tqdm import tqdm
-
-                progress = tqdm(total=total, desc="generating", unit="step", file=sys.stderr, leave=False,
-                                disable=None, dynamic_ncols=True)
-            progress.update(1)
-
-        gen_start = time.perf_counter()
-        first_chunk = None
-        gen = pipeline.generate(rows, cfg_scale=cfg_scale, max_new_frames=max_new_frames, seed=seed,
-                                stream=True, on_step=on_step)
-        while True:
-            try:
-                row, chunk = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            if first_chunk is None:
-                first_chunk = time.perf_counter() - gen_start
-            if stream:
-                writers[row].write(chunk)
-        if not stream:
-            for writer, audio in zip(writers, result.audio):
-                writer.write(audio)
-        wall = time.perf_counter() - gen_start
+        for path in paths:
+            writers.append(WavWriter(path, sample_rate, "PCM_16" if pcm16 else "FLOAT", live=live))
+        yield writers
         for writer in writers:
             writer.commit()
         writers = []
     finally:
-        if progress is not None:
-            progress.close()
         for writer in writers:
             writer.abort()
+
+
+class _Progress:
+    """A progress bar on stderr, opened at the first step (`total` None: steps counted, no end known)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def step(self, total: int | None = None) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="generating", unit="step", file=sys.stderr, leave=False, disable=None,
+                            dynamic_ncols=True)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _figures(outputs, audio, frames, steps, sample_rate, wall, load, first_chunk, backend, seed, cfg_scale) -> dict:
+    files = [{"path": str(path), "frames": n, "audio_seconds": round(len(a) / sample_rate, 4), "steps": s}
+             for path, a, n, s in zip(outputs, audio, frames, steps)]
+    audio_seconds = sum(len(a) for a in audio) / sample_rate
+    return {
+        "outputs": files,
+        "frames": sum(frames),
+        "audio_seconds": round(audio_seconds, 4),
+        "wall_seconds": round(wall, 4),
+        "load_seconds": round(load, 4),
+        "real_time_factor": round(wall / audio_seconds, 4) if audio_seconds > 0 else None,
+        "first_chunk_seconds": None if first_chunk is None else round(first_chunk, 4),
+        "backend": backend.describe(),
+        "seed": seed,
+        "cfg_scale": cfg_scale,
+    }
+
+
+def _run_vibevoice(engine_dir, manifest, scripts, outputs, voices, cfg_scale, seed, max_new_frames, stream, backend,
+                   threads, pcm16, started) -> dict:
+    """VibeVoice-1.5B/7B: `Speaker N:` scripts, one voice audio file per speaker."""
+    from .backend import select_backend
+    from .pipeline import Pipeline, prepare_rows
+    from .prompt import PromptBuilder
+
+    for voice in voices:
+        if not Path(voice).is_file():
+            raise RuntimeInputError(f"--voice {voice}: file not found")
+    prompts = PromptBuilder.from_manifest(engine_dir, manifest)
+    rows = prepare_rows(prompts, scripts, voices, int(manifest["model"]["max_position_embeddings"]))
+    sample_rate = int(manifest["model"].get("sample_rate", 24000))
+
+    progress = _Progress()
+    pipeline = None
+    try:
+        with _outputs(outputs, sample_rate, pcm16, stream) as writers:
+            pipeline = Pipeline(engine_dir, manifest, select_backend(engine_dir, manifest, backend, threads=threads),
+                                prompts=prompts)
+            loaded = time.perf_counter()
+            gen_start = time.perf_counter()
+            first_chunk = None
+            gen = pipeline.generate(rows, cfg_scale=cfg_scale, max_new_frames=max_new_frames, seed=seed,
+                                    stream=True, on_step=lambda step, total: progress.step(total))
+            while True:
+                try:
+                    row, chunk = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if first_chunk is None:
+                    first_chunk = time.perf_counter() - gen_start
+                if stream:
+                    writers[row].write(chunk)
+            if not stream:
+                for writer, audio in zip(writers, result.audio):
+                    writer.write(audio)
+            wall = time.perf_counter() - gen_start
+    finally:
+        progress.close()
         if pipeline is not None:
             pipeline.close()
 
-    rate = pipeline.sample_rate
-    files = []
-    for path, audio, frames, tokens in zip(outputs, result.audio, result.frames, result.tokens):
-        files.append({"path": str(path), "frames": frames, "audio_seconds": round(len(audio) / rate, 4),
-                      "steps": len(tokens)})
-    audio_seconds = sum(len(a) for a in result.audio) / rate
-    return {
-        "outputs": files,
-        "frames": sum(result.frames),
-        "audio_seconds": round(audio_seconds, 4),
-        "steps": result.steps,
-        "wall_seconds": round(wall, 4),
-        "load_seconds": round(loaded - started, 4),
-        "real_time_factor": round(wall / audio_seconds, 4) if audio_seconds > 0 else None,
-        "first_chunk_seconds": None if first_chunk is None else round(first_chunk, 4),
-        "backend": pipeline.backend.describe(),
-        "seed": seed,
-        "cfg_scale": pipeline.default_cfg_scale if cfg_scale is None else cfg_scale,
-        "stream": bool(stream),
-    }
+    summary = _figures(outputs, result.audio, result.frames, [len(t) for t in result.tokens], pipeline.sample_rate,
+                       wall, loaded - started, first_chunk, pipeline.backend, seed,
+                       pipeline.default_cfg_scale if cfg_scale is None else cfg_scale)
+    summary["steps"] = result.steps
+    return summary
+
+
+def _run_realtime(engine_dir, manifest, scripts, outputs, voices, cfg_scale, seed, max_new_frames, stream, backend,
+                  threads, pcm16, started) -> dict:
+    """VibeVoice-Realtime-0.5B: plain text (a `.txt` file's or the argument itself), one voice preset by name.
+    Script i of a batch uses seed + i; the scripts run together, each equal to itself alone."""
+    import numpy as np
+
+    from .backend import select_backend
+    from .realtime_pipeline import RealtimePipeline
+    from .realtime_steps import check_text_context
+    from .scheduler import Scheduler
+    from .script import load_text
+
+    if len(voices) != 1:
+        presets = ", ".join(sorted(manifest.get("voices") or {})) or "none: add some with `vv-export voices`"
+        raise RuntimeInputError(f"{engine_dir} holds a VibeVoice-Realtime model: give one --voice PRESET, the name "
+                                f"of one of its voice presets ({presets}); {len(voices)} given")
+    # the tokenizer and the presets check the inputs before any graph loads (the backend comes after the outputs)
+    pipeline = RealtimePipeline(engine_dir, manifest, backend=None)
+    jobs = []
+    for i, script in enumerate(scripts):
+        label = f"script {i}: " if len(scripts) > 1 else ""
+        try:
+            job = pipeline.job(load_text(script), voices[0], cfg_scale=cfg_scale, seed=seed + i,
+                               max_new_frames=max_new_frames, tag=i)
+            check_text_context(job.preset.positions, job.text.available(), pipeline.max_positions)
+        except RuntimeInputError as exc:
+            raise RuntimeInputError(f"{label}{exc}") from exc
+        jobs.append(job)
+
+    progress = _Progress()
+    audio = [[] for _ in jobs]
+    try:
+        with _outputs(outputs, pipeline.sample_rate, pcm16, stream) as writers:
+            pipeline.backend = select_backend(engine_dir, manifest, backend, threads=threads)
+            loaded = time.perf_counter()
+            gen_start = time.perf_counter()
+            first_chunk = None
+            sched = Scheduler(pipeline.new_steps(), max_batch=len(jobs))
+            for job in jobs:
+                sched.add(job)
+            while sched.busy:
+                out = sched.step()
+                for job, chunk in out.chunks:
+                    if first_chunk is None:
+                        first_chunk = time.perf_counter() - gen_start
+                    audio[job.tag].append(chunk)
+                    if stream:
+                        writers[job.tag].write(chunk)
+                for job in out.finished:
+                    if job.error is not None:
+                        raise job.error
+                progress.step()
+            audio = [np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32) for parts in audio]
+            if not stream:
+                for writer, samples in zip(writers, audio):
+                    writer.write(samples)
+            wall = time.perf_counter() - gen_start
+    finally:
+        progress.close()
+        if pipeline.backend is not None:
+            pipeline.close()
+
+    summary = _figures(outputs, audio, [job.frames for job in jobs], [job.steps for job in jobs], pipeline.sample_rate,
+                       wall, loaded - started, first_chunk, pipeline.backend, seed, jobs[0].cfg_scale)
+    summary["steps"] = sched.steps
+    summary["model_family"] = REALTIME_FAMILY
+    summary["voice"] = voices[0]
+    for entry, job in zip(summary["outputs"], jobs):
+        entry["text_tokens"] = job.text.available()
+    return summary
 
 
 def _report(summary: dict, as_json: bool) -> None:

@@ -25,6 +25,7 @@ FAMILY = "vibevoice_streaming"
 # a point of the text no later character can move a token boundary across: a space followed by a non-space
 # (the byte-level BPE pre-tokenizer never joins across it, and what precedes it is already complete)
 _STABLE_BOUNDARY = re.compile(r" (?=\S)")
+TEXT_WAIT_S = 0.5   # longest sleep of a job waiting for text between two looks (the feed wakes it earlier)
 
 
 class TextStream:
@@ -33,37 +34,52 @@ class TextStream:
     The original tokenizes `text.strip() + "\\n"`. While the text is open, only the tokens before its last
     stable boundary are released (the tail could still merge with what comes next); at close the whole text
     is tokenized and must extend what was released (RuntimeError otherwise: a tokenizer this rule does not hold
-    for)."""
+    for). `limit(tokens)`, when set (an engine sets it from the voice and the context), raises RuntimeInputError
+    for text that would pass the model's context: the piece or the close is refused and the stream is left as it
+    was. The feed's listeners hear of every release and of the close."""
 
     def __init__(self, encode, feed: TextFeed | None = None):
         self._encode = encode
         self.feed = feed if feed is not None else TextFeed(closed=False)
         self.text = ""
+        self.limit = None
         self._lock = threading.Lock()
 
     def append(self, piece: str) -> None:
         with self._lock:
             if self.feed.closed:
                 raise RuntimeInputError("text is closed: no more text can be added")
-            self.text += str(piece)
-            body = self.text.lstrip()
+            text = self.text + str(piece)
+            body = text.lstrip()
             cut = [m.start() for m in _STABLE_BOUNDARY.finditer(body)]
-            if cut:
-                self._release(self._encode(body[:cut[-1]]))
+            tokens = self._checked(self._encode(body[:cut[-1]])) if cut else None
+            self.text = text
+            released = tokens is not None and self._release(tokens)
+        if released:
+            self.feed.changed()
 
     def close(self) -> None:
         with self._lock:
             if self.feed.closed:
                 return
-            self._release(self._encode(self.text.strip() + "\n"))
+            self._release(self._checked(self._encode(self.text.strip() + "\n")))
             self.feed.closed = True
+        self.feed.changed()
 
-    def _release(self, tokens: list[int]) -> None:
+    def _checked(self, tokens: list[int]) -> list[int]:
+        if self.limit is not None:
+            self.limit(len(tokens))
+        return tokens
+
+    def _release(self, tokens: list[int]) -> bool:
+        """Feed the tokens not yet released; whether there were any."""
         have = self.feed.tokens
         if tokens[: len(have)] != have:
             raise RuntimeError("streamed text: released tokens changed; the stable-boundary rule does not hold "
                                "for this tokenizer")
-        have.extend(tokens[len(have):])
+        new = tokens[len(have):]
+        have.extend(new)
+        return bool(new)
 
 
 @dataclass
@@ -188,8 +204,11 @@ class RealtimePipeline:
     def _run(self, job: RealtimeJob, on_step) -> Iterator[np.ndarray]:
         sched = Scheduler(self.new_steps(), max_batch=1)
         sched.add(job)
+        arrived = threading.Event()      # set by the feed when text arrives (from the producer's thread)
+        job.text.listen(arrived.set)
         chunks = []
         while sched.busy:
+            arrived.clear()
             out = sched.step()
             for _, chunk in out.chunks:
                 chunks.append(chunk)
@@ -200,17 +219,10 @@ class RealtimePipeline:
             if on_step is not None:
                 on_step(sched.steps - 1, job)
             if not out.chunks and not job.done and not job.text.closed:
-                wait_for_text(job.text)
+                arrived.wait(TEXT_WAIT_S)  # the job waits for its next text window
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return RealtimeResult(audio, job.frames, sched.steps, list(job.eos_logits), len(job.text.tokens),
                               job.stalled_s)
-
-
-def wait_for_text(feed: TextFeed, seconds: float = 0.005) -> None:
-    """A short sleep while a job waits for streamed text (the producer runs in another thread)."""
-    import time
-
-    time.sleep(seconds)
 
 
 PRESET_TENSORS = ("text_lm.kv", "tts_lm.kv", "tts_lm.hidden", "neg_tts_lm.kv", "neg_tts_lm.hidden")

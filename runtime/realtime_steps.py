@@ -81,14 +81,33 @@ class VoicePreset:
 
 
 class TextFeed:
-    """The text tokens of a job as they become final: `tokens` grows; `closed` when no more will come."""
+    """The text tokens of a job as they become final: `tokens` grows; `closed` when no more will come.
+
+    Whoever feeds it calls `changed()` after each change; the callbacks given to `listen` run then (an engine
+    whose jobs all wait for text sleeps until one of them)."""
 
     def __init__(self, tokens=None, closed: bool = True):
         self.tokens: list[int] = [int(t) for t in (tokens or [])]
         self.closed = bool(closed)
+        self._listeners: list = []
 
     def available(self) -> int:
         return len(self.tokens)
+
+    def listen(self, callback) -> None:
+        self._listeners.append(callback)
+
+    def changed(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+
+
+def check_text_context(positions: dict, text_tokens: int, max_positions: int) -> None:
+    """A text of `text_tokens` tokens after a preset of `positions` (VoicePreset.positions) must fit the model's
+    context (RuntimeInputError, one line)."""
+    if positions["tts_lm"] + text_tokens >= max_positions or positions["text_lm"] + text_tokens > max_positions:
+        raise RuntimeInputError(f"text is {text_tokens} tokens: with the voice's {positions['tts_lm']} prompt "
+                                f"positions it is longer than the model's context of {max_positions} positions")
 
 
 @dataclass(eq=False)
@@ -145,9 +164,7 @@ class RealtimeSteps:
     def check_context(self, job: RealtimeJob, capacity: int) -> None:
         preset = job.preset.positions
         text = job.text.available()
-        if preset["tts_lm"] + text >= self.max_positions or preset["text_lm"] + text > self.max_positions:
-            raise RuntimeInputError(f"text is {text} tokens: with the voice's {preset['tts_lm']} prompt positions it "
-                                    f"is longer than the model's context of {self.max_positions} positions")
+        check_text_context(preset, text, self.max_positions)
         if preset["tts_lm"] + text >= capacity:
             raise CapacityError(f"text is {text} tokens, it leaves no room in the context of {capacity} positions "
                                 f"the loaded engines hold (rebuild them with a larger plan)")
@@ -246,10 +263,14 @@ class RealtimeSteps:
             job.ready = True
             if job.window_frames < self.facts.speech_window:
                 continue
+            # `closed` before the count: a stream releases its last tokens before it says closed, so a closed
+            # text read here has all its tokens counted (read the other way round, a close landing in between
+            # would make a short window of what was counted)
+            closed = job.text.closed
             left = job.text.available() - job.text_used
-            if left >= self.facts.text_window or (job.text.closed and left > 0):
+            if left >= self.facts.text_window or (closed and left > 0):
                 self._text_window(job, min(left, self.facts.text_window))
-            elif not job.text.closed:
+            elif not closed:
                 job.ready = False      # the window is not complete yet: wait for text
                 if job.waiting_since is None:
                     job.waiting_since = self.clock()

@@ -3,7 +3,8 @@
 A script is a `.txt` file path or a literal string. In a `.txt` file every non-empty line is either
 `Speaker N: text` (kept when text is non-empty) or plain text, which becomes `Speaker 1: <line>`.
 A literal string must be `Speaker N: text` lines only. Speaker ids are renumbered from 0 when they
-all start at 1 or above (the original subtracts 1 from each).
+all start at 1 or above (the original subtracts 1 from each). The realtime model speaks plain text with one
+voice: `load_text` gives the text of a `.txt` file, or the string itself.
 """
 
 from __future__ import annotations
@@ -16,13 +17,41 @@ from .errors import RuntimeInputError
 SPEAKER_LINE = re.compile(r"^Speaker\s+(\d+)\s*:\s*(.*)$", re.IGNORECASE)
 
 
+def script_file(script: str) -> Path | None:
+    """The file a script argument names (a value ending in `.txt`; RuntimeInputError when there is no such
+    file), or None: the value is the text itself."""
+    if not script.endswith(".txt"):
+        return None
+    path = Path(script)
+    if not path.is_file():
+        raise RuntimeInputError(f"script {script}: file not found")
+    return path
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuntimeInputError(f"script {path}: unreadable ({exc.__class__.__name__})") from exc
+
+
+def load_text(script: str) -> str:
+    """Plain text to speak (the realtime model: one voice, no `Speaker N:` lines): a `.txt` file's text, or the
+    value itself."""
+    path = script_file(script)
+    if path is None:
+        return script
+    text = read_text_file(path)
+    if not text.strip():
+        raise RuntimeInputError(f"script {path}: empty (no text to speak)")
+    return text
+
+
 def text_file_to_script(path: str | Path) -> str:
     """The original `_convert_text_to_script`: plain lines are assigned to Speaker 1."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuntimeInputError(f"script {path}: unreadable ({exc.__class__.__name__})") from exc
+    lines = read_text_file(path).splitlines()
     out = []
     for line in lines:
         line = line.strip()
@@ -42,12 +71,8 @@ def text_file_to_script(path: str | Path) -> str:
 
 def load_script(script: str) -> str:
     """A `.txt` file path -> script text; anything else is taken as the script itself."""
-    if script.endswith(".txt"):
-        path = Path(script)
-        if not path.is_file():
-            raise RuntimeInputError(f"script {script}: file not found")
-        return text_file_to_script(path)
-    return script
+    path = script_file(script)
+    return script if path is None else text_file_to_script(path)
 
 
 def parse_script(script: str) -> list[tuple[int, str]]:

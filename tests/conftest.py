@@ -94,7 +94,7 @@ def realtime_engine_dir(realtime_fixture_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def realtime_voiced_engine_dir(realtime_engine_dir, realtime_fixture_dir, tmp_path_factory) -> Path:
-    """The exported realtime fixture with its voice preset (`en-Tiny_man`) converted in."""
+    """The exported realtime fixture with its voice preset `en-Tiny_man` converted in (`vv-export voices`)."""
     import shutil
 
     from vv_export.voices import convert_voices

@@ -148,3 +148,36 @@ def test_page_hides_upload_where_uploads_are_off(browser, page_server, random_en
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
+
+
+def test_page_types_and_hears_on_a_realtime_engine(browser, realtime_voiced_engine_dir):
+    """On a VibeVoice-Realtime server the page offers "type and hear": typed text goes over the WebSocket as it
+    is typed, and audio frames come back (the page's counter) before the text is finished."""
+    from selenium.webdriver.common.by import By
+
+    srv = ServerProcess(["--engine-dir", realtime_voiced_engine_dir, "--threads", "1"]).start()
+    try:
+        browser.get(srv.url + "/")
+        wait_js(browser, "window.vvState && window.vvState.realtime === true && window.vvState.voices.length === 1")
+        assert browser.find_element(By.ID, "live").is_displayed()
+        wait_js(browser, "document.getElementById('upload-row').hidden === true", 30)   # presets only
+        browser.find_element(By.ID, "seed").send_keys("3")
+        browser.find_element(By.ID, "live-start").click()
+        wait_js(browser, "window.vvState.state === 'streaming'", 60)
+        typed = "Hello there, this is typed into the page while the model speaks it. "
+        browser.find_element(By.ID, "live-text").send_keys(typed)
+        wait_js(browser, f"window.vvState.liveSent === {len(typed)}", 30)
+        wait_js(browser, "window.vvState.liveFrames > 0", 60)      # audio while the text is still open
+        assert browser.execute_script("return window.vvState.state") == "streaming"
+        assert "frames back" in browser.find_element(By.ID, "status").text
+        browser.find_element(By.ID, "live-finish").click()
+        wait_js(browser, "['done', 'error'].includes(window.vvState.state)", 120)
+        state = browser.execute_script("return window.vvState")
+        assert state["state"] == "done" and state["error"] is None, state
+        figures = state["figures"]
+        assert figures["frames"] == state["liveFrames"] > 0 and figures["text_chars"] == len(typed)
+        assert state["bytes"] == figures["frames"] * 3200 * 2 and state["ttfaMs"] > 0
+        assert browser.execute_script("return document.getElementById('player').src.startsWith('blob:')")
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log(), srv.log()

@@ -9,17 +9,19 @@ exception of the runtime is answered by the table `errors.ERRORS_BY_EXCEPTION`.
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import routes
+from . import realtime_routes, routes
 from .errors import ERRORS_BY_EXCEPTION, HTTP_ERROR_TYPES, INVALID, ApiError, validation_message
 from .service import Limits, Service
 
 __all__ = ["Limits", "Service", "create_app"]
 
-ROUTES = frozenset(route.path for route in routes.router.routes)
+ROUTES = frozenset(route.path for router in (routes.router, realtime_routes.router) for route in router.routes)
 
 
 class BodyLimit:
@@ -66,11 +68,18 @@ class BodyLimit:
 
 
 def create_app(engine, limits: Limits | None = None) -> FastAPI:
-    """The ASGI app over a started `SpeechEngine` (the caller starts and stops the engine)."""
-    service = Service(engine, limits or Limits())
+    """The ASGI app over a started engine (`SpeechEngine`, or `RealtimeEngine` for a VibeVoice-Realtime
+    ENGINE_DIR; the caller starts and stops the engine)."""
+    realtime = engine.family == realtime_routes.FAMILY
+    limits = limits or Limits()
+    if realtime:  # its voices are the presets of its ENGINE_DIR
+        limits = dataclasses.replace(limits, voice_uploads=False)
+    service = Service(engine, limits)
     app = FastAPI(title="vv-serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.add_middleware(BodyLimit, service=service)
+    if realtime:  # first: its routes answer before the common ones of the same path and method
+        app.include_router(realtime_routes.router)
     app.include_router(routes.router)
 
     @app.exception_handler(ApiError)

@@ -4,6 +4,10 @@
              [--max-queue 64] [--backend auto|ort|trt] [--max-text-chars 4096] [--max-voice-seconds 60]
              [--request-timeout 300] [--write-timeout 30] [--no-voice-uploads] [--ray --replicas N]
 
+On a VibeVoice-Realtime ENGINE_DIR (manifest `model_family: vibevoice_streaming`) it serves that model: its
+voices are the presets of the ENGINE_DIR (no --voices), and a WebSocket takes text while audio is made
+(docs/SERVE.md).
+
 It prints `vv-serve: listening on http://HOST:PORT` once the engine is loaded and the socket is bound
 (`--port 0` picks a free port). SIGTERM (or Ctrl-C) stops admission (new requests: 503, then
 connection refused), lets in-flight requests finish, stops the engine and exits 0. A client that
@@ -34,7 +38,8 @@ from ..errors import RuntimeInputError, one_line
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port to listen on (0: any free port, printed at start).")
 @click.option("--voices", "voices_dir", type=click.Path(), default=None, metavar="DIR",
-              help="Voice presets: every sound file in DIR, id = file name without extension.")
+              help="Voice presets: every sound file in DIR, id = file name without extension (VibeVoice; a "
+                   "VibeVoice-Realtime ENGINE_DIR has its own presets).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Most requests generated together (each takes two LM rows).")
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
@@ -123,23 +128,25 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level):
     import uvicorn
 
-    from ..service_engine import SpeechEngine
     from .app import create_app
+    from .engines import open_engine
+    from .realtime_routes import STREAM_PATH
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     sock = listening_socket(host, port)  # before loading: a taken port fails at once
-    engine = SpeechEngine.from_engine_dir(engine_dir, backend=backend, threads=threads, max_batch=max_batch,
-                                          max_queue=max_queue, voices_dir=voices_dir,
-                                          max_voice_seconds=limits.max_voice_seconds).start()
+    engine = open_engine(engine_dir, backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                         voices_dir=voices_dir, max_voice_seconds=limits.max_voice_seconds).start()
     app = create_app(engine, limits)
     service = app.state.service
+    # a WebSocket message (a text chunk of a streamed request) is bounded as an HTTP body is
     config = uvicorn.Config(app, log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=graceful_timeout(limits))
+                            timeout_graceful_shutdown=graceful_timeout(limits),
+                            ws_max_size=limits.body_limit(STREAM_PATH))
     server = draining_server(config, service)
     service.abort_client = lambda client: abort_connection(server, client)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    print(f"vv-serve: listening on http://{shown}:{bound[1]} ({len(engine.voices.list())} voices, "
+    print(f"vv-serve: listening on http://{shown}:{bound[1]} ({engine.family}, {len(engine.voices.list())} voices, "
           f"max batch {max_batch}, max queue {max_queue})", flush=True)
     try:
         server.run(sockets=[sock])

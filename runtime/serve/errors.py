@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from ..errors import BackendFault, CapacityError, RuntimeInputError, one_line
-from ..service_engine import Cancelled, EngineStopped, QueueFull
+from ..request_engine import Cancelled, EngineStopped, QueueFull
 
 INVALID = "invalid_request_error"
 
@@ -46,10 +46,14 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
+def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict:
+    """The JSON of an error (HTTP answers and WebSocket error messages alike)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
 def error_response(status: int, message: str, kind: str, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, kind, param), status_code=status, headers=headers)
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:

@@ -25,6 +25,11 @@ def pcm16(audio: np.ndarray) -> bytes:
     return np.round(samples * 32767.0).astype("<i2").tobytes()
 
 
+def float32le(audio: np.ndarray) -> bytes:
+    """float32 samples -> little-endian IEEE float bytes (as made: no clipping)."""
+    return np.asarray(audio, dtype="<f4").reshape(-1).tobytes()
+
+
 def wav_header(sample_rate: int, samples: int | None = None) -> bytes:
     """44-byte RIFF/WAVE header for mono PCM16; `samples=None`: sizes unknown (a stream)."""
     if samples is None:

@@ -1,9 +1,10 @@
 """vv-serve beyond one machine: the same FastAPI app as a Ray Serve deployment (extra `ray`).
 
-Each replica owns one `SpeechEngine` (one Pipeline, one GPU where the cluster has GPUs: `num_gpus=1`,
-else one CPU) and serves the app of `create_app`; Ray's HTTP proxy routes requests to the replica with
-the fewest ongoing requests and autoscales the replica count on ongoing requests per replica (target:
-`max_batch`, the rows one engine generates together). Every speech response names its replica in
+Each replica owns one engine (`SpeechEngine`, or `RealtimeEngine` for a VibeVoice-Realtime ENGINE_DIR: one
+pipeline, one GPU where the cluster has GPUs: `num_gpus=1`, else one CPU) and serves the app of
+`create_app`; Ray's HTTP proxy routes requests to the replica with the fewest ongoing requests and
+autoscales the replica count on ongoing requests per replica (target: `max_batch`, the rows one engine
+generates together). Every speech response names its replica in
 `X-Replica-Id`. Voice uploads are off (POST /v1/voices: 501): an uploaded voice would live on the one
 replica that took it; the voices of `--voices DIR` are loaded by every replica.
 
@@ -27,8 +28,8 @@ from pathlib import Path
 from ray import serve
 
 from ..errors import RuntimeInputError
-from ..service_engine import SpeechEngine
 from .app import Limits, create_app
+from .engines import open_engine
 
 DEPLOYMENT = "vv-serve"
 
@@ -36,12 +37,12 @@ DEPLOYMENT = "vv-serve"
 @serve.deployment(name=DEPLOYMENT, graceful_shutdown_wait_loop_s=2.0, graceful_shutdown_timeout_s=600.0)
 @serve.ingress()
 class SpeechReplica:
-    """One replica: a Pipeline + SpeechEngine and the vv-serve app over it."""
+    """One replica: an engine (`open_engine`) and the vv-serve app over it."""
 
     def __init__(self, config: dict):
         # uploads are off: a voice uploaded to one replica would be unknown to the others
         limits = Limits(**{**config["limits"], "replica_id": _replica_id(), "voice_uploads": False})
-        self.engine = engine = SpeechEngine.from_engine_dir(
+        self.engine = engine = open_engine(
             config["engine_dir"], backend=config.get("backend", "auto"), threads=config.get("threads"),
             max_batch=config["max_batch"], max_queue=config["max_queue"], voices_dir=config.get("voices_dir"),
             max_voice_seconds=limits.max_voice_seconds).start()

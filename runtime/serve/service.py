@@ -12,7 +12,7 @@ from typing import Callable
 from fastapi.responses import JSONResponse
 
 from ..errors import one_line
-from ..service_engine import EngineStopped
+from ..request_engine import EngineStopped
 from .errors import RETRY_STATUSES, error_response, http_error
 from .metrics import ServiceMetrics
 

@@ -51,23 +51,8 @@ class AudioResponse(Response):
         return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
     async def __call__(self, scope, receive, send) -> None:
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
         handle = self.handle
-
-        def put(item) -> None:
-            try:
-                loop.call_soon_threadsafe(items.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                handle.cancel()
-
-        def pump() -> None:
-            try:
-                for chunk in handle.chunks():
-                    put(("chunk", chunk))
-                put(("done", None))
-            except BaseException as exc:  # noqa: BLE001 -- the request's own error, answered as JSON
-                put(("error", exc))
+        items = pump_chunks(handle)
 
         async def watch() -> None:
             while True:
@@ -79,19 +64,13 @@ class AudioResponse(Response):
         limit = self.service.limits.write_timeout_s
 
         async def bounded_send(message) -> None:
-            if limit is None:
-                return await send(message)
-            try:
-                await asyncio.wait_for(send(message), timeout=limit)
-            except asyncio.TimeoutError:
-                raise _WriteTimeout() from None
+            await within(limit, send(message))
 
-        threading.Thread(target=pump, name=f"vv-pump-{handle.id}", daemon=True).start()
         watcher = asyncio.create_task(watch())
         outcome = "error"
         try:
             outcome = await self._respond(items, bounded_send)
-        except _WriteTimeout:
+        except WriteTimeout:
             outcome = "write_timeout"
         finally:
             watcher.cancel()
@@ -103,15 +82,7 @@ class AudioResponse(Response):
             elif outcome in ("disconnect", "write_timeout"):
                 metrics.disconnect()
             if outcome == "write_timeout":
-                metrics.error("write_timeout")
-                log.warning("request %s: the client read nothing for %g s: cancelled, connection aborted",
-                            handle.id, limit)
-                abort = self.service.abort_client
-                if abort is not None:
-                    try:
-                        abort(scope.get("client"))
-                    except Exception as exc:  # noqa: BLE001 -- best effort; the graceful timeout bounds it
-                        log.warning("cannot abort the connection of %s: %s", scope.get("client"), exc)
+                cut_off(self.service, scope, handle)
 
     async def _next(self, items: asyncio.Queue):
         limit = self.service.limits.request_timeout_s
@@ -188,5 +159,54 @@ class AudioResponse(Response):
         return "error"
 
 
-class _WriteTimeout(Exception):
+class WriteTimeout(Exception):
     """A write to the client did not complete within `Limits.write_timeout_s` (it stopped reading)."""
+
+
+async def within(limit: float | None, write) -> None:
+    """Await the write `write`, at most `limit` seconds (None: no limit); WriteTimeout past that."""
+    if limit is None:
+        return await write
+    try:
+        await asyncio.wait_for(write, timeout=limit)
+    except asyncio.TimeoutError:
+        raise WriteTimeout() from None
+
+
+def cut_off(service: Service, scope, handle) -> None:
+    """A client that read nothing for the write timeout: counted, its request cancelled, its connection aborted
+    (through `Service.abort_client`, set by the server: closing it politely would wait for its unread bytes)."""
+    handle.cancel()
+    service.metrics.error("write_timeout")
+    log.warning("request %s: the client read nothing for %g s: cancelled, connection aborted",
+                handle.id, service.limits.write_timeout_s)
+    abort = service.abort_client
+    if abort is not None:
+        try:
+            abort(scope.get("client"))
+        except Exception as exc:  # noqa: BLE001 -- best effort; the graceful timeout bounds it
+            log.warning("cannot abort the connection of %s: %s", scope.get("client"), exc)
+
+
+def pump_chunks(handle) -> asyncio.Queue:
+    """A queue of the running loop that receives the handle's chunks as they are made, from a thread:
+    ("chunk", float32 [hop]) ..., then ("done", None) or ("error", the request's exception)."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            handle.cancel()
+
+    def pump() -> None:
+        try:
+            for chunk in handle.chunks():
+                put(("chunk", chunk))
+            put(("done", None))
+        except BaseException as exc:  # noqa: BLE001 -- the request's own error, answered by the caller
+            put(("error", exc))
+
+    threading.Thread(target=pump, name=f"vv-pump-{handle.id}", daemon=True).start()
+    return items
