@@ -70,6 +70,7 @@ SYNTHETIC_POSITIONS = {"full": (60, 123), "tiny": (9, 14)}
 SYNTHETIC_PRESET = "synthetic"
 GOAL = {"full": {"int8_ms_per_frame_max": 60.0, "fp32_ms_per_frame_max": 1e3 * 3200 / SAMPLE_RATE,
                  "speedup_vs_torch_min": 5.0, "first_audio_streamed_ms_max": 150.0}}
+BUSY_MACHINE = 0.2  # cores other processes may keep busy during a timed run before the figures are suspect
 REPLY = "@@bench_realtime@@ "  # prefix of a worker's answer line on its stdout
 
 # VibeVoice-Realtime-0.5B (reconstructed; shared/reference/vibevoice-realtime-0.5b-config.json is the same)
@@ -375,7 +376,8 @@ class OrtSide:
         out = {"streams": count, "frames_per_stream": frames, "one_at_a_time": figures(made, alone_s),
                "concurrent": figures(together, together_s)}
         out["concurrent"]["rtf_per_stream"] = together_s / (frames * hop_s)
-        out["speedup_concurrent_vs_one_at_a_time"] = out["concurrent"]["frames_per_s"] / out["one_at_a_time"]["frames_per_s"]
+        out["speedup_concurrent_vs_one_at_a_time"] = (out["concurrent"]["frames_per_s"]
+                                                      / out["one_at_a_time"]["frames_per_s"])
         return out
 
 
@@ -447,7 +449,8 @@ class Worker:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--side", side, "--model", model,
                                       "--work", str(work), "--threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env=env)
         self.info = self._reply()
 
     def _reply(self) -> dict:
@@ -479,6 +482,47 @@ class Worker:
 
 
 # --- the whole benchmark -------------------------------------------------------------------------------------
+
+def _busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy (all cores; /proc/stat), where the OS tells."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    guest = sum(fields[8:10]) if len(fields) > 9 else 0        # already counted in user / nice
+    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """CPU seconds of process `pid`, all its threads (/proc/<pid>/stat utime + stime)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How much CPU everything but one worker used while it ran: the measurement's noise, per run."""
+
+    def __init__(self, worker_pid: int):
+        self.pid = worker_pid
+        self.wall = time.perf_counter()
+        self.busy = _busy_cpu_s()
+        self.own = _process_cpu_s(worker_pid) if self.busy is not None else None
+        self.load = load_average()
+
+    def done(self) -> dict:
+        wall = time.perf_counter() - self.wall
+        out = {"load_average_before": self.load, "load_average_after": load_average()}
+        busy, own = _busy_cpu_s(), _process_cpu_s(self.pid)
+        if None not in (self.busy, self.own, busy, own):
+            out["other_cores_busy"] = max(0.0, (busy - self.busy) - (own - self.own)) / wall
+        return out
+
 
 def _agreement(a: np.ndarray, b: np.ndarray, hop: int) -> dict:
     """max |a - b| / peak of b: at the first frame and over the run."""
@@ -516,12 +560,14 @@ def run_benchmark(model: str, out_dir: Path | None, *, work: Path = DEFAULT_WORK
         for r in range(repeats):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                before = load_average()
+                other = OtherLoad(workers[name].proc.pid)
                 save = str(scratch / f"{name}.npy") if r == repeats - 1 else None
                 figures = workers[name].call("run", text=text, text_ids=text_ids, frames=frames, save=save)
                 runs[name].append(figures)
-                loads.append({"side": name, "repeat": r, "before": before, "after": load_average()})
-                log(f"[{model}] {name} run {r + 1}: {figures['ms_per_frame']:.1f} ms/frame, rtf {figures['rtf']:.3f}")
+                loads.append({"side": name, "repeat": r, **other.done()})
+                busy = loads[-1].get("other_cores_busy")
+                log(f"[{model}] {name} run {r + 1}: {figures['ms_per_frame']:.1f} ms/frame, rtf {figures['rtf']:.3f}"
+                    + (f" (other processes kept {busy:.2f} cores busy)" if busy is not None else ""))
         streamed = {n: [] for n in names if n.startswith("ort-")}
         for r in range(repeats):
             for name in streamed:
@@ -542,7 +588,8 @@ def run_benchmark(model: str, out_dir: Path | None, *, work: Path = DEFAULT_WORK
         per_graph = [r.pop("ms_per_frame_by_graph") for r in runs[name] if "ms_per_frame_by_graph" in r]
         side = {**_median(runs[name]), "runs": runs[name]}
         if per_graph:
-            side["ms_per_frame_by_graph"] = {g: statistics.median(p.get(g, 0.0) for p in per_graph) for g in per_graph[0]}
+            side["ms_per_frame_by_graph"] = {g: statistics.median(p.get(g, 0.0) for p in per_graph)
+                                             for g in per_graph[0]}
         if name in streamed:
             side["first_audio_streamed"] = {**_median(streamed[name]), "runs": streamed[name]}
             side["concurrency"] = concurrency[name]
@@ -562,20 +609,30 @@ def run_benchmark(model: str, out_dir: Path | None, *, work: Path = DEFAULT_WORK
               "exports_reused": info["exports_reused"], "preset": info["preset"], "threads": threads,
               "repeats": repeats, "text": text, "text_tokens": len(text_ids), "frames": frames,
               "frames_after_text": after, "frame_ms": 1e3 * hop / SAMPLE_RATE, "hop": hop, "sample_rate": SAMPLE_RATE,
-              "diffusion_steps": DEFAULT_DIFFUSION_STEPS, "cfg_scale": DEFAULT_CFG_SCALE, "streamed_word_ms": word_s * 1e3,
+              "diffusion_steps": DEFAULT_DIFFUSION_STEPS, "cfg_scale": DEFAULT_CFG_SCALE,
+              "streamed_word_ms": word_s * 1e3,
               "mode": "forced through the whole text (end-of-speech classifier ignored), then frames_after_text",
               "sides": sides, "agreement": agreement,
               "sides_note": "each side in its own worker process with the same threads; timed runs interleaved (one "
                             "run of each side in turn, the order rotating); ms_per_frame from the first to the last "
-                            "chunk (text windows included); compare runs whose load averages are low",
-              "load_average_runs": loads, **provenance(load_average_1min_before=load_before,
-                                                        load_average_1min_after=load_average())}
+                            "chunk (text windows included). other_cores_busy: the cores other processes kept busy "
+                            "during a run (/proc/stat less the worker's own CPU time); PyTorch's threads slow down "
+                            "many times over when the cores are shared (ONNX Runtime's do not spin): trust runs where "
+                            f"it stays below {BUSY_MACHINE}",
+              "load_runs": loads, "machine_was_busy": busy_machine(loads),
+              **provenance(load_average_1min_before=load_before, load_average_1min_after=load_average())}
     if model in GOAL:
         result["goal"] = goal_summary(GOAL[model], sides)
     if out_dir is not None:
         write_result(out_dir, f"bench_realtime_{model}.json", result)
         plot(result, Path(out_dir) / f"bench_realtime_{model}.png")
     return result
+
+
+def busy_machine(loads: list[dict]) -> bool | None:
+    """Whether other processes used the cores noticeably during some timed run (None: unknown here)."""
+    busy = [entry["other_cores_busy"] for entry in loads if "other_cores_busy" in entry]
+    return max(busy) >= BUSY_MACHINE if busy else None
 
 
 def goal_summary(goal: dict, sides: dict) -> dict:
@@ -703,6 +760,8 @@ def main(argv=None) -> int:
         return serve_side(args.side, args.model, args.work, args.threads)
     if "fp32" not in modes:
         parser.error("--modes must include fp32 (the port is checked against it)")
+    if args.repeats < 1 or args.streams < 1 or args.after < 0:
+        parser.error("--repeats and --streams must be at least 1, --after at least 0")
     result = run_benchmark(args.model, args.out, work=args.work, threads=args.threads, modes=modes,
                            repeats=args.repeats, text=args.text, after=args.after, streams=args.streams,
                            word_s=args.word_ms / 1e3, torch_side=not args.no_torch, fresh=args.fresh,
@@ -721,6 +780,9 @@ def main(argv=None) -> int:
         print(f"agreement: {result['agreement']}")
     if "goal" in result:
         print(f"goal: {result['goal']['met']}")
+    if result["machine_was_busy"]:
+        print(f"warning: other processes kept up to {max(e['other_cores_busy'] for e in result['load_runs']):.2f} "
+              f"cores busy during the timed runs: run it again on an idle machine")
     if args.out is not None:
         print(f"wrote {args.out / ('bench_realtime_' + args.model + '.json')}")
     return 0

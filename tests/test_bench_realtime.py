@@ -29,21 +29,26 @@ def tiny_run(bench, tmp_path_factory):
     return result, work, out
 
 
-def test_result_fields(tiny_run):
+def test_result_fields(bench, tiny_run):
     result, _, out = tiny_run
+
     assert json.loads((out / "bench_realtime_tiny.json").read_text()) == result
     assert (out / "bench_realtime_tiny.png").stat().st_size > 0
     assert result["text_tokens"] == 16 and result["frames"] == 4 * 6 + 2
     assert result["preset"]["made"] == "synthesized"
     assert result["preset"]["positions"] == {"text_lm": 9, "tts_lm": 23, "neg_text_lm": 1, "neg_tts_lm": 1}
     assert set(result["sides"]) == {"ort-fp32", "ort-int8", "torch"}
-    assert [run["side"] for run in result["load_average_runs"]] == ["ort-fp32", "ort-int8", "torch"]
+    loads = result["load_runs"]  # one per timed run, interleaved in that order
+    assert [run["side"] for run in loads] == ["ort-fp32", "ort-int8", "torch"]
+    assert all(run["load_average_before"] is not None and run["other_cores_busy"] >= 0 for run in loads)
+    assert result["machine_was_busy"] == (max(run["other_cores_busy"] for run in loads) >= bench.BUSY_MACHINE)
     for name, side in result["sides"].items():
         assert side["frames"] == result["frames"], name        # forced through the whole text, every side
         assert side["ms_per_frame"] > 0 and side["rtf"] > 0 and side["time_to_first_audio_s"] > 0
         if name == "torch":
             continue
-        assert side["speedup_vs_torch"] == pytest.approx(result["sides"]["torch"]["ms_per_frame"] / side["ms_per_frame"])
+        torch_ms = result["sides"]["torch"]["ms_per_frame"]
+        assert side["speedup_vs_torch"] == pytest.approx(torch_ms / side["ms_per_frame"])
         assert {"text_lm", "tts_lm", "diffusion_sampler", "acoustic_decoder"} <= set(side["ms_per_frame_by_graph"])
         streamed = side["first_audio_streamed"]
         # the first audio comes after the first text window is final, and before the text is all there
