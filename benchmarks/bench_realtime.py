@@ -8,10 +8,11 @@ The model is a random one of the real architecture: `full` is VibeVoice-Realtime
 a 4-layer text LM and a 20-layer TTS LM, the 1.5B's acoustic decoder, a 4-layer diffusion head; the config of
 `shared/reference/vibevoice-realtime-0.5b-config.json`, embedded here as FULL_CONFIG), random weights perturbed
 like the project's other random models, a byte-level tokenizer; `tiny` the architecture at toy width (tests).
-It is exported once per mode (`vv-export onnx`, `--quantize none|int8`) into the work directory and reused by
-later runs (`--fresh` exports again). Voice: the real preset `en-Davis_man.pt` (shared/reference/realtime-voices,
-made for exactly these dimensions) when present, else a preset in the released format synthesized by the
-model's own LMs on a short prompt with the positions of the real one (`synthesize_preset`).
+It is exported once per mode (`vv-export onnx`, `--quantize none|int8`) into the work directory, reused while
+the config, seed and exporter code stay the same (`--fresh` exports again). Voice: the real preset
+`en-Davis_man.pt` (shared/reference/realtime-voices, made for exactly these dimensions) when present, else a
+preset in the released format synthesized by the model's own LMs on a short prompt with the positions of the
+real one (`synthesize_preset`).
 
 Every side runs in its own worker process with the same threads; the timed runs are interleaved (one run of
 each side in turn, the order rotating), with the 1-minute load average taken around each run:
@@ -133,13 +134,15 @@ def model_dir(work: Path, model: str) -> Path:
 
 
 def export_key(model: str, mode: str) -> str:
-    """What an export depends on: the config, the seed, the mode and the exporter's version."""
+    """What an export depends on: the config, the seed, the mode and the exporter's code."""
     import vv_export
 
+    digest = hashlib.sha256()
     config = full_config() if model == "full" else "tiny_random_realtime_model"
-    blob = json.dumps({"config": config, "seed": SEED, "mode": mode, "vibevoice_trt": vv_export.__version__},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    digest.update(json.dumps({"config": config, "seed": SEED, "mode": mode}, sort_keys=True).encode())
+    for source in sorted(Path(vv_export.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()
 
 
 def preset_file(work: Path, model: str) -> Path:
