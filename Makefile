@@ -25,7 +25,7 @@ setup: $(BIN)/vv-run browser
 
 # Headless Chromium for the web page test (tests/test_serve_browser.py): installed with apt-get where it is
 # missing and we are root with apt-get (CI); elsewhere a note, and that test skips (it fails under CI=true).
-.PHONY: browser bench-serve bench-quant precision-report
+.PHONY: browser bench-serve bench-quant bench-realtime precision-report
 browser:
 	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || [ -x /usr/lib/chromium/chromium ]; }; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -62,6 +62,11 @@ bench-serve: setup
 
 bench-quant: setup
 	$(BIN)/python benchmarks/bench_quant.py --model $(or $(QUANT_MODEL),mid) --out benchmarks/results
+
+# VibeVoice-Realtime-0.5B (full-size random) on this CPU: ONNX Runtime fp32/int8 vs the PyTorch port of the
+# loop; exports cached under benchmarks/.cache/realtime (first run: the exports, a few minutes each)
+bench-realtime: setup
+	$(BIN)/python benchmarks/bench_realtime.py --model full --out benchmarks/results
 
 precision-report: setup
 	$(BIN)/python benchmarks/precision_report.py
