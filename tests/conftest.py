@@ -27,7 +27,12 @@ def load_benchmark(name: str):
     return module
 
 
-ServerProcess = load_benchmark("serve_process").ServerProcess  # a `vv-serve` child process, started and stopped
+def __getattr__(name: str):
+    """`from conftest import ServerProcess`: a `vv-serve` child process, started and stopped (benchmarks/
+    serve_process.py, loaded on first use so that a copy of this file elsewhere still imports)."""
+    if name == "ServerProcess":
+        return load_benchmark("serve_process").ServerProcess
+    raise AttributeError(name)
 
 
 def _need(path: Path) -> Path:
