@@ -240,6 +240,70 @@ def test_gpu_setup_leaves_the_package_index_to_pip_environment():
                              line.split("pip install", 1)[1]), line
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_gpu_setup_names_nvidia_index_and_the_supported_pythons(tmp_path):
+    """On a machine that passes the preflight (here: a device node, no nvidia-smi), `make gpu-setup`'s
+    preflight line names the Python versions the stack supports and NVIDIA's index, and the stack's
+    requirements are installed with that index added to pip's extra indexes (after the environment's)."""
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    venv = tmp_path / "venv"
+    env = _env(PATH=f"{tmp_path / 'no-smi'}{os.pathsep}/usr/bin{os.pathsep}/bin", VV_NVIDIA_DEVICE=str(device))
+    proc = subprocess.run(["make", "-n", "--no-print-directory", f"{venv}/.gpu-stack", f"VENV={venv}",
+                           f"PY={sys.executable}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    low, high = (f"{a}.{b}" for a, b in gpu_preflight.SUPPORTED_PYTHON)
+    assert (low, high) == ("3.11", "3.13")
+    preflight = lines[0]
+    assert f"the GPU stack supports {low}-{high}" in preflight and "https://pypi.nvidia.com" in preflight, preflight
+    install = [line for line in lines if "pip install" in line and "-r requirements-gpu.txt" in line]
+    assert len(install) == 1 and install[0].startswith(
+        'PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL:+$PIP_EXTRA_INDEX_URL }https://pypi.nvidia.com" '), install
+    assert not venv.exists()  # -n: nothing ran
+
+
+def test_preflight_refuses_a_python_the_stack_has_no_wheels_for(tmp_path):
+    """The venv's Python decides where the venv exists (else the interpreter that will create it): 3.10
+    and 3.14 are refused in one line naming the supported versions; 3.12 passes."""
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    for version, ok in (("3 10", False), ("3 14", False), ("3 12", True)):
+        venv = tmp_path / f"venv{version.replace(' ', '')}"
+        (venv / "bin").mkdir(parents=True)
+        python = venv / "bin" / "python"
+        python.write_text(f"#!/bin/sh\necho {version}\n")
+        python.chmod(0o755)
+        proc = subprocess.run([sys.executable, str(PREFLIGHT), "--job", "make bench-gpu", "--venv", str(venv),
+                               "--nvidia-smi", str(tmp_path / "none"), "--device", str(device)],
+                              capture_output=True, text=True, timeout=60)
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        if ok:
+            assert proc.returncode == 0 and "Python 3.12 (the GPU stack supports 3.11-3.13)" in lines[0], lines
+        else:
+            assert proc.returncode == 2, lines
+            dotted = version.replace(" ", ".")
+            assert lines[0].startswith(f"error: Python {dotted} ({python}) cannot take the GPU stack"), lines
+            assert "3.11-3.13" in lines[0] and "make bench-gpu" in lines[0], lines
+
+
+def test_onnxruntime_cuda_check_opens_a_session():
+    """The stack check asks a real ONNX Runtime session for CUDA: here (CPU build) it is refused in one
+    line; a session that kept only the CPU provider (CUDA or cuDNN not loading) is refused as well."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(gpu_preflight._identity_model_bytes(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones(1, np.float32)})[0].tolist() == [1.0]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(gpu_preflight.PreflightError, match="has no CUDAExecutionProvider"):
+            gpu_preflight.ort_cuda_providers(onnxruntime)
+    with pytest.raises(gpu_preflight.PreflightError) as info:
+        gpu_preflight.check_session_providers(["CPUExecutionProvider"], "1.26.0")
+    assert "lists CUDAExecutionProvider but a session runs on CPUExecutionProvider only" in str(info.value)
+    gpu_preflight.check_session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "1.26.0")
+
+
 # --- the GPU benchmark: what the CPU can run of it --------------------------------------------------
 
 @pytest.fixture(scope="module")
