@@ -391,6 +391,20 @@ def test_bench_gpu_summary_goals_and_outputs(bench_gpu, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_gpu.json", "bench_gpu.png"]  # no temporaries
 
 
+def test_bench_gpu_speedups_name_each_sides_precision(bench_gpu):
+    """A ratio of TensorRT (reduced precision) over ONNX Runtime CUDA (fp32 graphs) says so, per batch."""
+    sample = _sample_result()
+    sample["results"]["1"]["pytorch_reference"]["torch_dtype"] = "bf16"
+    sample["side_precisions"] = {"tensorrt": {"lm": "bf16", "acoustic_decoder": "fp16", "diffusion_sampler": "fp16",
+                                              "text_embed": "fp32"},
+                                 "ort_cuda": "fp32 ONNX graphs"}
+    labels = bench_gpu.summarize(sample)["speedup_precisions"]
+    assert labels["1"]["tensorrt_vs_ort_cuda"] == ("tensorrt (bf16: lm; fp16: acoustic_decoder, diffusion_sampler; "
+                                                   "fp32: text_embed) over ort_cuda (fp32 ONNX graphs)")
+    assert labels["1"]["ort_cuda_vs_pytorch_reference"] == "ort_cuda (fp32 ONNX graphs) over pytorch_reference (bf16)"
+    assert set(labels["1"]) == set(sample["speedups"]["1"]) and set(labels["16"]) == {"tensorrt_vs_pytorch_reference"}
+
+
 def test_iobinding_ort_backend_keeps_the_cache_in_place(bench_gpu, tiny_engine_dir):
     """The ORT-CUDA side's backend (IOBinding, cache bound by address, new_kv into a device buffer), run on
     the CPU device: the same audio as OrtBackend, with every decode step bound in place."""
