@@ -11,7 +11,7 @@ SCRIPT  ?= examples/podcast.txt
 VOICES  ?= examples/voice_a.wav examples/voice_b.wav
 OUT     ?= out/demo.wav
 
-.PHONY: setup demo test test-slow test-gpu bench bench-export bench-gpu check-accuracy check-accuracy-quant gpu-preflight gpu-setup trt clean
+.PHONY: setup demo test test-slow test-gpu bench bench-export bench-gpu check-accuracy check-accuracy-quant gpu-preflight gpu-setup gpu-first-run trt clean
 
 $(BIN)/vv-run: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -81,8 +81,17 @@ check-accuracy: gpu-setup
 check-accuracy-quant: gpu-setup
 	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_qdq.py
 
+# What the first GPU run must confirm, in order (docs/GPU.md): the stack (gpu-setup's check), the backend's
+# CUDA graphs and cache reuse, the engines against ONNX Runtime and whole generations, the quantized
+# engines (kernels, sizes, accuracy), then the benchmark. Stops at the first step that fails.
+gpu-first-run: gpu-setup
+	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_trt_backend.py
+	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_trt_accuracy.py
+	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_qdq.py
+	$(BIN)/python benchmarks/bench_gpu.py --plan bench --out benchmarks/results
+
 GPU_STAMP = $(VENV)/.gpu-stack
-GPU_JOB   = make $(or $(firstword $(filter test-gpu bench-gpu check-accuracy check-accuracy-quant,$(MAKECMDGOALS))),gpu-setup)
+GPU_JOB   = make $(or $(firstword $(filter test-gpu bench-gpu check-accuracy check-accuracy-quant gpu-first-run,$(MAKECMDGOALS))),gpu-setup)
 # $(call vv_one_line,COMMAND): print COMMAND's one line, or stop make with that line as its only message
 vv_one_line = $(eval _vv_out := $(shell $(1) 2>&1; echo "rc=$$?"))$(if $(filter rc=0,$(lastword $(_vv_out))),echo "$(filter-out rc=%,$(_vv_out))",$(error $(filter-out rc=%,$(_vv_out))))
 

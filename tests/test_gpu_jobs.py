@@ -263,6 +263,38 @@ def test_gpu_setup_names_nvidia_index_and_the_supported_pythons(tmp_path):
     assert not venv.exists()  # -n: nothing ran
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_gpu_first_run_confirms_in_order(tmp_path):
+    """`make gpu-first-run` (docs/GPU.md): after the stack check, the backend's CUDA graphs, the engines
+    against ONNX Runtime, the quantized engines, then the benchmark, each step a command of its own (make
+    stops at the first that fails), the pytest steps under VV_REQUIRE_GPU=1. Shown with a venv whose python
+    answers the stack check (the stack installed, a stamp newer than its inputs); without a GPU it stops
+    in the preflight like every GPU job."""
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text('#!/bin/sh\ncase "$*" in *--stack*) echo "GPU stack: stand-in";; *) echo 3 12;; esac\n')
+    python.chmod(0o755)
+    (venv / ".gpu-stack").write_text("")
+    os.utime(venv / ".gpu-stack", (time.time() + 60, time.time() + 60))
+    env = _env(PATH=f"{tmp_path / 'no-smi'}{os.pathsep}/usr/bin{os.pathsep}/bin", VV_NVIDIA_DEVICE=str(device))
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "gpu-first-run", f"VENV={venv}", f"PY={sys.executable}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stdout.splitlines() if " -m pytest " in line or " benchmarks/bench_gpu.py " in line]
+    assert [line.split()[-1] for line in steps] == ["tests/test_trt_backend.py", "tests/test_trt_accuracy.py",
+                                                    "tests/test_qdq.py", "benchmarks/results"], steps
+    assert all(line.startswith("VV_REQUIRE_GPU=1 ") and " -m gpu " in line for line in steps[:3]), steps
+    assert "GPU stack: stand-in" in proc.stdout
+    if not HAS_GPU:
+        proc = subprocess.run(["make", "--no-print-directory", "gpu-first-run", f"VENV={tmp_path / 'none'}"], cwd=REPO,
+                              env=_env(), capture_output=True, text=True, timeout=120)
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        assert proc.returncode != 0 and len(lines) == 1 and "make gpu-first-run needs one" in lines[0], lines
+
+
 def test_preflight_refuses_a_python_the_stack_has_no_wheels_for(tmp_path):
     """The venv's Python decides where the venv exists (else the interpreter that will create it): 3.10
     and 3.14 are refused in one line naming the supported versions; 3.12 passes."""
