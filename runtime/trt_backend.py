@@ -953,6 +953,7 @@ class TrtBackend(Backend):
         pool = getattr(self, "kv_pool", None)
         if pool is not None:
             pool.clear()
+            pool.max_bytes = 0  # a cache closed after the backend gives its buffer straight back
         self.runtime = None
         self.stream = None
 
