@@ -11,7 +11,7 @@ SCRIPT  ?= examples/podcast.txt
 VOICES  ?= examples/voice_a.wav examples/voice_b.wav
 OUT     ?= out/demo.wav
 
-.PHONY: setup demo test test-slow test-gpu bench bench-export bench-gpu check-accuracy check-accuracy-quant gpu-preflight gpu-setup trt clean
+.PHONY: setup demo test test-slow test-gpu bench bench-export bench-gpu check-accuracy check-accuracy-quant gpu-preflight gpu-setup gpu-first-run trt clean
 
 $(BIN)/vv-run: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -86,19 +86,33 @@ check-accuracy: gpu-setup
 check-accuracy-quant: gpu-setup
 	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_qdq.py
 
+# What the first GPU run must confirm, in order (docs/GPU.md): the stack (gpu-setup's check), the backend's
+# CUDA graphs and cache reuse, the engines against ONNX Runtime and whole generations, the quantized
+# engines (kernels, sizes, accuracy), then the benchmark. Stops at the first step that fails.
+gpu-first-run: gpu-setup
+	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_trt_backend.py
+	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_trt_accuracy.py
+	VV_REQUIRE_GPU=1 $(BIN)/python -m pytest -m gpu -q tests/test_qdq.py
+	$(BIN)/python benchmarks/bench_gpu.py --plan bench --out benchmarks/results
+
 GPU_STAMP = $(VENV)/.gpu-stack
-GPU_JOB   = make $(or $(firstword $(filter test-gpu bench-gpu check-accuracy check-accuracy-quant,$(MAKECMDGOALS))),gpu-setup)
+GPU_JOB   = make $(or $(firstword $(filter test-gpu bench-gpu check-accuracy check-accuracy-quant gpu-first-run,$(MAKECMDGOALS))),gpu-setup)
 # $(call vv_one_line,COMMAND): print COMMAND's one line, or stop make with that line as its only message
 vv_one_line = $(eval _vv_out := $(shell $(1) 2>&1; echo "rc=$$?"))$(if $(filter rc=0,$(lastword $(_vv_out))),echo "$(filter-out rc=%,$(_vv_out))",$(error $(filter-out rc=%,$(_vv_out))))
 
+# NVIDIA's package index (the real TensorRT wheels; tools/gpu_preflight.py holds it), added to pip's extra
+# indexes for the stack's install, after any the environment gives. PIP_NO_INDEX=1 with PIP_FIND_LINKS
+# (a wheelhouse, docs/GPU.md) turns every index off, this one too.
+NVIDIA_INDEX = $(shell $(PY) tools/gpu_preflight.py --index)
+
 gpu-preflight:
-	@$(call vv_one_line,$(PY) tools/gpu_preflight.py --job "$(GPU_JOB)")
+	@$(call vv_one_line,$(PY) tools/gpu_preflight.py --job "$(GPU_JOB)" --venv "$(VENV)")
 
 $(GPU_STAMP): requirements-gpu.txt pyproject.toml | gpu-preflight
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	@# the CUDA 12 torch first: `pip install -e .[dev]` then keeps it
-	$(BIN)/pip install -q -r requirements-gpu.txt
+	PIP_EXTRA_INDEX_URL="$${PIP_EXTRA_INDEX_URL:+$$PIP_EXTRA_INDEX_URL }$(NVIDIA_INDEX)" $(BIN)/pip install -q -r requirements-gpu.txt
 	$(BIN)/pip install -q -e ".[dev]"
 	@# .[dev] pulls in the CPU onnxruntime, which writes the same module as onnxruntime-gpu: keep one
 	$(BIN)/pip uninstall -q -y onnxruntime

@@ -38,7 +38,9 @@ What runs (the same prompt and frame count everywhere; every side keeps its cach
    use (torch.cuda.mem_get_info, every allocation: TensorRT engines and activations, ONNX Runtime's
    arena, torch) before the side and after its timed runs with its backend alive, their difference,
    torch.cuda.max_memory_allocated (torch tensors only) and nvidia-smi's used memory at the same moment.
-3. Speed-ups of tensorrt (and ort_cuda) over each other side at each B, and the goals of issue #7
+3. Speed-ups of tensorrt (and ort_cuda) over each other side at each B, each labelled with what both
+   sides computed in (`speedup_precisions`: the engines' precisions by graph, the ONNX graphs' dtype, the
+   torch dtype), and the goals of issue #7
    (H100, 1.5B): <= 3 ms per frame at batch 1, >= 20x the PyTorch reference, first audio <= 60 ms after
    a 200-token prompt, >= 300x real time at 16 scripts: measured value and "met" (null when not measured).
 
@@ -587,8 +589,29 @@ def summarize(result: dict) -> dict:
         goals.append(entry)
     result["speedups"] = speedups
     result["speedup_torch_dtypes"] = {b: v for b, v in basis.items() if v}
+    result["speedup_precisions"] = {b: {pair: _pair_precision(result, b, pair) for pair in pairs}
+                                    for b, pairs in speedups.items()}
     result["goals"] = goals
     return result
+
+
+def side_precision(result: dict, side: str, batch: str) -> str:
+    """What a side computed in: the TensorRT engines' precisions by graph (`side_precisions.tensorrt`), the
+    ONNX graphs' dtype for ONNX Runtime, the torch dtype of a PyTorch side's figure at that batch."""
+    recorded = (result.get("side_precisions") or {}).get(side)
+    if side == "tensorrt" and isinstance(recorded, dict) and recorded:
+        by_precision: dict[str, list[str]] = {}
+        for graph, precision in sorted(recorded.items()):
+            by_precision.setdefault(str(precision), []).append(graph)
+        return "; ".join(f"{p}: {', '.join(graphs)}" for p, graphs in sorted(by_precision.items()))
+    if side in PIPELINE_SIDES:
+        return str(recorded) if recorded else "unknown"
+    return str(((result.get("results") or {}).get(batch, {}).get(side) or {}).get("torch_dtype") or "unknown")
+
+
+def _pair_precision(result: dict, batch: str, pair: str) -> str:
+    fast, slow = pair.split("_vs_", 1)
+    return f"{fast} ({side_precision(result, fast, batch)}) over {slow} ({side_precision(result, slow, batch)})"
 
 
 def plot(result: dict, path: Path) -> Path | None:
@@ -834,6 +857,10 @@ def run(args, log=print) -> tuple[dict, bool]:
         manifest = load_manifest(engine_dir)
         result["model"] = {k: manifest["model"][k] for k in ("hidden_size", "num_layers", "vocab_size",
                                                               "max_position_embeddings")}
+        # what each side computes in, for the speed-up labels (speedup_precisions)
+        result["side_precisions"] = {
+            "tensorrt": {g: e.get("precision") for g, e in ((manifest.get("trt") or {}).get("engines") or {}).items()},
+            "ort_cuda": f"{manifest.get('dtype', 'fp32')} ONNX graphs"}
         results, memory, errors, backends = run_sides(args, engine_dir, manifest, device, log)
         result.update(results=results, memory=memory, errors=errors, backends=backends)
         result["memory_labels"] = MEMORY_LABELS

@@ -74,7 +74,8 @@ ACTIVATION_PRECISION = {"fp8": "bf16", "int8wo": "bf16"}
 MIN_COMPUTE_CAPABILITY = {"fp8": (8, 9), "int8wo": (8, 0), "bf16": (8, 0)}
 # Version of what vv_export.qdq's rewrite makes an engine compute; part of the plan hash of fp8/int8wo
 # engines, so a change to it rebuilds them. 2: fp8 engines run bf16 (not fp16) outside their FP8 GEMMs.
-QDQ_FORMAT = 2
+# 3: strongly typed (bf16 outside the kept nodes, bf16-exact scales), only GEMMs with quantized kernels.
+QDQ_FORMAT = 3
 
 
 # --- TensorRT layers and the keep_fp32 rules ------------------------------------------------------

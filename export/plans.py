@@ -110,7 +110,7 @@ class GraphPlan:
                    "builder": self.builder}
         if self.precision in QDQ_PRECISIONS:
             payload["qdq_format"] = QDQ_FORMAT  # the engine is built from vv_export.qdq's rewrite
-            payload["activations"] = ACTIVATION_PRECISION[self.precision]  # ... and its builder's float flag
+            payload["activations"] = ACTIVATION_PRECISION[self.precision]  # ... and the type of its float parts
         return payload
 
     @property

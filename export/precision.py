@@ -81,6 +81,29 @@ def _round_array(arr: np.ndarray, precision: str) -> np.ndarray:
     return arr.astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
+def node_kinds(graph, types: dict, keep_ops=(), keep_names=()) -> list[str]:
+    """What each node of `graph` (in order) computes in under a plan's keep rules: "const" (only constants
+    in: folded at build time, in fp32), "kept" (fp32: the keep rules, and QuantizeLinear/DequantizeLinear,
+    whose scales TensorRT applies in fp32) or "low" (the engine's reduced precision). `types`: tensor name
+    -> ONNX element type (`_value_types`)."""
+    from onnx import TensorProto
+
+    const = {i.name for i in graph.initializer}
+    kinds = []
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type == "Constant" or (ins and all(i in const for i in ins)):
+            const.update(o for o in node.output if o)
+            kinds.append("const")
+        elif node.op_type in QDQ_OPS:
+            kinds.append("kept")
+        elif node_is_kept(node, keep_ops, keep_names, any(types.get(i) == TensorProto.FLOAT for i in ins)):
+            kinds.append("kept")
+        else:
+            kinds.append("low")
+    return kinds
+
+
 def emulate_model(model, precision: str, keep_ops=(), keep_names=()):
     """A copy of `model` (an fp32 onnx.ModelProto, weights loaded) that computes like a `precision` engine."""
     import onnx
@@ -111,20 +134,7 @@ def emulate_model(model, precision: str, keep_ops=(), keep_names=()):
 
     graph_inputs = {i.name for i in graph.input}
     initializers = {i.name: i for i in graph.initializer}
-    const = set(initializers)
-    # classify nodes in (topological) order
-    kinds = []  # "const" | "kept" | "low"
-    for node in graph.node:
-        ins = [i for i in node.input if i]
-        if node.op_type == "Constant" or (ins and all(i in const for i in ins)):
-            const.update(o for o in node.output if o)
-            kinds.append("const")
-        elif node.op_type in QDQ_OPS:
-            kinds.append("kept")
-        elif node_is_kept(node, keep_ops, keep_names, any(is_float(i) for i in ins)):
-            kinds.append("kept")
-        else:
-            kinds.append("low")
+    kinds = node_kinds(graph, types, keep_ops, keep_names)
     low_produced = {o for node, kind in zip(graph.node, kinds) if kind == "low" for o in node.output if is_float(o)}
 
     new_nodes = []

@@ -5,8 +5,11 @@ QuantizeLinear / DequantizeLinear form that TensorRT 10's ONNX parser builds an 
 network from, and that ONNX Runtime (CPU) runs, so the quantized arithmetic can be checked without a GPU
 (vv_export.precision emulates the whole engine with it; tests/test_qdq.py):
 
-* "int8wo" (INT8 weight-only): every MatMul / Gemm whose weight is a constant 2-D initializer reads it
-  as ``DequantizeLinear(w_int8, scale, zero, axis=<output channel>)``: symmetric, one fp32 scale per
+* Which GEMMs: every MatMul / Gemm whose weight is a constant 2-D initializer and whose K and N are
+  multiples of `QUANT_GEMM_MULTIPLE` (16: what FP8 / INT8 tensor-core GEMMs take); the narrower ones
+  (the LM's 4-column control logits) keep fp32 weights and run in the engine's bf16.
+* "int8wo" (INT8 weight-only): those GEMMs read the weight as
+  ``DequantizeLinear(w_int8, scale, zero, axis=<output channel>)``: symmetric, one fp32 scale per
   output channel (absmax / 127, zero point 0). Activations are untouched: the engine runs them in bf16.
 * "fp8" (FP8 E4M3FN weights and activations): the same MatMuls read ``DequantizeLinear(w_fp8, scale)``
   with ONE fp32 scale per weight tensor (absmax / 448), and their activation input through
@@ -30,7 +33,9 @@ network from, and that ONNX Runtime (CPU) runs, so the quantized arithmetic can 
 
 Rounding is what TensorRT's quantization scheme defines (round to nearest even; INT8 codes within
 +-127, FP8 saturated to +-448), so ONNX Runtime on this copy sees the very quantized values the
-engine holds. Nothing here imports torch: `vv-export trt` uses it.
+engine holds. Every scale is rounded up to a bf16 value (`bf16_ceil`) before the codes are made: the
+strongly typed engine graph (vv_export.strong_typing) holds the weights' scales in bf16, and so loses
+nothing. Nothing here imports torch: `vv-export trt` uses it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ from .validation_data import load_validation_data, validation_paths
 QDQ_OPSET = 19
 INT8_MAX = 127.0
 FP8_MAX = 448.0
+# A weight GEMM is quantized only when its reduction (K) and output (N) dimensions are both multiples of
+# this: the FP8 and INT8 tensor-core GEMMs of TensorRT (cuBLASLt) take 16-element multiples; a narrower
+# GEMM, like the LM's 4-column control-logits MatMul (N = 4), has no quantized kernel and would run as
+# dequantize + bf16 GEMM, adding the quantization error for nothing.
+QUANT_GEMM_MULTIPLE = 16
 # ONNX ops whose `axes` moved from an attribute to an input in opset 18 (ReduceSum already in 13)
 _AXES_TO_INPUT_18 = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
                      "ReduceLogSumExp", "ReduceSumSquare")
@@ -64,9 +74,16 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def weight_matmuls(graph, keep_ops=(), keep_names=()) -> list:
+def gemm_suits_quantized_kernels(k: int, n: int) -> bool:
+    """Whether a weight GEMM of reduction `k` and `n` output channels has FP8 / INT8 tensor-core kernels
+    (`QUANT_GEMM_MULTIPLE`)."""
+    return k > 0 and n > 0 and k % QUANT_GEMM_MULTIPLE == 0 and n % QUANT_GEMM_MULTIPLE == 0
+
+
+def weight_matmuls(graph, keep_ops=(), keep_names=(), kernel_dims: bool = True) -> list:
     """(node, weight initializer name, output-channel axis) of every MatMul / Gemm with a constant 2-D float
-    weight as its second input, in graph order; nodes the plan keeps in fp32 (keep rules) are left out."""
+    weight as its second input, in graph order; nodes the plan keeps in fp32 (keep rules) are left out, and
+    with `kernel_dims` those whose dimensions no quantized kernel takes (`gemm_suits_quantized_kernels`)."""
     from onnx import TensorProto
 
     inits = {i.name: i for i in graph.initializer}
@@ -81,20 +98,34 @@ def weight_matmuls(graph, keep_ops=(), keep_names=()) -> list:
             continue
         # output channels: N of a [K, N] MatMul weight; a Gemm's B is [N, K] when transB
         axis = 0 if node.op_type == "Gemm" and _attrs(node).get("transB", 0) else 1
+        n, k = int(init.dims[axis]), int(init.dims[1 - axis])
+        if kernel_dims and not gemm_suits_quantized_kernels(k, n):
+            continue
         out.append((node, node.input[1], axis))
     return out
 
 
 # --- quantizing arrays ----------------------------------------------------------------------------
 
+def bf16_ceil(x):
+    """The smallest bf16 values >= the positive fp32 values `x`, as fp32: scales the engine holds in bf16
+    without rounding (the strongly typed graph's DequantizeLinear runs in bf16), never below absmax / max
+    code, so no code saturates for it."""
+    import numpy as np
+
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    return ((bits + np.uint32(0xFFFF)) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
 def quantize_int8(w, axis: int):
-    """(int8 weights, fp32 scale per channel along `axis`): symmetric, scale = absmax / 127."""
+    """(int8 weights, fp32 scale per channel along `axis`): symmetric, scale = absmax / 127 rounded up to a
+    bf16 value (`bf16_ceil`)."""
     import numpy as np
 
     w = np.asarray(w, np.float32)
     reduce_axis = 1 - axis
     absmax = np.max(np.abs(w), axis=reduce_axis)
-    scale = np.where(absmax > 0, absmax / np.float32(INT8_MAX), np.float32(1.0)).astype(np.float32)
+    scale = bf16_ceil(np.where(absmax > 0, absmax / np.float32(INT8_MAX), np.float32(1.0)).astype(np.float32))
     shape = [1, 1]
     shape[axis] = -1
     q = np.clip(np.round(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)  # ties to even
@@ -111,14 +142,15 @@ def fp8_round(x, scale):
 
 
 def fp8_scale(absmax: float) -> float:
-    """Per-tensor FP8 scale absmax / 448 (1.0 for an all-zero tensor, which quantizes to 0 either way)."""
+    """Per-tensor FP8 scale absmax / 448 rounded up to a bf16 value (`bf16_ceil`; 1.0 for an all-zero
+    tensor, which quantizes to 0 either way)."""
     import numpy as np
 
-    return float(np.float32(absmax) / np.float32(FP8_MAX)) if absmax > 0 else 1.0
+    return float(bf16_ceil(np.float32(absmax) / np.float32(FP8_MAX))) if absmax > 0 else 1.0
 
 
 def quantize_fp8(w):
-    """(FP8 E4M3FN weights, fp32 scalar scale): per tensor, scale = absmax / 448."""
+    """(FP8 E4M3FN weights, fp32 scalar scale): per tensor, scale = absmax / 448 (as `fp8_scale`)."""
     import numpy as np
 
     w = np.asarray(w, np.float32)

@@ -19,13 +19,16 @@ Reduced precision (the plan's per-graph precision, or ``precision=`` for every g
 * TensorRT 11+ (weak typing removed) or typing "strong": the ONNX graph is converted to mixed
   precision by ModelOpt AutoCast (the keep_fp32 op types stay fp32, I/O types kept) and built as a
   strongly typed network.
-* fp8 / int8wo: built from an explicitly quantized (Q/DQ) copy of the graph that vv_export.qdq writes
-  into the build's work directory (FP8 weights and calibrated FP8 activations of the weight MatMuls /
-  INT8 per-channel weights only), weakly typed on TensorRT 10 with the FP8 / INT8 builder flag plus the
-  flag of the precision everything else runs in (bf16 for both), the keep_fp32 rules applied as above.
-  FP8 needs compute capability 8.9 (refused in one line before any build, `check_precision_supported`);
-  TensorRT 11+ (strong typing only) is refused for them in one line: the Q/DQ copy's float parts would
-  need their own fp16/bf16 conversion first.
+* fp8 / int8wo: built STRONGLY TYPED (as NVIDIA directs for explicitly quantized graphs; weakly typed,
+  the builder may choose other precisions around the Q/DQ pairs and skip the FP8 kernels) from an
+  explicitly quantized (Q/DQ) copy of the graph that vv_export.qdq makes (FP8 weights and calibrated FP8
+  activations / INT8 per-channel weights, for the weight GEMMs a quantized kernel takes), typed by
+  vv_export.strong_typing (bf16 everywhere but the plan's keep_fp32 nodes, which stay fp32: the very
+  precisions the CPU emulation checks) and written into the build's work directory; no precision
+  builder flags, TensorRT 10 and 11 alike. FP8 needs compute capability 8.9 (refused in one line before
+  any build, `check_precision_supported`). Their engines record the layer information
+  (ProfilingVerbosity.DETAILED), which the GPU check reads with the engine inspector to confirm the
+  quantized kernels (`quantized_layers`).
 
 The manifest is read and written through ``vv_export.engine_dir`` (the exporter's one manifest module);
 the polygraphy accuracy helpers live in ``vv_export.accuracy``. Neither this module nor those import
@@ -51,7 +54,7 @@ from .engine_dir import ENGINE_FORMAT, TRT_DIR, atomic_write, file_lock, read_ma
 from .errors import ExportError, TrtUnavailable, one_line
 from .graph_rules import ACTIVATION_PRECISION, COMPUTE_LAYERS, FP32_LAYER_MATCH, MIN_COMPUTE_CAPABILITY, QDQ_PRECISIONS
 from .plans import PRECISIONS, GraphPlan, Plan, resolve_plan
-from .qdq import qdq_graph_file
+from .strong_typing import typed_qdq_graph_file
 
 TIMING_CACHE = "timing.cache"
 MIN_TRT_MAJOR = 10
@@ -293,16 +296,16 @@ def _merge_timing_cache(path: Path, config, progress) -> None:
 # --- network construction -----------------------------------------------------------------------
 
 def _typing(env: TrtEnv, gp: GraphPlan) -> str:
-    """'fp32' (no reduced precision), 'weak' (builder flags) or 'strong' (AutoCast-converted ONNX)."""
+    """'fp32' (no reduced precision), 'weak' (builder flags) or 'strong' (a typed ONNX graph: AutoCast's,
+    or vv_export.strong_typing's for the Q/DQ precisions)."""
     if gp.precision == "fp32":
         return "fp32"
     mode = gp.builder["typing"]
     if gp.precision in QDQ_PRECISIONS:
-        if mode == "strong" or env.major >= 11:
-            raise ExportError(f"graph {gp.graph}: {gp.precision} engines are built weakly typed from a Q/DQ graph on "
-                              f"TensorRT 10 (requirements-gpu.txt); TensorRT {env.version} with typing \"{mode}\" "
-                              f"would need a strongly typed Q/DQ graph, which is not implemented")
-        return "weak"
+        if mode == "weak":
+            raise ExportError(f"graph {gp.graph}: {gp.precision} engines are built strongly typed (explicitly "
+                              f"quantized graphs); the plan asks typing = \"weak\" (use \"auto\" or \"strong\")")
+        return "strong"
     if mode == "auto":
         mode = "weak" if env.major < 11 else "strong"
     if mode == "weak" and env.major >= 11:
@@ -395,10 +398,11 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
     trt = env.trt
     typing = _typing(env, gp)
     path = onnx_path
-    if gp.precision in QDQ_PRECISIONS:
+    quantized = gp.precision in QDQ_PRECISIONS
+    if quantized:
         path = work / f"{gp.graph}.{gp.precision}.onnx"
         try:
-            qdq_graph_file(onnx_path.parent, gp.graph, gp.precision, gp.builder, out_path=path, onnx_path=onnx_path)
+            typed_qdq_graph_file(onnx_path.parent, gp.graph, gp.precision, gp.builder, path, onnx_path=onnx_path)
         except (ExportError, KeyboardInterrupt, MemoryError):
             raise
         except Exception as exc:  # the rewrite or its check failed, not TensorRT: say so in one line
@@ -407,7 +411,7 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
     elif typing == "strong":
         path = _autocast(onnx_path, work, gp, progress)
     floats = ACTIVATION_PRECISION.get(gp.precision, gp.precision)  # what the non-quantized layers run in
-    # TensorRT 11 builds every network strongly typed; 10.x: strongly typed only for converted graphs
+    # TensorRT 11 builds every network strongly typed; 10.x: strongly typed only for typed graphs
     strongly_typed = typing == "strong" or env.major >= 11
     builder, network, parser = NetworkFromOnnxPath(str(path), strongly_typed=strongly_typed or None)()
     marked = 0
@@ -420,9 +424,9 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
         tf32=gp.builder["tf32"],
         fp16=(typing == "weak" and floats == "fp16") or None,
         bf16=(typing == "weak" and floats == "bf16") or None,
-        int8=(gp.precision == "int8wo") or None,  # the INT8 Q/DQ layers (weight-only: no activation Q)
-        fp8=(gp.precision == "fp8") or None,
         precision_constraints=constraints if (typing == "weak" and marked and constraints != "none") else None,
+        # the layer information the GPU check reads with the engine inspector (quantized kernels)
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED if quantized else None,
         builder_optimization_level=gp.builder["optimization_level"],
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: gp.builder["workspace_mib"] << 20},
         load_timing_cache=io.BytesIO(timing_cache) if timing_cache else None,
@@ -437,6 +441,45 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
     if cache_path is not None:
         _merge_timing_cache(cache_path, config, progress)  # while the builder that made the config lives
     return engine, typing, marked
+
+
+# --- what an engine runs: the engine inspector ---------------------------------------------------
+
+# Markers of the quantized type in a layer's tensor formats ("Format/Datatype") or tactic, per precision
+QUANTIZED_FORMATS = {"fp8": ("fp8", "e4m3"), "int8wo": ("int8",)}
+
+
+def engine_layer_information(engine_bytes) -> dict:
+    """The engine inspector's report of a serialized engine, as JSON (layers with their inputs, outputs,
+    formats and tactics in full for engines built with ProfilingVerbosity.DETAILED). Needs TensorRT."""
+    import json
+
+    env = trt_environment()
+    trt = env.trt
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    engine = runtime.deserialize_cuda_engine(bytes(engine_bytes))
+    if engine is None:
+        raise ExportError("the engine inspector cannot read this engine (another TensorRT or GPU)")
+    inspector = engine.create_engine_inspector()
+    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def quantized_layers(info: dict, precision: str) -> list[str]:
+    """Names of the layers of an engine-inspector report (`engine_layer_information`) that read or write
+    the quantized type of `precision` (FP8 for fp8, INT8 for int8wo) or run a tactic named after it: the
+    kernels the Q/DQ graph was built for. Empty when the builder folded the quantization away (e.g. INT8
+    weights dequantized into a bf16 GEMM's constant)."""
+    markers = QUANTIZED_FORMATS[precision]
+    found = []
+    for layer in info.get("Layers") or []:
+        if not isinstance(layer, dict):
+            continue  # LAYER_NAMES_ONLY: no formats to read
+        texts = [str(t.get("Format/Datatype", "")) for t in (layer.get("Inputs") or []) + (layer.get("Outputs") or [])
+                 if isinstance(t, dict)]
+        texts.append(str(layer.get("TacticName", "")))
+        if any(marker in text.lower() for text in texts for marker in markers):
+            found.append(str(layer.get("Name", "")))
+    return found
 
 
 # --- the command --------------------------------------------------------------------------------

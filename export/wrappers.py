@@ -120,13 +120,27 @@ class DecoderStep(nn.Module):
         return torch.where(allowed, torch.zeros((), dtype=torch.float32),
                            torch.full((), MASK_BIAS, dtype=torch.float32))
 
+    def _grouped(self, q, bsz, seq):
+        """Queries [B, heads, seq, D] as [B, KV, groups, seq, D]: query head h = j * groups + g uses key/value
+        head j, so the keys and values of a group are broadcast over its queries (MatMul batch
+        broadcasting), never repeated in memory."""
+        return q.reshape(bsz, self.num_kv, self.num_heads // self.num_kv, seq, self.head_dim)
+
+    def _attend(self, i: int, q, k, v, past_kv, bias, bsz, seq):
+        """Layer i's attention output [B, KV, groups, seq, D] of queries q [B, heads, seq, D] over the cached
+        keys/values (past_kv[i]) and the new ones k, v [B, KV, seq, D]: one key/value tensor of past + seq
+        slots (the cache concatenated with the new positions), scores and softmax in fp32."""
+        keys = torch.cat([past_kv[i, 0], k], dim=2)
+        values = torch.cat([past_kv[i, 1], v], dim=2)
+        probs = self.attn_scores_fp32[i](self._grouped(q, bsz, seq), keys.unsqueeze(2), bias)
+        return torch.matmul(probs, values.unsqueeze(2))
+
     def decode(self, inputs_embeds, attention_mask, position_ids, past_kv):
         """(hidden [B, seq, H] of the last layer, no final norm; new_kv [L, 2, B, KV, seq, D])."""
         bsz, seq, _ = inputs_embeds.shape
         past = past_kv.shape[4]
         cos, sin = self.rope_table(position_ids)
         bias = self._attention_bias(attention_mask, past, seq).unsqueeze(2)  # [B, 1, 1, seq, total]
-        groups = self.num_heads // self.num_kv
         hidden = inputs_embeds
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
@@ -139,13 +153,7 @@ class DecoderStep(nn.Module):
             q, k = self._rope(q, k, cos, sin)
             new_keys.append(k)
             new_values.append(v)
-            keys = torch.cat([past_kv[i, 0], k], dim=2)
-            values = torch.cat([past_kv[i, 1], v], dim=2)
-            # query head h = j * groups + g uses key/value head j: the keys and values of a group are
-            # broadcast over its queries (MatMul batch broadcasting), never repeated in memory
-            q = q.reshape(bsz, self.num_kv, groups, seq, self.head_dim)
-            probs = self.attn_scores_fp32[i](q, keys.unsqueeze(2), bias)
-            out = torch.matmul(probs, values.unsqueeze(2)).reshape(bsz, self.num_heads, seq, self.head_dim)
+            out = self._attend(i, q, k, v, past_kv, bias, bsz, seq).reshape(bsz, self.num_heads, seq, self.head_dim)
             out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
             hidden = residual + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -168,6 +176,48 @@ class LMStep(DecoderStep):
         last = hidden[:, -1, :]
         logits = torch.matmul(last, self.control_weight.t())
         return last, logits, new_kv
+
+
+class SoftmaxFp32(nn.Module):
+    """Attention probabilities `softmax(scores * scaling + mask bias)` from scores computed outside: one module
+    per layer whose ONNX nodes are named `/attn_softmax_fp32.<i>/...`, kept in fp32 by the TensorRT plans
+    (`keep_fp32_names` "*_fp32*"), while the q k^T products before it run in the engine's precision."""
+
+    def __init__(self, scaling: float):
+        super().__init__()
+        self.scaling = scaling
+
+    def forward(self, scores, bias):
+        return torch.softmax(scores * self.scaling + bias, dim=-1)
+
+
+class LMStepInPlaceCache(LMStep):
+    """LMStep with the same I/O that reads the cache where it lives instead of concatenating it.
+
+    The concatenating step copies each layer's whole cache with the new positions into one key/value
+    tensor every call (the cache read twice and written once, per layer per step). Here the cached and
+    the new keys are scored separately (q K_past^T and q k_new^T, reduced precision in an engine), only the
+    scores are concatenated (past + seq per query: small) for one fp32 softmax (`SoftmaxFp32`, the only
+    part kept in fp32), and the output is P_past V_past + P_new v_new. The cache is read once and never
+    copied; the caller writes `new_kv` into it in place (vv_runtime.kv_cache.KVCache.write_rows, one
+    batched index write per decode step). The values equal the concatenating step's up to the order of
+    the sums (tests/test_lm_cache_variant.py: fp32 and emulated bf16 on ONNX Runtime).
+    """
+
+    def __init__(self, language_model, lm_head_weight: torch.Tensor, control_ids: list[int]):
+        super().__init__(language_model, lm_head_weight, control_ids)
+        self.attn_softmax_fp32 = nn.ModuleList([SoftmaxFp32(float(layer.self_attn.scaling))
+                                                for layer in self.layers])
+
+    def _attend(self, i: int, q, k, v, past_kv, bias, bsz, seq):
+        q = self._grouped(q, bsz, seq)
+        past = past_kv.shape[4]
+        past_keys, past_values = past_kv[i, 0].unsqueeze(2), past_kv[i, 1].unsqueeze(2)  # [B, KV, 1, past, D]
+        new_keys, new_values = k.unsqueeze(2), v.unsqueeze(2)                            # [B, KV, 1, seq, D]
+        scores = torch.cat([torch.matmul(q, past_keys.transpose(-2, -1)),
+                            torch.matmul(q, new_keys.transpose(-2, -1))], dim=-1)        # [B, KV, G, seq, total]
+        probs = self.attn_softmax_fp32[i](scores, bias)
+        return torch.matmul(probs[..., :past], past_values) + torch.matmul(probs[..., past:], new_values)
 
 
 class AcousticEncoder(nn.Module):

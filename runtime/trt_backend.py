@@ -26,16 +26,22 @@ two contexts of one backend concurrently.
 
 CUDA graphs: each context keeps at most one captured graph, keyed by its input shapes and the device
 addresses it is bound at (``ContextSlot``); a call with that key replays it, a call with another key
-drops it, runs plainly (warm-up, and this call's result) and captures anew. The graphs whose manifest
+drops it, runs plainly (warm-up, and this call's result) and captures anew, and a plain execution of
+the context at another key (a call that does not use graphs, on a profile that has one) drops it too:
+a graph only replays on the bindings it was captured with. The graphs whose manifest
 role is "per-frame" (diffusion_sampler, acoustic_decoder, semantic_encoder) are padded: their batch is
 filled with zero rows up to the chosen profile's maximum (the plans give them one profile per batch
 bucket) and the outputs sliced back, so each per-frame context sees one shape and replays one graph.
 LM decode steps on the device cache (seq 1, ``past_kv`` a CUDA tensor) replay the decode profile's
-graph, the cache bound where it lives; a new (rows, cache bucket, cache address) re-captures (rare). A
-cache that grows, is closed or garbage-collected tells the backend (``forget_address``): graphs bound at
-its memory are dropped. Prefill and other profiles run plainly. When capture fails on a context, that
-context runs plainly from then on (one notice); ``graph_stats()`` says what ran. Device feeds are
-converted (dtype, layout) on the engine's stream, after the caller's stream.
+graph, the cache bound where it lives; a new (rows, cache bucket, cache address) re-captures (rare).
+Cache buffers given up (a cache grown, closed or collected) go to the backend's ``KVBufferPool`` and the
+next cache of that shape gets the same buffer back, so the next generation replays the graphs of the
+last one instead of capturing them again; the graphs stay valid meanwhile because their key holds the
+addresses (nothing replays them unless a call binds that very memory). Only a buffer the pool lets go
+tells the backend (``forget_address``) to drop the graphs bound there. Prefill and other profiles run
+plainly. When capture fails on a context, that context runs plainly from then on (one notice);
+``graph_stats()`` says what ran. Device feeds are converted (dtype, layout) on the engine's stream, after
+the caller's stream.
 
 Errors: shapes beyond every profile raise ``CapacityError`` (one line naming the plan's ranges and the
 fix); an execution failure (``execute_async_v3`` refused, out of GPU memory) raises ``BackendFault``;
@@ -48,9 +54,11 @@ what the loaded engines' recorded profiles can run (vv_runtime.backend_base.Plan
 The LM cache stays on the GPU: ``kv_cache(shape)`` returns a ``DeviceKVCache`` (the runtime's
 vv_runtime.kv_cache.KVCache on this device and stream) whose ``past(n)`` is the whole (power-of-two
 bucketed) CUDA buffer that ``run`` binds directly as ``past_kv`` (no copy, no host round trip, a few
-decode shapes, each replayable); given such a device feed, ``run("lm", ...)`` returns ``new_kv`` as a
-CUDA tensor, which the cache's ``write`` takes. Every other output is numpy, and numpy feeds give numpy
-outputs (the accuracy checks, any other caller).
+decode shapes, each replayable). ``run("lm", ...)`` returns ``new_kv`` as a CUDA tensor when it was given
+a device feed or while a device cache of this backend is open (the generation loop's: prefill and
+extend results then go into it without a trip through the host), which the cache's ``write`` and
+``write_rows`` (a decode step's rows, one batched index write) take. Every other output is numpy, and a
+caller without a device cache that feeds numpy gets numpy (the accuracy checks, any other caller).
 
 torch and tensorrt are imported only when the backend is constructed (or when ``trt_engines_match`` is
 asked), never when a runtime module is imported.
@@ -79,6 +87,9 @@ DECODE_GRAPH = {"graph": "lm", "device_input": "past_kv", "seq_input": "inputs_e
 # GROWTH) instead of at its maximum.
 BUFFER_BUDGET_BYTES = 256 << 20
 GROWTH = 1.5
+# Device bytes of LM-cache buffers kept for reuse between caches (KVBufferPool): the buckets a generation
+# grew through, for the next one (at the 1.5B a 16-script cache at the 256-slot bucket is 0.47 GB).
+KV_POOL_BYTES = 2 << 30
 
 
 class TrtBackendError(RuntimeInputError):
@@ -222,7 +233,10 @@ class ContextSlot:
     The graph is keyed by `graph_key` (input shapes and bound addresses): `decide(key)` says what a call
     with that key does: "replay" (the captured graph matches), "capture" (none, or another key: the old
     graph is dropped first; the caller warms up, executes and captures) or "plain" (graphs are off for
-    this context, or capture failed here once). Counters feed `TrtBackend.graph_stats()`."""
+    this context, or capture failed here once). A plain execution of the context at another key (a
+    one-token extend or a host-cache call on the decode profile, validation feeds) re-binds it, so it
+    drops the graph (`ran_plain`): a graph is only ever replayed on the bindings it was captured with.
+    Counters feed `TrtBackend.graph_stats()`."""
 
     def __init__(self, profile: int, context=None, graphs: bool = True):
         self.profile, self.context = profile, context
@@ -249,6 +263,14 @@ class ContextSlot:
         self.graph, self.key, self.out_shapes = graph, key, out_shapes
         self.captures += 1
 
+    def ran_plain(self, key) -> None:
+        """The context executed plainly, bound at `key`: a graph captured at another key is dropped (the
+        context's shapes and addresses are no longer the ones it was captured with, and replaying it would
+        not re-bind them)."""
+        self.plain_runs += 1
+        if self.graph is not None and self.key != key:
+            self.drop()
+
     def drop(self) -> None:
         if self.graph is not None:
             self.dropped += 1
@@ -260,6 +282,60 @@ class ContextSlot:
             self.drop()
             return True
         return False
+
+
+class KVBufferPool:
+    """Device buffers of LM caches given back (a cache grown, closed or collected), kept for the next cache
+    of the same shape, so that it gets the very buffer, at the very address, the decode CUDA graphs were
+    captured on: the next generation replays them instead of capturing them again.
+
+    `take(shape)` hands out the most recently given buffer of exactly that shape, zeroed (`zero`), else a
+    new one (`allocate`); when allocating fails for lack of memory (`oom_errors`), every pooled buffer is
+    released and the allocation tried once more. `give(buffer)` keeps it; beyond `max_bytes` the buffers
+    given longest ago are released (`release`, which tells the backend to forget graphs bound there). Pure
+    bookkeeping over the callables: no CUDA of its own."""
+
+    def __init__(self, allocate, zero, nbytes, release=None, max_bytes: int = 2 << 30, oom_errors=(MemoryError,)):
+        self.allocate, self.zero, self.nbytes, self.release = allocate, zero, nbytes, release
+        self.max_bytes = int(max_bytes)
+        self.oom_errors = tuple(oom_errors)
+        self.free: list[tuple[tuple[int, ...], object]] = []  # (shape, buffer), oldest first
+        self.reused = self.allocated = 0
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(self.nbytes(buffer) for _, buffer in self.free)
+
+    def take(self, shape):
+        shape = tuple(int(d) for d in shape)
+        for i in range(len(self.free) - 1, -1, -1):
+            if self.free[i][0] == shape:
+                buffer = self.free.pop(i)[1]
+                self.zero(buffer)
+                self.reused += 1
+                return buffer
+        try:
+            buffer = self.allocate(shape)
+        except self.oom_errors:
+            if not self.free:
+                raise
+            self.clear()
+            buffer = self.allocate(shape)
+        self.allocated += 1
+        return buffer
+
+    def give(self, buffer) -> None:
+        self.free.append((tuple(int(d) for d in buffer.shape), buffer))
+        while self.free and self.held_bytes > self.max_bytes:
+            self._release(self.free.pop(0)[1])
+
+    def clear(self) -> None:
+        while self.free:
+            self._release(self.free.pop(0)[1])
+
+    def _release(self, buffer) -> None:
+        if self.release is not None:
+            self.release(buffer)
 
 
 # --- one engine ---------------------------------------------------------------------------------
@@ -354,9 +430,15 @@ class _Engine:
         slots = []
         for p in range(self.num_profiles):
             context, managed = owner.create_context(self.engine, user_managed=True)
-            if p > 0 and not context.set_optimization_profile_async(p, stream.cuda_stream):
-                raise TrtBackendError(f"{self.graph}: TensorRT refuses an execution context for optimisation profile "
-                                      f"{self.profile_names[p]} ({p} of {self.num_profiles})")
+            if p > 0:
+                refused = ""
+                try:
+                    accepted = context.set_optimization_profile_async(p, stream.cuda_stream)
+                except Exception as exc:  # the bindings raise where the C++ API returns false
+                    accepted, refused = False, f": {one_line(exc)}"
+                if not accepted:
+                    raise TrtBackendError(f"{self.graph}: TensorRT refuses an execution context for optimisation "
+                                          f"profile {self.profile_names[p]} ({p} of {self.num_profiles}){refused}")
             if managed:
                 if self.scratch is None:
                     with owner.torch.cuda.stream(stream):
@@ -491,14 +573,14 @@ class _Engine:
             else:
                 out_shapes = self._bind(slot.context, run_shapes, direct)
                 self._execute(slot.context)
-                slot.plain_runs += 1
+                slot.ran_plain(graph_key(self.inputs, run_shapes, self._addresses(direct)))
             results = {}
             for name in self.outputs:
                 shape = out_shapes[name]
                 view = self.buffers[name].view(shape)
                 if rows is not None and name in self.batched_outputs and shape and shape[0] > rows:
                     view, shape = view[:rows], (rows,) + tuple(shape[1:])  # the padding rows back off
-                if device_feeds and (self.graph, name) in DEVICE_OUTPUTS:
+                if (self.graph, name) in DEVICE_OUTPUTS and (device_feeds or self.owner.cache_on_device):
                     results[name] = view.clone()  # stays on the device (the LM cache's write takes it)
                 elif math.prod(shape):
                     results[name] = view.cpu().numpy()
@@ -546,7 +628,9 @@ class _Engine:
             out_shapes[name] = shape
             self.buffers[name].ensure(math.prod(shape))
         for name, ptr in self._addresses(direct).items():
-            context.set_tensor_address(name, ptr)
+            if not context.set_tensor_address(name, ptr):
+                raise BackendFault(f"{self.graph}: TensorRT refuses the device address of {name!r} "
+                                   f"(0x{ptr:x}; a misaligned or foreign pointer)")
         return out_shapes
 
     def _execute(self, context) -> None:
@@ -564,7 +648,7 @@ class _Engine:
         out_shapes = self._bind(slot.context, shapes, direct)  # may grow (move) an output buffer
         key = graph_key(self.inputs, shapes, self._addresses(direct))
         self._execute(slot.context)
-        slot.plain_runs += 1
+        slot.ran_plain(key)
         slot.store(key, self._capture(slot.context, key), out_shapes)
         return out_shapes
 
@@ -640,15 +724,20 @@ class DeviceKVCache(TorchKVCache):
     backend's stream, in order with the engines.
 
     `past(n)` is bound as `past_kv` where it lives; decode shapes come in a few buckets, so each bucket's
-    engine context and CUDA graph are reused. A CUDA graph replays fixed addresses, so the backend is told
-    (`forget_address`) whenever a buffer is given up: when the cache grows into a new one, is closed or
-    is garbage-collected.
+    engine context and CUDA graph are reused. Buffers come from the backend's `KVBufferPool` and go back to
+    it when the cache grows into a new one, is closed or is garbage-collected: the next cache of the same
+    shape (the next generation's) gets the same buffer at the same address, and the decode graph captured
+    on it replays (a graph's key holds the addresses it is bound at, so it only ever replays on them). A
+    backend without a pool is told (`forget_address`) that the buffer is given up instead.
     """
 
     def __init__(self, backend: "TrtBackend", shape: tuple[int, ...]):
         self.backend = backend
         self._finalizer = None
         super().__init__(shape, backend.device)
+        register = getattr(backend, "register_cache", None)
+        if register is not None:
+            register(self)
 
     @contextlib.contextmanager
     def _scope(self):
@@ -656,22 +745,36 @@ class DeviceKVCache(TorchKVCache):
         with torch.cuda.device(self.backend.device), torch.cuda.stream(self.backend.stream):
             yield
 
+    def _zeros(self, slots: int):
+        pool = getattr(self.backend, "kv_pool", None)
+        if pool is None:
+            return super()._zeros(slots)
+        with self._scope():
+            return pool.take(self._with_slots(slots))
+
     def _hold(self, data) -> None:
-        """Hold `data` as the buffer; the backend forgets the old buffer's address now (its graphs are never
-        replayed again) and the new one's when this cache is closed or garbage-collected."""
+        """Hold `data` as the buffer; the old one is given back now (its graphs are not replayed until a
+        cache binds that buffer again), this one when the cache is closed or garbage-collected."""
         old = self.data
         if self._finalizer is not None:
             self._finalizer.detach()
         self.data = data
-        forget = getattr(self.backend, "forget_address", None)
-        if old is not None and forget is not None:
-            forget(old.data_ptr())
-        self._finalizer = weakref.finalize(self, forget, data.data_ptr()) if forget is not None else None
+        give_back = self._give_back_function()
+        if old is not None and give_back is not None:
+            give_back(old)
+        self._finalizer = weakref.finalize(self, give_back, data) if give_back is not None else None
         if self._finalizer is not None:
             self._finalizer.atexit = False
 
+    def _give_back_function(self):
+        pool = getattr(self.backend, "kv_pool", None)
+        if pool is not None:
+            return pool.give
+        forget = getattr(self.backend, "forget_address", None)
+        return (lambda buffer: forget(buffer.data_ptr())) if forget is not None else None
+
     def close(self) -> None:
-        """Release the buffer (the graphs bound to it are dropped)."""
+        """Give the buffer back (to the pool; without one, the graphs bound to it are dropped)."""
         if self._finalizer is not None:
             self._finalizer()
             self._finalizer = None
@@ -686,7 +789,8 @@ class TrtBackend(Backend):
     name = "trt"
 
     def __init__(self, engine_dir, manifest: dict, graphs=None, device: int = 0, cuda_graphs: bool = True,
-                 buffer_budget_bytes: int = BUFFER_BUDGET_BYTES, notice=None, device_kv_cache: bool = True):
+                 buffer_budget_bytes: int = BUFFER_BUDGET_BYTES, notice=None, device_kv_cache: bool = True,
+                 kv_pool_bytes: int = KV_POOL_BYTES):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         records = _engines(manifest)
@@ -712,6 +816,14 @@ class TrtBackend(Backend):
         self.runtime = self.trt.Runtime(self.logger)
         with self.torch.cuda.device(self.device):
             self.stream = self.torch.cuda.Stream(self.device)
+        torch = self.torch
+        oom = tuple(e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None),
+                                MemoryError) if isinstance(e, type))
+        self.kv_pool = KVBufferPool(
+            allocate=lambda shape: torch.zeros(shape, dtype=torch.float32, device=self.device),
+            zero=lambda buffer: buffer.zero_(), nbytes=lambda buffer: buffer.numel() * buffer.element_size(),
+            release=lambda buffer: self.forget_address(buffer.data_ptr()), max_bytes=kv_pool_bytes, oom_errors=oom)
+        self._caches = weakref.WeakSet()  # the device caches handed out (DeviceKVCache registers itself)
         self.engines: dict[str, _Engine] = {}
         try:
             with self.torch.cuda.device(self.device):
@@ -808,9 +920,18 @@ class TrtBackend(Backend):
         these dimensions / input shapes (PlanLimits.fitting_profile)."""
         self.plan_limits.check_fits(graph, shapes)
 
+    def register_cache(self, cache: DeviceKVCache) -> None:
+        self._caches.add(cache)
+
+    @property
+    def cache_on_device(self) -> bool:
+        """Whether a device cache of this backend is open: then an lm call's new_kv stays on the device
+        (the loop writes it into that cache), whatever the call was fed."""
+        return any(cache.data is not None for cache in list(getattr(self, "_caches", ())))
+
     def forget_address(self, address: int) -> None:
-        """Device memory at `address` was freed or moved (a DeviceKVCache grew, closed or was collected):
-        drop the CUDA graphs bound to it."""
+        """Device memory at `address` is released (the KV pool let a buffer go): drop the CUDA graphs bound
+        to it."""
         for engine in list((getattr(self, "engines", None) or {}).values()):
             engine.forget_address(address)
 
@@ -821,15 +942,19 @@ class TrtBackend(Backend):
         return {graph: engine.stats() for graph, engine in self.engines.items()}
 
     def close(self) -> None:
+        # the work queued on the stream uses the contexts, their scratch and the buffers: let it finish first
+        if getattr(self, "torch", None) is not None and getattr(self, "stream", None) is not None:
+            with contextlib.suppress(Exception):
+                self.stream.synchronize()
         engines = getattr(self, "engines", {})
         for engine in engines.values():
             engine.close()
         engines.clear()
+        pool = getattr(self, "kv_pool", None)
+        if pool is not None:
+            pool.clear()
+            pool.max_bytes = 0  # a cache closed after the backend gives its buffer straight back
         self.runtime = None
-        torch = getattr(self, "torch", None)
-        if torch is not None and getattr(self, "stream", None) is not None:
-            with contextlib.suppress(Exception):
-                self.stream.synchronize()
         self.stream = None
 
     def describe(self) -> str:

@@ -240,6 +240,102 @@ def test_gpu_setup_leaves_the_package_index_to_pip_environment():
                              line.split("pip install", 1)[1]), line
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_gpu_setup_names_nvidia_index_and_the_supported_pythons(tmp_path):
+    """On a machine that passes the preflight (here: a device node, no nvidia-smi), `make gpu-setup`'s
+    preflight line names the Python versions the stack supports and NVIDIA's index, and the stack's
+    requirements are installed with that index added to pip's extra indexes (after the environment's)."""
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    venv = tmp_path / "venv"
+    env = _env(PATH=f"{tmp_path / 'no-smi'}{os.pathsep}/usr/bin{os.pathsep}/bin", VV_NVIDIA_DEVICE=str(device))
+    proc = subprocess.run(["make", "-n", "--no-print-directory", f"{venv}/.gpu-stack", f"VENV={venv}",
+                           f"PY={sys.executable}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    low, high = (f"{a}.{b}" for a, b in gpu_preflight.SUPPORTED_PYTHON)
+    assert (low, high) == ("3.11", "3.13")
+    preflight = lines[0]
+    assert f"the GPU stack supports {low}-{high}" in preflight and "https://pypi.nvidia.com" in preflight, preflight
+    install = [line for line in lines if "pip install" in line and "-r requirements-gpu.txt" in line]
+    assert len(install) == 1 and install[0].startswith(
+        'PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL:+$PIP_EXTRA_INDEX_URL }https://pypi.nvidia.com" '), install
+    assert not venv.exists()  # -n: nothing ran
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_gpu_first_run_confirms_in_order(tmp_path):
+    """`make gpu-first-run` (docs/GPU.md): after the stack check, the backend's CUDA graphs, the engines
+    against ONNX Runtime, the quantized engines, then the benchmark, each step a command of its own (make
+    stops at the first that fails), the pytest steps under VV_REQUIRE_GPU=1. Shown with a venv whose python
+    answers the stack check (the stack installed, a stamp newer than its inputs); without a GPU it stops
+    in the preflight like every GPU job."""
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text('#!/bin/sh\ncase "$*" in *--stack*) echo "GPU stack: stand-in";; *) echo 3 12;; esac\n')
+    python.chmod(0o755)
+    (venv / ".gpu-stack").write_text("")
+    os.utime(venv / ".gpu-stack", (time.time() + 60, time.time() + 60))
+    env = _env(PATH=f"{tmp_path / 'no-smi'}{os.pathsep}/usr/bin{os.pathsep}/bin", VV_NVIDIA_DEVICE=str(device))
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "gpu-first-run", f"VENV={venv}", f"PY={sys.executable}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stdout.splitlines() if " -m pytest " in line or " benchmarks/bench_gpu.py " in line]
+    assert [line.split()[-1] for line in steps] == ["tests/test_trt_backend.py", "tests/test_trt_accuracy.py",
+                                                    "tests/test_qdq.py", "benchmarks/results"], steps
+    assert all(line.startswith("VV_REQUIRE_GPU=1 ") and " -m gpu " in line for line in steps[:3]), steps
+    assert "GPU stack: stand-in" in proc.stdout
+    if not HAS_GPU:
+        proc = subprocess.run(["make", "--no-print-directory", "gpu-first-run", f"VENV={tmp_path / 'none'}"], cwd=REPO,
+                              env=_env(), capture_output=True, text=True, timeout=120)
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        assert proc.returncode != 0 and len(lines) == 1 and "make gpu-first-run needs one" in lines[0], lines
+
+
+def test_preflight_refuses_a_python_the_stack_has_no_wheels_for(tmp_path):
+    """The venv's Python decides where the venv exists (else the interpreter that will create it): 3.10
+    and 3.14 are refused in one line naming the supported versions; 3.12 passes."""
+    device = tmp_path / "nvidia0"
+    device.write_text("")
+    for version, ok in (("3 10", False), ("3 14", False), ("3 12", True)):
+        venv = tmp_path / f"venv{version.replace(' ', '')}"
+        (venv / "bin").mkdir(parents=True)
+        python = venv / "bin" / "python"
+        python.write_text(f"#!/bin/sh\necho {version}\n")
+        python.chmod(0o755)
+        proc = subprocess.run([sys.executable, str(PREFLIGHT), "--job", "make bench-gpu", "--venv", str(venv),
+                               "--nvidia-smi", str(tmp_path / "none"), "--device", str(device)],
+                              capture_output=True, text=True, timeout=60)
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        if ok:
+            assert proc.returncode == 0 and "Python 3.12 (the GPU stack supports 3.11-3.13)" in lines[0], lines
+        else:
+            assert proc.returncode == 2, lines
+            dotted = version.replace(" ", ".")
+            assert lines[0].startswith(f"error: Python {dotted} ({python}) cannot take the GPU stack"), lines
+            assert "3.11-3.13" in lines[0] and "make bench-gpu" in lines[0], lines
+
+
+def test_onnxruntime_cuda_check_opens_a_session():
+    """The stack check asks a real ONNX Runtime session for CUDA: here (CPU build) it is refused in one
+    line; a session that kept only the CPU provider (CUDA or cuDNN not loading) is refused as well."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(gpu_preflight._identity_model_bytes(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.ones(1, np.float32)})[0].tolist() == [1.0]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(gpu_preflight.PreflightError, match="has no CUDAExecutionProvider"):
+            gpu_preflight.ort_cuda_providers(onnxruntime)
+    with pytest.raises(gpu_preflight.PreflightError) as info:
+        gpu_preflight.check_session_providers(["CPUExecutionProvider"], "1.26.0")
+    assert "lists CUDAExecutionProvider but a session runs on CPUExecutionProvider only" in str(info.value)
+    gpu_preflight.check_session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "1.26.0")
+
+
 # --- the GPU benchmark: what the CPU can run of it --------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -325,6 +421,20 @@ def test_bench_gpu_summary_goals_and_outputs(bench_gpu, tmp_path):
     assert json.loads(paths[0].read_text())["goals"] == result["goals"]
     assert paths[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].stat().st_size > 10_000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_gpu.json", "bench_gpu.png"]  # no temporaries
+
+
+def test_bench_gpu_speedups_name_each_sides_precision(bench_gpu):
+    """A ratio of TensorRT (reduced precision) over ONNX Runtime CUDA (fp32 graphs) says so, per batch."""
+    sample = _sample_result()
+    sample["results"]["1"]["pytorch_reference"]["torch_dtype"] = "bf16"
+    sample["side_precisions"] = {"tensorrt": {"lm": "bf16", "acoustic_decoder": "fp16", "diffusion_sampler": "fp16",
+                                              "text_embed": "fp32"},
+                                 "ort_cuda": "fp32 ONNX graphs"}
+    labels = bench_gpu.summarize(sample)["speedup_precisions"]
+    assert labels["1"]["tensorrt_vs_ort_cuda"] == ("tensorrt (bf16: lm; fp16: acoustic_decoder, diffusion_sampler; "
+                                                   "fp32: text_embed) over ort_cuda (fp32 ONNX graphs)")
+    assert labels["1"]["ort_cuda_vs_pytorch_reference"] == "ort_cuda (fp32 ONNX graphs) over pytorch_reference (bf16)"
+    assert set(labels["1"]) == set(sample["speedups"]["1"]) and set(labels["16"]) == {"tensorrt_vs_pytorch_reference"}
 
 
 def test_iobinding_ort_backend_keeps_the_cache_in_place(bench_gpu, tiny_engine_dir):

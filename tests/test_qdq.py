@@ -35,7 +35,8 @@ from vv_export.errors import ExportError
 from vv_export.plans import PlanError, load_plan_data, memory_estimate, resolve_plan
 from vv_export.graph_rules import ACTIVATION_PRECISION, allowed_error, bypass_weight_identities, cpu_session, max_error
 from vv_export.precision import emulate_model, emulate_quantized_model, write_emulated_engine_dir
-from vv_export.qdq import QDQ_OPSET, load_calibration, qdq_graph_file, qdq_model, quantized_weight_bytes, weight_matmuls
+from vv_export.qdq import (QDQ_OPSET, QUANT_GEMM_MULTIPLE, gemm_suits_quantized_kernels, load_calibration,
+                           qdq_graph_file, qdq_model, quantized_weight_bytes, weight_matmuls)
 from vv_export.trt_build import build_engines, check_precision_supported
 from vv_export.validation_data import load_validation_data
 
@@ -108,7 +109,40 @@ def _worst(model, feeds_list, refs, tolerance):
     return worst
 
 
+def _gemm_dims(node, init) -> tuple[int, int]:
+    """(K, N) of a weight MatMul ([K, N] weight) or Gemm (B [N, K] when transB)."""
+    trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+    k, n = (init.dims[1], init.dims[0]) if node.op_type == "Gemm" and trans_b else (init.dims[0], init.dims[1])
+    return int(k), int(n)
+
+
 # --- the Q/DQ copies ------------------------------------------------------------------------------
+
+def test_only_gemms_with_quantized_kernels_are_quantized(graphs):
+    """The rule (K and N multiples of QUANT_GEMM_MULTIPLE = 16) on the fixture's graphs: the lm's 4-column
+    control-logits MatMul is the one weight GEMM left in fp32; every other weight GEMM of lm and the
+    diffusion graphs is quantized."""
+    assert QUANT_GEMM_MULTIPLE == 16
+    assert gemm_suits_quantized_kernels(1536, 8960) and gemm_suits_quantized_kernels(16, 64)
+    assert not gemm_suits_quantized_kernels(1536, 4) and not gemm_suits_quantized_kernels(24, 64)
+    assert not gemm_suits_quantized_kernels(64, 8)
+    for name in GRAPHS:
+        graph = copy.deepcopy(graphs[name].graph)
+        bypass_weight_identities(graph)
+        inits = {i.name: i for i in graph.initializer}
+        every = weight_matmuls(graph, kernel_dims=False)
+        suited = weight_matmuls(graph)
+        skipped = [node for node, _, _ in every if node.name not in {n.name for n, _, _ in suited}]
+        dims = [_gemm_dims(node, inits[node.input[1]]) for node in skipped]
+        if name == "lm":
+            assert len(skipped) == 1 and dims == [(64, 4)], dims     # hidden -> the 4 control tokens
+            logits = next(o for o in graphs["lm"].graph.output if o.name == "control_logits")
+            assert skipped[0].output[0] in {n.input[0] for n in graph.node if n.output[0] == logits.name} | {logits.name}
+        else:
+            assert skipped == [], dims
+        assert len(suited) == len(every) - len(skipped) > 0
+
+
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("graph", GRAPHS)
@@ -120,8 +154,10 @@ def test_qdq_copy_is_valid_and_holds_quantized_weights(graphs, qdq, graph, preci
     producers = {o: n for n in q.graph.node for o in n.output}
     matmuls = [n for n in q.graph.node if n.op_type in ("MatMul", "Gemm")]
     quantized = [n for n in matmuls if n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"]
-    # every weight MatMul reads its weight through a DequantizeLinear of 1-byte codes; none reads fp32 weights
-    assert not [n.name for n in matmuls if n.input[1] in inits]
+    # every weight MatMul a quantized kernel takes reads its weight through a DequantizeLinear of 1-byte
+    # codes; the only ones reading fp32 weights are those no quantized kernel takes (the control logits)
+    fp32_weights = [n for n in matmuls if n.input[1] in inits]
+    assert all(not gemm_suits_quantized_kernels(*_gemm_dims(n, inits[n.input[1]])) for n in fp32_weights)
     original = copy.deepcopy(graphs[graph].graph)
     bypass_weight_identities(original)
     targets = weight_matmuls(original)
@@ -293,6 +329,147 @@ def test_emulated_engine_dir(tiny_engine_dir, manifest, qdq, plans, validation, 
     np.testing.assert_array_equal(a["guided"], b["guided"])
 
 
+# --- the strongly typed copy the engines are built from ------------------------------------------------
+
+def _lowered_to_fp32(typed):
+    """The strongly typed copy run in fp32 on ONNX Runtime: reduced-precision weights widened (exactly), and
+    every tensor the copy holds in bf16 rounded to bf16 where it is made (a Cast pair), as the engine
+    holds it."""
+    low = TensorProto.BFLOAT16
+    model = copy.deepcopy(typed)
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.value_info) + list(graph.output)}
+    for init in graph.initializer:
+        if init.data_type == low:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    nodes, count = [], [0]
+
+    def uid(base):
+        count[0] += 1
+        return f"{base}__lowered_{count[0]}"
+
+    for node in graph.node:
+        nodes.append(node)
+        for k, name in enumerate(node.output):
+            if types.get(name) != low:
+                continue
+            raw = uid(name)
+            node.output[k] = raw
+            if node.op_type == "Cast":  # Cast(to=bf16): the rounding itself, then back to fp32
+                nodes.append(onnx.helper.make_node("Cast", [raw], [name], to=TensorProto.FLOAT, name=uid("f32")))
+            else:  # computed in fp32 on the (widened) inputs, rounded like the engine's bf16 output
+                mid = uid(name)
+                nodes += [onnx.helper.make_node("Cast", [raw], [mid], to=low, name=uid("bf16")),
+                          onnx.helper.make_node("Cast", [mid], [name], to=TensorProto.FLOAT, name=uid("f32"))]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    return model
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_strongly_typed_copy_is_the_emulated_engine(qdq, plans, validation, graph, precision):
+    """The graph an fp8 / int8wo engine is built from (strongly typed): it passes ONNX's strict type
+    inference; its I/O stay fp32; every node the plan keeps computes in fp32 and every other compute node
+    in bf16; each quantized GEMM reads its weight from a DequantizeLinear with a bf16 scale (yielding bf16);
+    and run on ONNX Runtime with its bf16 tensors rounded where they are made, it gives bit for bit what
+    the CPU emulation of the engine gives (which the tolerance checks above hold to the plan)."""
+    from vv_export.precision import _value_types, node_kinds
+    from vv_export.strong_typing import strongly_typed_model
+
+    gp = plans[precision].graphs[graph]
+    keep = (gp.builder["keep_fp32"], gp.builder["keep_fp32_names"])
+    q = qdq(graph, precision)
+    typed = strongly_typed_model(q, ACTIVATION_PRECISION[precision], *keep)
+    inferred = onnx.shape_inference.infer_shapes(typed, check_type=True, strict_mode=True)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    types.update({i.name: i.data_type for i in typed.graph.initializer})
+    types.update({i.name: i.type.tensor_type.elem_type for i in list(typed.graph.input) + list(typed.graph.output)})
+    for side in ("input", "output"):
+        assert ([v.type.tensor_type.elem_type for v in getattr(typed.graph, side)] ==
+                [v.type.tensor_type.elem_type for v in getattr(q.graph, side)])
+    kinds = dict(zip((n.name for n in q.graph.node), node_kinds(q.graph, _value_types(q), *keep)))
+    floats = (TensorProto.FLOAT, TensorProto.BFLOAT16)
+    compute = {"MatMul", "Gemm", "Add", "Mul", "Sub", "Div", "Pow", "Sqrt", "Softmax", "ReduceMean", "Sigmoid", "Sin", "Cos"}
+    seen = {"kept": 0, "low": 0}
+    for node in typed.graph.node:
+        kind = kinds.get(node.name)
+        if node.op_type not in compute or kind not in seen:
+            continue
+        ins = {types[i] for i in node.input if i and types.get(i) in floats}
+        if not ins:
+            continue  # integer arithmetic (positions, shapes)
+        assert ins == ({TensorProto.FLOAT} if kind == "kept" else {TensorProto.BFLOAT16}), (node.name, kind, ins)
+        seen[kind] += 1
+    assert seen["kept"] > 0 and seen["low"] > 0
+    def dq_gemms(model):
+        producers = {o: n for n in model.graph.node for o in n.output}
+        return producers, [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in producers
+                           and producers[n.input[1]].op_type == "DequantizeLinear"]
+
+    producers, gemms = dq_gemms(typed)
+    assert len(gemms) == len(dq_gemms(q)[1]) > 0
+    inits = {i.name: i for i in typed.graph.initializer}
+    for node in gemms:
+        dq = producers[node.input[1]]
+        assert inits[dq.input[0]].data_type == CODE_TYPE[precision] and inits[dq.input[1]].data_type == TensorProto.BFLOAT16
+        assert types[node.input[1]] == TensorProto.BFLOAT16
+    feeds, _ = validation[graph]
+    emulated = cpu_session(emulate_model(q, ACTIVATION_PRECISION[precision], *keep))
+    lowered = cpu_session(_lowered_to_fp32(typed))
+    for feed in feeds:
+        want, got = _run(emulated, feed), _run(lowered, feed)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{graph} {precision} {name}")
+
+
+def test_typed_qdq_graph_file_is_what_a_build_uses(tiny_engine_dir, qdq, plans, tmp_path):
+    """`vv-export trt` builds fp8 / int8wo engines from typed_qdq_graph_file's file: the strongly typed copy
+    of the checked Q/DQ graph, its weights once, in 1 byte."""
+    from vv_export.strong_typing import strongly_typed_model, typed_qdq_graph_file
+
+    gp = plans["fp8"].graphs["lm"]
+    path = tmp_path / "lm.fp8.onnx"
+    typed_qdq_graph_file(tiny_engine_dir, "lm", "fp8", gp.builder, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    want = strongly_typed_model(qdq("lm", "fp8"), "bf16", gp.builder["keep_fp32"], gp.builder["keep_fp32_names"])
+    assert onnx.load(str(path)).SerializeToString() == want.SerializeToString()
+    assert quantized_weight_bytes(want) == quantized_weight_bytes(qdq("lm", "fp8"))
+
+
+def test_strong_typing_refuses_what_it_cannot_type(graphs):
+    from vv_export.strong_typing import strongly_typed_model
+
+    with pytest.raises(ExportError, match="strong typing: precision 'fp8'"):
+        strongly_typed_model(graphs["lm"], "fp8")
+    typed = strongly_typed_model(graphs["text_embed"], "bf16")  # no Q/DQ: a plain bf16 graph types as well
+    assert {o.type.tensor_type.elem_type for o in typed.graph.output} == {TensorProto.FLOAT}
+
+
+def test_quantized_layers_read_from_the_engine_inspector():
+    """The GPU check's reading of the engine inspector (ProfilingVerbosity.DETAILED, JSON): layers whose
+    tensor formats or tactic carry the quantized type; names alone (the quantized initializers are named
+    `<w>__fp8`) never count."""
+    from vv_export.trt_build import quantized_layers
+
+    info = {"Layers": [
+        {"Name": "/layers.0/mlp/up_proj/MatMul", "LayerType": "gemm",
+         "Inputs": [{"Name": "x", "Format/Datatype": "Row major linear FP8"},
+                    {"Name": "w__fp8", "Format/Datatype": "Row major linear FP8"}],
+         "Outputs": [{"Name": "y", "Format/Datatype": "Row major linear BF16"}],
+         "TacticName": "sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x64"},
+        {"Name": "w__fp8 constant", "LayerType": "Constant",
+         "Outputs": [{"Name": "w__fp8_out", "Format/Datatype": "Row major linear BF16"}], "TacticName": ""},
+        {"Name": "/lm/down_proj/MatMul", "LayerType": "gemm",
+         "Inputs": [{"Name": "a", "Format/Datatype": "Row major Int8 format"}], "TacticName": "sm80_gemm_i8bf16"},
+        "a name only (LAYER_NAMES_ONLY)"]}
+    assert quantized_layers(info, "fp8") == ["/layers.0/mlp/up_proj/MatMul"]
+    assert quantized_layers(info, "int8wo") == ["/lm/down_proj/MatMul"]
+    assert quantized_layers({"Layers": ["only names"]}, "fp8") == []
+
+
 # --- plans and the build ------------------------------------------------------------------------------
 
 def test_plans_resolve(manifest, plans):
@@ -360,16 +537,22 @@ def test_build_refuses_fp8_before_ampere_plus_and_names_engines(tiny_engine_dir,
     assert "\n" not in message and message.startswith("fp8 needs compute capability 8.9")
     assert "lm, diffusion_step, diffusion_sampler ask fp8" in message
     assert stub.built == [] and not (engine_dir / "trt").exists()
-    # int8wo on the same GPU: built, named and recorded at its precision, weakly typed
+    # int8wo on the same GPU: built, named and recorded at its precision, strongly typed
     build_engines(engine_dir, plan="int8wo", graphs=list(GRAPHS), progress=lambda line: None)
     records = json.loads((engine_dir / "manifest.json").read_text())["trt"]["engines"]
     for g in GRAPHS:
         assert records[g]["precision"] == "int8wo" and records[g]["file"].endswith(".int8wo.engine")
-        assert records[g]["typing"] == "weak"
-    # TensorRT 11 (strong typing only) is refused in one line before anything is built
+        assert records[g]["typing"] == "strong"
+    # TensorRT 11 (strong typing only) builds them the same way
     stub = _StubTrt(monkeypatch, "sm90", version="11.0.0.1")
-    with pytest.raises(ExportError, match="weakly typed from a Q/DQ graph on TensorRT 10"):
-        build_engines(engine_dir, plan="fp8", graphs=list(GRAPHS), force=True, progress=lambda line: None)
+    build_engines(engine_dir, plan="fp8", graphs=list(GRAPHS), force=True, progress=lambda line: None)
+    assert stub.built == [(g, "fp8") for g in GRAPHS]
+    # a plan that asks weak typing for them is refused in one line before anything is built
+    stub = _StubTrt(monkeypatch, "sm90")
+    weak = tmp_path / "weak-fp8.toml"
+    weak.write_text('extends = "fp8"\n[builder]\ntyping = "weak"\n')
+    with pytest.raises(ExportError, match="built strongly typed .*typing = \"weak\""):
+        build_engines(engine_dir, plan=str(weak), graphs=list(GRAPHS), force=True, progress=lambda line: None)
     assert stub.built == []
 
 
@@ -446,3 +629,88 @@ def test_quantized_engine_matches_onnxrt(graph, precision, quant_engines, tiny_e
     entry = {**report.to_json(), "tolerance": tolerance, "build": build}
     gpu_results.setdefault(precision, {})[graph] = entry
     assert report.passed, "; ".join(report.failures())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_REASON is not None, reason=_GPU_REASON or "")
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_quantized_engine_runs_quantized_kernels(graph, precision, quant_engines, gpu_results):
+    """The engine inspector of each fixture engine lists layers computing in the quantized type (FP8 GEMMs
+    for fp8, INT8 weights for int8wo): the builder kept the quantization rather than folding it away."""
+    from vv_export.trt_build import engine_layer_information, quantized_layers
+
+    out, manifest, _, _, _ = quant_engines(precision)
+    record = manifest["trt"]["engines"][graph]
+    assert record["typing"] == "strong"
+    layers = quantized_layers(engine_layer_information((out / record["file"]).read_bytes()), precision)
+    gpu_results.setdefault("kernels", {}).setdefault(precision, {})[graph] = {"quantized_layers": len(layers),
+                                                                             "first": layers[:5]}
+    assert layers, f"{graph} {precision}: the engine inspector shows no layer in the quantized type"
+
+
+def _gemm_stack(width: int, layers: int):
+    """An fp32 graph of `layers` weight GEMMs [width, width] with Relu between: the weights dominate the
+    engine, so the engine sizes show the bytes per weight."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) * 0.02).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"/gemm{i}/MatMul"))
+        x = f"m{i}"
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"/gemm{i}/Relu"))
+            x = f"r{i}"
+    graph = helper.make_graph(nodes, "gemm_stack", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_GPU_REASON is not None, reason=_GPU_REASON or "")
+def test_quantized_engines_hold_one_byte_per_weight(tmp_path, gpu_results):
+    """Engine sizes: a stack of 8 GEMMs of 2048 x 2048 (67 MB of bf16 weights) built strongly typed as the
+    plans build them (bf16; fp8 and int8wo Q/DQ copies typed in bf16): each quantized engine at most 0.65x
+    the bf16 one (1 byte per weight against 2), and its inspector lists the quantized kernels. An int8wo
+    engine as large as the bf16 one means TensorRT dequantized the INT8 weights into a bf16 GEMM at build
+    time (it documents weight-only kernels for INT4 blocks): the plan then saves no memory."""
+    import tensorrt as trt
+    import torch
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    from vv_export.graph_rules import save_graph
+    from vv_export.strong_typing import strongly_typed_model
+    from vv_export.trt_build import engine_layer_information, quantized_layers
+
+    width, layers = 2048, 8
+    model = _gemm_stack(width, layers)
+    calibration = [{"x": np.random.default_rng(1).standard_normal((8, width)).astype(np.float32)}]
+    major, minor = torch.cuda.get_device_capability(0)
+    precisions = ["bf16", "int8wo"] + (["fp8"] if (major, minor) >= (8, 9) else [])
+    sizes, kernels = {}, {}
+    for precision in precisions:
+        if precision == "bf16":
+            typed = strongly_typed_model(model, "bf16")
+        else:
+            quantized = qdq_model(model, precision, calibration if precision == "fp8" else None, name="gemm_stack")
+            typed = strongly_typed_model(quantized, ACTIVATION_PRECISION[precision])
+        path = tmp_path / f"gemm_stack.{precision}.onnx"
+        save_graph(typed, path)
+        profile = Profile().add("x", min=[1, width], opt=[8, width], max=[32, width])
+        builder, network, parser = NetworkFromOnnxPath(str(path), strongly_typed=True)()
+        config = CreateConfig(profiles=[profile], profiling_verbosity=trt.ProfilingVerbosity.DETAILED)(builder, network)
+        engine = EngineBytesFromNetwork((builder, network, parser), config=config)()
+        sizes[precision] = len(bytes(memoryview(engine)))
+        if precision != "bf16":
+            kernels[precision] = len(quantized_layers(engine_layer_information(engine), precision))
+    ratios = {p: round(sizes[p] / sizes["bf16"], 3) for p in precisions if p != "bf16"}
+    gpu_results["engine_sizes"] = {"model": f"{layers} GEMMs {width}x{width}", "bytes": sizes,
+                                   "ratio_to_bf16": ratios, "quantized_layers": kernels,
+                                   "compute_capability": f"sm{major}{minor}"}
+    for precision, ratio in ratios.items():
+        assert kernels[precision] > 0, f"{precision}: the engine inspector shows no quantized layer"
+        assert ratio <= 0.65, (f"{precision} engine is {ratio}x the bf16 one ({sizes[precision]} vs {sizes['bf16']} "
+                               f"bytes): its weights are not stored in 1 byte")

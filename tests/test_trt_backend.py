@@ -534,6 +534,337 @@ def test_device_cache_growth_drops_the_graphs_of_its_old_buffer(monkeypatch):
     assert forgotten[-1] == address
 
 
+# --- the CUDA-graph seam: a stand-in execution context under the backend's own _run ------------------
+
+class _RecordingContext:
+    """Stands in for a TensorRT execution context (which needs a GPU): records what the backend binds and
+    executes; the output new_kv takes inputs_embeds' shape."""
+
+    def __init__(self, accept_addresses=True):
+        self.shapes, self.addresses, self.executions = {}, {}, 0
+        self.accept_addresses = accept_addresses
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        return self.shapes["inputs_embeds"]
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return self.accept_addresses
+
+    def execute_async_v3(self, stream):
+        self.executions += 1
+        return True
+
+
+class _Graph:
+    def __init__(self, key):
+        self.key, self.replays = key, 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def _lm_engine_stub(monkeypatch, context, cache_on_device=False):
+    """An `lm` _Engine with one profile (inputs_embeds [rows, seq, 4], past_kv [rows, slots]) whose context is
+    `context`, CPU tensors standing in for device memory, and a capture that records the key it was
+    captured at: the backend's own _run / _run_graph / _bind / ContextSlot code runs unchanged."""
+    import contextlib
+    import types
+
+    torch = pytest.importorskip("torch")
+    for name in ("device", "stream"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: None)
+    owner = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), cache_on_device=cache_on_device,
+                                  stream=types.SimpleNamespace(cuda_stream=0, wait_stream=lambda other: None))
+    eng = object.__new__(trt_backend._Engine)
+    eng.owner, eng.graph, eng.per_frame = owner, "lm", False
+    eng.inputs, eng.outputs = ["inputs_embeds", "past_kv"], ["new_kv"]
+    eng.torch_dtypes = {"inputs_embeds": torch.float32, "past_kv": torch.float32, "new_kv": torch.float32}
+    eng.np_dtypes = {"inputs_embeds": np.dtype(np.float32), "past_kv": np.dtype(np.float32)}
+    eng.batched_inputs, eng.batched_outputs = {"inputs_embeds"}, {"new_kv"}
+    eng.profiles = [{"inputs_embeds": ((1, 1, 4), (2, 1, 4), (4, 8, 4)), "past_kv": ((1, 1), (2, 64), (4, 256))}]
+    eng.profile_names, eng.notes = ["decode"], []
+    eng.slots = [trt_backend.ContextSlot(0, context, graphs=True)]
+    eng.buffers = {n: trt_backend._Buffer(torch, "cpu", torch.float32, 4096, 1 << 20) for n in eng.inputs + eng.outputs}
+    eng._capture = lambda ctx, key: _Graph(key)
+    return eng, torch
+
+
+import numpy as np  # noqa: E402  (the stand-in tests above use it too)
+
+
+def test_plain_run_on_the_decode_context_drops_its_graph(monkeypatch):
+    """A decode step captures the profile context's graph and the same step replays it; a plain call on
+    that context with other shapes (a one-token host-cache call, validation feeds) re-binds it, so the
+    graph goes: the next decode step with the old key captures anew (binding again) instead of replaying
+    on the plain call's bindings."""
+    context = _RecordingContext()
+    eng, torch = _lm_engine_stub(monkeypatch, context)
+    slot = eng.slots[0]
+    cache = torch.zeros((2, 64))
+    step = {"inputs_embeds": np.ones((2, 1, 4), np.float32), "past_kv": cache}
+    eng.run(step)
+    assert slot.captures == 1 and slot.graph is not None and context.executions == 1
+    eng.run(step)
+    assert slot.graph.replays == 1 and context.executions == 1            # replayed: no execution, no binding
+    captured = slot.key
+    eng.run({"inputs_embeds": np.ones((3, 1, 4), np.float32), "past_kv": np.zeros((3, 128), np.float32)})  # plain, host cache
+    assert slot.graph is None and slot.dropped == 1 and context.shapes["inputs_embeds"] == (3, 1, 4)
+    eng.run(step)                                                          # the old key: bound and captured again
+    assert slot.captures == 2 and slot.key == captured and context.shapes["inputs_embeds"] == (2, 1, 4)
+    assert context.addresses["past_kv"] == cache.data_ptr()
+    eng.run({"inputs_embeds": np.ones((2, 1, 4), np.float32), "past_kv": np.zeros((2, 64), np.float32)})
+    assert slot.graph is None                                              # same shapes, another address: dropped too
+    assert slot.plain_runs == 4                                            # 2 capture warm-ups + 2 plain calls
+
+
+def test_plain_run_at_the_graph_key_keeps_it():
+    shapes = {"x": (2, 1, 4), "past_kv": (2, 64)}
+    key = trt_backend.graph_key(["x", "past_kv"], shapes, {"x": 1, "past_kv": 2})
+    slot = trt_backend.ContextSlot(0, context="ctx")
+    slot.store(key, "graph", {})
+    slot.ran_plain(key)                                                    # the same bindings: still valid
+    assert slot.decide(key) == "replay" and slot.plain_runs == 1
+    slot.ran_plain(trt_backend.graph_key(["x", "past_kv"], {**shapes, "x": (2, 2, 4)}, {"x": 1, "past_kv": 2}))
+    assert slot.graph is None and slot.decide(key) == "capture"
+
+
+def test_lm_new_kv_stays_on_the_device_while_a_device_cache_is_open(monkeypatch):
+    """new_kv of an lm call fed numpy (a prefill from nothing) is a device tensor while the backend has a
+    device cache open, numpy otherwise (the accuracy checks)."""
+    eng, torch = _lm_engine_stub(monkeypatch, _RecordingContext())
+    prefill = {"inputs_embeds": np.ones((1, 5, 4), np.float32), "past_kv": np.zeros((1, 1), np.float32)}
+    assert isinstance(eng.run(prefill)["new_kv"], np.ndarray)
+    eng.owner.cache_on_device = True
+    out = eng.run(prefill)["new_kv"]
+    assert isinstance(out, torch.Tensor) and tuple(out.shape) == (1, 5, 4)
+    assert out.data_ptr() != eng.buffers["new_kv"].ptr                    # a copy: the next call reuses the buffer
+
+
+def test_backend_knows_whether_a_device_cache_is_open(monkeypatch):
+    import contextlib
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    backend = object.__new__(TrtBackend)
+    backend.torch, backend.device, backend.stream, backend.engines = torch, torch.device("cpu"), None, {}
+    backend._caches = weakref.WeakSet()
+    backend.kv_pool = None
+    assert not backend.cache_on_device
+    cache = trt_backend.DeviceKVCache(backend, (1, 2, 2, 1, 128, 4))
+    assert backend.cache_on_device
+    cache.close()
+    assert not backend.cache_on_device
+    other = trt_backend.DeviceKVCache(backend, (1, 2, 2, 1, 128, 4))
+    assert backend.cache_on_device
+    del other
+    gc.collect()
+    assert not backend.cache_on_device
+
+
+def test_refused_tensor_address_is_a_backend_fault(monkeypatch):
+    eng, _ = _lm_engine_stub(monkeypatch, _RecordingContext(accept_addresses=False))
+    with pytest.raises(BackendFault, match="lm: TensorRT refuses the device address of 'inputs_embeds'") as info:
+        eng.run({"inputs_embeds": np.ones((2, 1, 4), np.float32), "past_kv": np.zeros((2, 64), np.float32)})
+    assert "\n" not in str(info.value)
+
+
+def test_profile_refusal_raised_by_the_bindings_is_the_one_line_error(monkeypatch):
+    """TensorRT's Python bindings raise where the C++ set_optimization_profile_async returns false: the
+    same one-line load error either way."""
+    import contextlib
+    import types
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+
+    def refuse(p, stream):
+        raise RuntimeError("[executionContext.cpp::setOptimizationProfileInternal::1] Error Code 3: API Usage Error\n"
+                           "(profile index out of range)")
+
+    ctx = types.SimpleNamespace(set_optimization_profile_async=refuse, set_device_memory=lambda *a: None)
+    owner = types.SimpleNamespace(torch=torch, device="cpu", cuda_graphs=True,
+                                  create_context=lambda engine, user_managed=False: (ctx, True),
+                                  stream=types.SimpleNamespace(cuda_stream=0, synchronize=lambda: None))
+    eng = object.__new__(trt_backend._Engine)
+    eng.owner, eng.graph, eng.engine, eng.num_profiles = owner, "lm", types.SimpleNamespace(), 2
+    eng.profile_names, eng.per_frame, eng.scratch = ["prefill", "decode"], False, None
+    with pytest.raises(TrtBackendError) as info:
+        eng._create_contexts()
+    message = str(info.value)
+    assert message.startswith("lm: TensorRT refuses an execution context for optimisation profile decode (1 of 2): ")
+    assert "API Usage Error" in message and "\n" not in message
+
+
+def test_close_synchronises_the_stream_before_destroying_contexts():
+    import types
+
+    order = []
+    backend = object.__new__(TrtBackend)
+    backend.torch = object()
+    backend.stream = types.SimpleNamespace(synchronize=lambda: order.append("synchronize"))
+    backend.engines = {"lm": types.SimpleNamespace(close=lambda: order.append("close lm"))}
+    backend.kv_pool = trt_backend.KVBufferPool(allocate=None, zero=None, nbytes=lambda b: 0,
+                                               release=lambda b: order.append(f"release {b}"))
+    backend.kv_pool.free = [((1,), "buffer")]
+    backend.close()
+    assert order == ["synchronize", "close lm", "release buffer"] and backend.stream is None
+
+
+# --- LM cache buffers kept across generations (KVBufferPool) -----------------------------------------
+
+def test_kv_buffer_pool_hands_back_the_same_buffer():
+    """Pure bookkeeping, numpy buffers: a buffer given back is handed out again for its exact shape,
+    zeroed; other shapes allocate; beyond max_bytes the oldest are released; an allocation that runs out
+    of memory releases the pool and is tried once more."""
+    released, allocations = [], []
+
+    def allocate(shape):
+        allocations.append(shape)
+        return np.zeros(shape, np.float32)
+
+    pool = trt_backend.KVBufferPool(allocate, zero=lambda b: b.fill(0), nbytes=lambda b: b.nbytes,
+                                    release=released.append, max_bytes=3 * 64 * 4)
+    a = pool.take((64,))
+    a[:] = 7
+    pool.give(a)
+    b = pool.take((64,))
+    assert b is a and not b.any() and pool.reused == 1 and allocations == [(64,)]
+    c = pool.take((128,))
+    assert c is not a and allocations == [(64,), (128,)]
+    pool.give(b)
+    pool.give(c)                                        # 3 x 64 floats: at the limit, nothing released
+    assert released == [] and pool.held_bytes == 3 * 64 * 4
+    d = pool.take((32,))                                # another shape: allocated, the pooled ones stay
+    pool.give(d)                                        # over the limit: the oldest (b) goes
+    assert [r is b for r in released] == [True] and pool.take((128,)) is c
+    huge = np.zeros(1000, np.float32)
+    pool.give(huge)                                     # larger than the pool: released at once
+    assert released[-1] is huge
+
+    failures = [MemoryError("out of memory")]
+
+    def scarce(shape):
+        if failures:
+            raise failures.pop()
+        return np.zeros(shape, np.float32)
+
+    tight = trt_backend.KVBufferPool(scarce, zero=lambda b: b.fill(0), nbytes=lambda b: b.nbytes,
+                                     release=released.append)
+    tight.free = [((8,), np.zeros(8, np.float32))]
+    assert tight.take((16,)).shape == (16,) and tight.free == []    # pool released, allocation retried
+    failures.append(MemoryError("out of memory"))
+    with pytest.raises(MemoryError):
+        tight.take((16,))                                           # nothing pooled to release: the error stands
+
+
+def test_next_cache_gets_the_buffer_and_replays_the_graph(monkeypatch):
+    """Across generations (CPU tensors stand in for device memory): a cache that grows or closes gives its
+    buffer to the backend's pool without dropping the graph bound there; the next cache of that shape gets
+    the very buffer back, so the decode step's key is the captured one and the graph replays. A buffer the
+    pool lets go drops its graph."""
+    import contextlib
+    import gc
+    import types
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    slot = trt_backend.ContextSlot(1)
+    forgotten = []
+
+    def forget(address):
+        forgotten.append(address)
+        slot.forget_address(address)
+
+    pool = trt_backend.KVBufferPool(lambda shape: torch.zeros(shape), zero=lambda b: b.zero_(),
+                                    nbytes=lambda b: b.numel() * b.element_size(),
+                                    release=lambda b: forget(b.data_ptr()), max_bytes=1 << 20)
+    backend = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None, kv_pool=pool,
+                                    forget_address=forget)
+    shape = (1, 2, 2, 1, 1024, 4)
+
+    def decode_key(past):
+        return trt_backend.graph_key(["past_kv"], {"past_kv": tuple(past.shape)}, {"past_kv": past.data_ptr()})
+
+    first = trt_backend.DeviceKVCache(backend, shape)
+    past = first.past(100)                                  # the 128-slot bucket (the 64 one went to the pool)
+    past[0, 0, 0, 0, :5] = 1.0
+    assert slot.decide(decode_key(past)) == "capture"
+    slot.store(decode_key(past), "graph at the 128 bucket", {})
+    address = past.data_ptr()
+    del past
+    first.close()                                           # generation over: buffer pooled, graph kept
+    assert slot.graph is not None and not forgotten
+    second = trt_backend.DeviceKVCache(backend, shape)      # the next generation
+    again = second.past(100)
+    assert again.data_ptr() == address and not again.any()  # the same memory, zeroed
+    assert slot.decide(decode_key(again)) == "replay"
+    assert pool.reused == 2 and pool.allocated == 2          # the 64 and 128 buffers, each allocated once
+    del again
+    second.close()
+    gc.collect()
+    pool.max_bytes = 0
+    pool.give(torch.zeros(1))                                # over the limit: every pooled buffer released
+    assert address in forgotten and slot.graph is None
+
+
+def test_batched_row_write_equals_row_by_row_on_onnxrt(tiny_engine_dir, manifest, monkeypatch):
+    """The TensorRT path's cache (DeviceKVCache, here on CPU tensors) written by one batched write_rows of
+    a real decode step (the lm graph on ONNX Runtime) holds what one write per row gives, and the next
+    decode step from either cache gives the same outputs."""
+    import contextlib
+    import types
+
+    torch = pytest.importorskip("torch")
+    from vv_export.graph_rules import cpu_session
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    backend = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None)
+    m = manifest["model"]
+    L, KV, D, H = m["num_layers"], m["num_kv_heads"], m["head_dim"], m["hidden_size"]
+    session = cpu_session(str(tiny_engine_dir / manifest["graphs"]["lm"]["file"]))
+    rng = np.random.default_rng(0)
+    rows, shape = 4, (L, 2, 4, KV, 512, D)
+    batched, one_by_one = trt_backend.DeviceKVCache(backend, shape), trt_backend.DeviceKVCache(backend, shape)
+    lengths = np.array([3, 70, 9, 33])                      # each row at its own position, one beyond a bucket
+    prompt = rng.standard_normal((L, 2, rows, KV, 70, D)).astype(np.float32)
+    for cache in (batched, one_by_one):
+        cache.write(slice(0, rows), 0, torch.from_numpy(prompt))
+    mask = (np.arange(128)[None] < lengths[:, None]).astype(np.int64)
+
+    def step(cache, seed):
+        r = np.random.default_rng(seed)
+        past = cache.past(int(lengths.max()))
+        feed = np.concatenate([mask[:, : past.shape[4]], np.ones((rows, 1), np.int64)], axis=1)
+        names = [o.name for o in session.get_outputs()]
+        out = session.run(names, {"inputs_embeds": r.standard_normal((rows, 1, H)).astype(np.float32),
+                                  "attention_mask": feed, "position_ids": lengths[:, None].astype(np.int64),
+                                  "past_kv": past.numpy()})
+        return dict(zip(names, out))
+
+    out = step(batched, 1)
+    assert out["new_kv"].shape == (L, 2, rows, KV, 1, D)
+    batched.write_rows(torch.from_numpy(out["new_kv"]), np.arange(rows), lengths)
+    for r, slot in enumerate(lengths):
+        one_by_one.write(slice(r, r + 1), int(slot), torch.from_numpy(out["new_kv"][:, :, r:r + 1]))
+    np.testing.assert_array_equal(batched.numpy(), one_by_one.numpy())
+    mask[np.arange(rows), lengths] = 1
+    lengths = lengths + 1
+    a, b = step(batched, 2), step(one_by_one, 2)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 # --- on a GPU: LM decode steps replayed as CUDA graphs (`make check-accuracy` runs -m gpu) ------------
 
 _NO_GPU = tensorrt_gpu_unavailable()
@@ -543,7 +874,9 @@ _NO_GPU = tensorrt_gpu_unavailable()
 @pytest.mark.skipif(_NO_GPU is not None, reason=_NO_GPU or "")
 def test_decode_graphs_replay_the_plain_execution(tiny_engine_dir, tmp_path):
     """An fp32 lm engine (plan ci): decode steps on the device cache are captured once per (shape, cache
-    address), replayed with new host inputs, equal plain execution, and a cache that grows drops them."""
+    address), replayed with new host inputs and equal plain execution; the next cache of that shape (the
+    next generation's) gets the pooled buffer back and replays the same graph; a plain call on the decode
+    profile drops it."""
     import shutil
 
     import numpy as np
@@ -590,7 +923,20 @@ def test_decode_graphs_replay_the_plain_execution(tiny_engine_dir, tmp_path):
         assert decode.graph is not None, f"no CUDA graph captured: {notes}"
         stats = graphs.graph_stats()["lm"]
         assert stats["captures"] == 1 and stats["replays"] == 2 and stats["profile_contexts"] == lm.num_profiles
-        cache.past(slots)  # grows to the next bucket: the buffer moves, its graph goes
+        address = past.data_ptr()
+        del past
+        cache.close()                                     # the generation ends: its buffer goes to the pool
+        assert decode.graph is not None
+        cache = graphs.kv_cache((L, 2, rows, KV, 4096, D))  # the next generation
+        cache.write(slice(0, rows), 0, rng.standard_normal((L, 2, rows, KV, live, D)).astype(np.float32))
+        past = cache.past(live)
+        assert past.data_ptr() == address
+        got, want = step(graphs, past, 4), step(plain, past.clone(), 4)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=f"{name} next cache")
+        stats = graphs.graph_stats()["lm"]
+        assert stats["captures"] == 1 and stats["replays"] == 3, stats
+        step(graphs, past.cpu().numpy(), 5)               # a host-cache call on the decode profile: plain
         assert decode.graph is None
         assert graphs.limits()["plan"] == "ci" and plain.limits() == graphs.limits()
         with pytest.raises(RuntimeInputError, match="beyond the TensorRT plan 'ci'"):

@@ -3,8 +3,8 @@
 
 Two checks, each one line on failure (exit status 2) and one line of facts on success:
 
-    python3 tools/gpu_preflight.py --job "make check-accuracy"   # an NVIDIA GPU and its driver
-    .venv/bin/python tools/gpu_preflight.py --stack                # the installed GPU stack sees it
+    python3 tools/gpu_preflight.py --job "make check-accuracy" --venv .venv   # GPU, driver, Python
+    .venv/bin/python tools/gpu_preflight.py --stack                             # the installed GPU stack sees it
 
 The first runs with the system's python3 and the standard library only, before any virtual
 environment or package exists, so that a machine without a GPU is told so within seconds having
@@ -12,9 +12,15 @@ installed nothing. It asks `nvidia-smi` for the GPUs and the driver version; onl
 not installed does it accept a device node (/dev/nvidia0, or $VV_NVIDIA_DEVICE) and read the driver
 version from the kernel module. An nvidia-smi that is there but fails (driver not loaded, no device) is
 a one-line error: the device node alone does not prove the driver works, and the stack would otherwise be
-installed (several GB) before the stack check failed.
+installed (several GB) before the stack check failed. It then checks the Python the stack will be
+installed for (the venv's where it exists, else this interpreter, which creates it) against
+`SUPPORTED_PYTHON`, and its line names those versions and the package index the TensorRT wheels come
+from (`NVIDIA_INDEX`, which the Makefile adds to pip's extra indexes; a wheelhouse through
+PIP_FIND_LINKS / PIP_NO_INDEX instead, docs/GPU.md).
 The second imports torch, TensorRT and ONNX Runtime from the environment the job will use and checks
-that they are the pinned, coherent set of requirements-gpu.txt and that each sees the GPU.
+that they are the pinned, coherent set of requirements-gpu.txt and that each sees the GPU; ONNX
+Runtime's CUDA provider is checked by opening a session on it and reading the providers it kept (a
+provider listed but unable to load CUDA or cuDNN is dropped by the session).
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ REQUIREMENTS = REPO / "requirements-gpu.txt"
 # TensorRT 10 for CUDA 12 and CUDA 12 builds of torch and ONNX Runtime: a driver of the CUDA 12 family
 # (minor-version compatibility starts at 525.60.13 on Linux).
 MIN_DRIVER = (525, 60, 13)
+# Python versions the pinned stack installs for: onnxruntime-gpu 1.26 has wheels for 3.11 and newer, the
+# TensorRT 10.16 bindings for 3.8 to 3.13 (NVIDIA's installation guide).
+SUPPORTED_PYTHON = ((3, 11), (3, 13))
+# NVIDIA's package index: the real TensorRT wheels (the main index holds a stub that fetches them at build
+# time). The Makefile reads this value (`python3 tools/gpu_preflight.py --index`).
+NVIDIA_INDEX = "https://pypi.nvidia.com"
 SMI_QUERY = ["--query-gpu=name,driver_version,memory.total", "--format=csv,noheader,nounits"]
 
 
@@ -124,6 +136,40 @@ def describe(gpus: list[dict]) -> str:
     return f"GPU: {first['name']}{memory}{more}, driver {first.get('driver') or 'unknown'}"
 
 
+def python_range() -> str:
+    (lo_major, lo_minor), (hi_major, hi_minor) = SUPPORTED_PYTHON
+    return f"{lo_major}.{lo_minor}-{hi_major}.{hi_minor}"
+
+
+def venv_python_version(venv: str | None, timeout: float = 20.0) -> tuple[tuple[int, int], str]:
+    """((major, minor), where) of the Python the GPU stack goes into: the venv's interpreter where the venv
+    exists, else this one (`make` creates the venv with it)."""
+    python = Path(venv) / "bin" / "python" if venv else None
+    if python is not None and python.exists():
+        try:
+            proc = subprocess.run([str(python), "-c", "import sys; print(*sys.version_info[:2])"],
+                                  capture_output=True, text=True, timeout=timeout)
+            major, minor = (int(x) for x in proc.stdout.split())
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            raise PreflightError(f"error: {python} does not run; remove {venv} or point VENV elsewhere") from None
+        return (major, minor), str(python)
+    return tuple(sys.version_info[:2]), sys.executable or "python3"
+
+
+def check_python(version: tuple[int, int], where: str, job: str) -> None:
+    lo, hi = SUPPORTED_PYTHON
+    if not lo <= tuple(version) <= hi:
+        raise PreflightError(f"error: Python {version[0]}.{version[1]} ({where}) cannot take the GPU stack, which "
+                             f"needs Python {python_range()} (onnxruntime-gpu 1.26 needs 3.11+, the TensorRT 10 "
+                             f"bindings stop at 3.13): run {job} with PY=python3.12 (a new VENV)")
+
+
+def describe_setup(version: tuple[int, int]) -> str:
+    """The set-up half of the preflight line: the Python and where the TensorRT wheels come from."""
+    return (f"Python {version[0]}.{version[1]} (the GPU stack supports {python_range()}); TensorRT wheels from "
+            f"NVIDIA's index {NVIDIA_INDEX} or a wheelhouse (PIP_FIND_LINKS, PIP_NO_INDEX=1)")
+
+
 def pinned_requirements(path: Path = REQUIREMENTS) -> dict:
     """name -> version of the `name==version` lines of requirements-gpu.txt (extras dropped)."""
     pins = {}
@@ -181,27 +227,72 @@ def check_stack(job: str) -> str:
                              f"({' '.join(str(exc).split())[:150]})") from exc
     import onnxruntime
 
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        raise PreflightError(f"error: onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider")
+    ort_cuda_providers(onnxruntime)
     major, minor = torch.cuda.get_device_capability(0)
     return (f"GPU stack: {torch.cuda.get_device_name(0)} sm{major}{minor}, torch {torch.__version__} "
             f"(CUDA {torch.version.cuda}), TensorRT {tensorrt.__version__}, onnxruntime-gpu {onnxruntime.__version__}")
+
+
+def _identity_model_bytes() -> bytes:
+    """A one-node ONNX model (Identity of a float [1] tensor), serialized (onnx comes with `.[dev]`)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "preflight",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return model.SerializeToString()
+
+
+def ort_cuda_providers(onnxruntime) -> list[str]:
+    """The providers of an ONNX Runtime session asked for CUDA: a PreflightError unless CUDA is among them.
+
+    Listing CUDAExecutionProvider (`get_available_providers`) only says the wheel was built with it; a
+    session drops it when CUDA or cuDNN do not load, which is what the jobs would meet."""
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise PreflightError(f"error: onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider")
+    try:
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(_identity_model_bytes(), options,
+                                               providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        providers = session.get_providers()
+    except Exception as exc:
+        raise PreflightError(f"error: onnxruntime {onnxruntime.__version__} cannot open a session on CUDA "
+                             f"({' '.join(str(exc).split())[:150]})") from exc
+    check_session_providers(providers, onnxruntime.__version__)
+    return providers
+
+
+def check_session_providers(providers: list[str], version: str) -> None:
+    """A session asked for CUDA that kept only the CPU provider: CUDA or cuDNN did not load."""
+    if "CUDAExecutionProvider" not in providers:
+        raise PreflightError(f"error: onnxruntime {version} lists CUDAExecutionProvider but a session runs on "
+                             f"{', '.join(providers) or 'nothing'} only (the CUDA 12 / cuDNN 9 libraries do not load; "
+                             f"run `make gpu-setup`)")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="this job", help="what needs the GPU (named in the error line)")
     parser.add_argument("--stack", action="store_true", help="check the installed GPU stack instead")
+    parser.add_argument("--venv", default=None, help="the venv the stack goes into (its Python is checked)")
+    parser.add_argument("--index", action="store_true", help="print NVIDIA's package index and exit")
     parser.add_argument("--nvidia-smi", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None, help=argparse.SUPPRESS)  # default: $VV_NVIDIA_DEVICE or /dev/nvidia0
     args = parser.parse_args(argv)
+    if args.index:
+        print(NVIDIA_INDEX)
+        return 0
     try:
         if args.stack:
             print(check_stack(args.job))
         else:
             gpus = find_gpus(args.job, smi=args.nvidia_smi, device=args.device)
             check_driver(gpus, args.job)
-            print(describe(gpus))
+            version, where = venv_python_version(args.venv)
+            check_python(version, where, args.job)
+            print(f"{describe(gpus)}; {describe_setup(version)}")
     except PreflightError as exc:
         print(str(exc), file=sys.stderr)
         return 2
