@@ -194,9 +194,11 @@ class KVRows:
         """new_kv [layers, 2, R, kv_heads, 1, head_dim] of a decode call: row r's key/value into its own slot."""
         self.cache.write_rows(new_kv, rows, slots)
 
-    def row_past(self, row: int, length: int) -> np.ndarray:
-        """The first `length` slots of one row [layers, 2, 1, kv_heads, length, head_dim], for a call alone."""
-        return np.ascontiguousarray(np.asarray(self.cache.data[:, :, row:row + 1, :, :length]))
+    def row_past(self, row: int, length: int):
+        """The first `length` slots of one row [layers, 2, 1, kv_heads, length, head_dim], contiguous, for a call
+        of that row alone (host or device, as the cache is)."""
+        part = self.cache.data[:, :, row:row + 1, :, :length]
+        return part.contiguous() if hasattr(part, "contiguous") else np.ascontiguousarray(part)
 
     def _resize(self, rows: int, slots: int, moves: list[tuple[int, int]] | None = None) -> None:
         """A cache of `rows` rows and at least `slots` slots holding the live rows (moved by `moves`)."""
