@@ -31,7 +31,7 @@ def graphs(fixture_dir, tiny_engine_dir, tmp_path_factory):
     """(concatenating lm, in-place variant, manifest): the variant exported like the lm (same spec, same
     exporter), from the same checkpoint."""
     from vv_export import wrappers
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.onnx_export import export_graph
     from vv_export.specs import ExportContext, build_specs
 

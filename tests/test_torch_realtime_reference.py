@@ -51,7 +51,7 @@ def _per_frame(audio, want, hop, peak):
 
 @pytest.fixture(scope="module")
 def port(realtime_fixture_dir):
-    from vv_export.checkpoint import load_checkpoint
+    from vv_export.families import load_checkpoint
     from vv_export.voices import read_preset
 
     module = _port_module()
