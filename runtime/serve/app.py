@@ -19,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from . import routes
 from .connections import RequestDeadline
@@ -87,7 +88,7 @@ def create_app(engine, limits: Limits | None = None, access: Access | None = Non
     app.add_middleware(BodyLimit, service=service)
     app.add_middleware(RequestDeadline, service=service)
     app.include_router(routes.router)
-    app.openapi = lambda: openapi_document(app, service.access)
+    app.openapi = lambda: openapi_document(app, service.access, sorted(service.voices.presets))
 
     @app.exception_handler(ApiError)
     async def refused(request: Request, exc: ApiError):
@@ -115,27 +116,47 @@ def create_app(engine, limits: Limits | None = None, access: Access | None = Non
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = str(exc.detail)
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404:
             message = f"no such route: {request.method} {request.url.path}"
         elif exc.status_code == 405:
             message = f"method {request.method} not allowed on {request.url.path}"
+            headers = {**{k: v for k, v in (headers or {}).items() if k.lower() != "allow"},
+                       "allow": ", ".join(allowed_methods(request.scope))}
         return service.error(exc.status_code, message, HTTP_ERROR_TYPES.get(exc.status_code, INVALID),
-                             headers=getattr(exc, "headers", None))
+                             headers=headers)
 
     return app
 
 
-def openapi_document(app: FastAPI, access: Access) -> dict:
-    """The OpenAPI document of the app: its routes, the JSON request models, every error as `ErrorBody`,
-    and, where the service has API keys, the bearer scheme on the endpoints that need one."""
+def allowed_methods(scope) -> list[str]:
+    """Every method a route of `routes` serves on the path of `scope` (starlette names only the first
+    route's)."""
+    methods = set()
+    for route in routes.router.routes:
+        if route.matches(scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def openapi_document(app: FastAPI, access: Access, presets: list[str]) -> dict:
+    """The OpenAPI document of the app: its routes, the JSON request models (with examples naming the
+    preset voices), every error as `ErrorBody`, and, where the service has API keys, the bearer scheme on
+    the endpoints that need one."""
     if app.openapi_schema is None:
         document = get_openapi(title=app.title, version=app.version, routes=app.routes,
                                description="vv-serve: speech over HTTP (docs/SERVE.md)")
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        for model in routes.BODY_MODELS:
+        for model in routes.BODY_MODELS + routes.DOC_MODELS:
             schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(schema.pop("$defs", {}))
             schemas[model.__name__] = schema
+        if presets:
+            speaker = {"seed": 1, "max_new_frames": 8, "response_format": "wav"}
+            schemas["SpeechBody"]["examples"] = [{"model": "vibevoice", "input": "Hello there.", "voice": presets[0],
+                                                  **speaker}]
+            schemas["ScriptBody"]["examples"] = [{"script": "Speaker 1: Hello there.\nSpeaker 2: Hi.",
+                                                  "voices": [presets[0], presets[-1]], **speaker}]
         if access.keys_required:
             document["components"]["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
             for path, operations in document["paths"].items():

@@ -129,11 +129,46 @@ class Health(BaseModel):
     replica_id: str
 
 
-ERRORS = {"default": {"model": ErrorBody, "description": "an error: JSON, its type and the field at fault"}}
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SpeechAudioDelta(BaseModel):
+    type: Literal["speech.audio.delta"]
+    audio: str = Field(description="the next bytes of the audio, base64")
+
+
+class SpeechAudioDone(BaseModel):
+    type: Literal["speech.audio.done"]
+    usage: Usage
+
+
+class SpeechStreamError(BaseModel):
+    type: Literal["error"]
+    error: ErrorDetail
+
+
+# models the OpenAPI document names besides those FastAPI finds on the routes (app.openapi_document)
+DOC_MODELS = (ErrorBody, SpeechAudioDelta, SpeechAudioDone, SpeechStreamError)
+
+
+def ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+ERRORS = {"default": {"description": "an error: JSON, its type and the field at fault",
+                      "content": {"application/json": {"schema": ref(ErrorBody)}}}}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
+# an event of `stream_format: "sse"`: its data is one JSON object
+SPEECH_EVENT = {"schema": {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "id": {"type": "string"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [ref(SpeechAudioDelta), ref(SpeechAudioDone), ref(SpeechStreamError)]}}}}}
 AUDIO_ANSWER = {200: {"description": "the audio: whole, chunked as frames are made, or SSE events",
                       "content": {**{media: BINARY for media in formats.MEDIA_TYPES.values()},
-                                  "text/event-stream": {"schema": {"type": "string"}}}}, **ERRORS}
+                                  "text/event-stream": SPEECH_EVENT}}, **ERRORS}
 
 
 def json_request(model: type[BaseModel]) -> dict:
