@@ -659,3 +659,20 @@ def test_page_works_with_a_key(keyed, browser):  # noqa: F811 -- the fixture imp
     state = browser.execute_script("return window.vvState")
     assert state["state"] == "done" and state["error"] is None and state["bytes"] > 0, state
     assert httpx.delete(keyed.url + "/v1/voices/page_voice", headers=auth(KEY_B), timeout=30).status_code == 200
+
+
+# --- memory over many requests ---------------------------------------------------------------------------------
+
+def test_bench_serve_soak_small_run(random_engine_dir, presets, tmp_path):
+    """The soak of `make bench-serve`, briefly: RSS sampled against requests served, the plot written."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_serve")
+    entry = bench.soak(random_engine_dir, presets, 24, 2, 6, 8, 1, lambda line: None)
+    assert entry["failed"] == 0 and entry["server_exit_status"] == 0
+    assert [s[0] for s in entry["samples"]] == [0, 6, 12, 18, 24]
+    assert all(50 < s[1] < 2000 for s in entry["samples"])
+    assert entry["rss_end_mb"] == entry["samples"][-1][1] and entry["rss_warm_mb"] == entry["samples"][1][1]
+    assert entry["growth_kb_per_request_second_half"] is not None
+    assert bench.growth_kb_per_request([[0, 100.0], [10, 101.0], [20, 102.0]]) == pytest.approx(102.4)
+    assert bench.plot_soak(entry, tmp_path / "soak.png").stat().st_size > 1000
