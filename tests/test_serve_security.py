@@ -676,3 +676,45 @@ def test_bench_serve_soak_small_run(random_engine_dir, presets, tmp_path):
     assert entry["growth_kb_per_request_second_half"] is not None
     assert bench.growth_kb_per_request([[0, 100.0], [10, 101.0], [20, 102.0]]) == pytest.approx(102.4)
     assert bench.plot_soak(entry, tmp_path / "soak.png").stat().st_size > 1000
+
+
+# --- WebSocket routes ------------------------------------------------------------------------------------------
+
+def test_websocket_routes_are_guarded_alike(random_engine_dir, presets):
+    """A WebSocket route mounted on the app (as a realtime route is) meets the same host, origin and key
+    checks before it runs, and reads who asks with `principal_of` (the app in process, over the real
+    engine, through starlette's test client: its WebSocket needs no server library)."""
+    from starlette.routing import WebSocketRoute
+    from starlette.testclient import TestClient, WebSocketDenialResponse
+
+    from vv_runtime.serve import create_app
+    from vv_runtime.serve.security import Access, principal_of
+    from vv_runtime.service_engine import SpeechEngine
+
+    engine = SpeechEngine.from_engine_dir(random_engine_dir, threads=1, voices_dir=presets)
+    try:
+        app = create_app(engine, access=Access(keys=[KEY_A, KEY_B]))
+
+        async def probe(websocket):
+            await websocket.accept()
+            await websocket.send_json({"owner": principal_of(websocket).owner})
+            await websocket.close()
+
+        app.router.routes.append(WebSocketRoute("/v1/probe", probe))
+        url = "ws://127.0.0.1/v1/probe"
+        with TestClient(app, base_url="http://127.0.0.1") as client:
+            owners = set()
+            for key in (KEY_A, KEY_B):
+                with client.websocket_connect(url, headers=auth(key)) as ws:
+                    owners.add(ws.receive_json()["owner"])
+            assert len(owners) == 2 and all(o.startswith("key-") for o in owners)
+            for headers, status in (({}, 401), (auth("wrong-key-0123456789"), 401),
+                                    ({**auth(KEY_A), "Origin": "http://evil.example"}, 403),
+                                    ({**auth(KEY_A), "Host": "evil.example"}, 421)):
+                with pytest.raises(WebSocketDenialResponse) as denied:
+                    with client.websocket_connect(url, headers=headers):
+                        pass
+                assert denied.value.status_code == status
+                assert denied.value.json()["error"]["code"] == status
+    finally:
+        engine.close()
