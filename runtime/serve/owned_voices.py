@@ -38,11 +38,12 @@ class OwnedVoices:
         self.limits = limits
         self.presets = frozenset(v["id"] for v in store.list())
         self._uploads: dict[str, dict[str, Upload]] = {}       # owner -> its voice id -> upload
-        self._lock = threading.Lock()      # checks and add/remove together (uploads are rare: held through the encode)
+        self._guard = threading.Lock()     # the dict (held briefly: requests resolve their voices under it)
+        self._changing = threading.Lock()  # an upload's checks, encode and add, or a delete, one at a time
 
     def resolve(self, owner: str, voice_id: str, param: str):
         """The stored Voice that `voice_id` names for `owner` (400 naming `param` when none)."""
-        with self._lock:
+        with self._guard:
             upload = self._uploads.get(owner, {}).get(voice_id)
         store_id = voice_id if voice_id in self.presets else upload.store_id if upload else None
         try:
@@ -56,7 +57,7 @@ class OwnedVoices:
     def list(self, owner: str) -> list[dict]:
         """The presets and `owner`'s uploads: {"id", "name", "seconds", "preset"} (+ "bytes" for uploads)."""
         seconds = {v["id"]: v["seconds"] for v in self.store.list()}
-        with self._lock:
+        with self._guard:
             own = dict(self._uploads.get(owner, {}))
         out = [{"id": vid, "name": vid, "seconds": seconds[vid], "preset": True}
                for vid in sorted(self.presets) if vid in seconds]
@@ -64,19 +65,20 @@ class OwnedVoices:
                 for vid, u in own.items() if u.store_id in seconds]
         return out
 
-    def entry(self, owner: str, voice_id: str) -> dict:
-        return next(v for v in self.list(owner) if v["id"] == voice_id)
+    def entry(self, owner: str, voice_id: str) -> dict | None:
+        """`voice_id` as `list` shows it to `owner` (None once deleted)."""
+        return next((v for v in self.list(owner) if v["id"] == voice_id), None)
 
     def held(self, owner: str) -> int:
-        with self._lock:
+        with self._guard:
             return sum(u.nbytes for u in self._uploads.get(owner, {}).values())
 
     def held_total(self) -> int:
-        with self._lock:
+        with self._guard:
             return sum(u.nbytes for own in self._uploads.values() for u in own.values())
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._guard:
             return len(self.presets) + sum(len(own) for own in self._uploads.values())
 
     def add(self, owner: str, data: bytes, name: str | None) -> tuple[str, bool]:
@@ -86,8 +88,9 @@ class OwnedVoices:
             raise ApiError(400, f"voice name {name[:40]!r}: use 1-64 letters, digits, '_', '.', '-'", param="name")
         digest = hashlib.sha256(data).hexdigest()
         limits = self.limits
-        with self._lock:
-            own = self._uploads.setdefault(owner, {})
+        with self._changing:
+            with self._guard:
+                own = dict(self._uploads.get(owner, {}))
             existing = next((vid for vid, u in own.items() if u.digest == digest), None)
             if existing is not None and (name is None or name == existing):
                 return existing, False
@@ -110,15 +113,17 @@ class OwnedVoices:
             if held + nbytes > budget:
                 self.store.remove(store_id)
                 raise ApiError(409, _over_budget(held, nbytes, budget), "voice_budget")
-            own[voice_id] = Upload(store_id, digest, nbytes)
+            with self._guard:
+                self._uploads.setdefault(owner, {})[voice_id] = Upload(store_id, digest, nbytes)
             return voice_id, True
 
     def delete(self, owner: str, voice_id: str) -> None:
         """Forget one of `owner`'s uploads (requests already admitted with it go on)."""
         if voice_id in self.presets:
             raise ApiError(403, f"voice {voice_id!r} is a preset: presets are read-only", PERMISSION, "id")
-        with self._lock:
-            upload = self._uploads.get(owner, {}).pop(voice_id, None)
+        with self._changing:
+            with self._guard:
+                upload = self._uploads.get(owner, {}).pop(voice_id, None)
             if upload is None:
                 raise ApiError(404, f"no voice {voice_id[:64]!r} among the voices this key uploaded", "not_found",
                                "id")

@@ -369,8 +369,10 @@ async def add_voice(request: Request, name: str | None = Query(None, description
         raise ApiError(413, f"voice of {seconds:.1f} s is longer than the limit of {limits.max_voice_seconds:g} s",
                        "too_large", "file")
     voice_id, created = await run_in_threadpool(service.voices.add, owner, data, name)
-    return JSONResponse({**service.voices.entry(owner, voice_id), "created": created},
-                        status_code=201 if created else 200)
+    entry = service.voices.entry(owner, voice_id)
+    if entry is None:        # deleted by a request of the same key in the meantime
+        raise ApiError(404, f"voice {voice_id!r} was deleted while it was being added", "not_found", "id")
+    return JSONResponse({**entry, "created": created}, status_code=201 if created else 200)
 
 
 @router.delete("/v1/voices/{voice_id}", responses={200: {"model": DeletedVoice}, **ERRORS})

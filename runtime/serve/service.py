@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import socket
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,9 +57,8 @@ class Service:
         self.metrics = ServiceMetrics()
         self.voices = OwnedVoices(engine.voices, limits)
         self.draining = False
-        self._drain_event: asyncio.Event | None = None
         self._drain_loop: asyncio.AbstractEventLoop | None = None
-        self._drain_guard = threading.Lock()
+        self._drain_event: asyncio.Event | None = None
         # set by the server that runs the app: aborts the connection of scope["client"] (a client that
         # stopped reading: closing it politely would wait for its unread bytes forever)
         self.abort_client: Callable[[object], None] | None = None
@@ -69,22 +67,21 @@ class Service:
 
     def start_draining(self) -> None:
         """Stop admitting speech and voice requests (answered 503); in-flight requests go on, except those
-        whose body is still coming (answered 503 at once). Callable from any thread or a signal handler."""
-        with self._drain_guard:
-            self.draining = True
-            event, loop = self._drain_event, self._drain_loop
+        whose body is still coming (answered 503 at once). Callable from any thread and from a signal
+        handler (so no lock: `drained` sets the loop before the event, and looks at `draining` after)."""
+        self.draining = True
+        event = self._drain_event
         if event is not None:
-            loop.call_soon_threadsafe(event.set)
+            self._drain_loop.call_soon_threadsafe(event.set)
 
     async def drained(self) -> None:
-        """Returns once the service drains."""
-        with self._drain_guard:
-            if self._drain_event is None:
-                self._drain_event, self._drain_loop = asyncio.Event(), asyncio.get_running_loop()
-                if self.draining:
-                    self._drain_event.set()
-            event = self._drain_event
-        await event.wait()
+        """Returns once the service drains (in the event loop that serves the app)."""
+        if self._drain_event is None:
+            self._drain_loop = asyncio.get_running_loop()
+            self._drain_event = asyncio.Event()
+        if self.draining:
+            self._drain_event.set()
+        await self._drain_event.wait()
 
     @property
     def accepting(self) -> bool:
