@@ -242,22 +242,26 @@ def sound_seconds(data: bytes) -> float:
 
 
 def speech_mode(body: SpeechOptions, openai_default: bool = False) -> str:
-    """How the audio goes out: "whole", "stream" (chunked) or "sse" (events). `stream` absent: streamed
-    for an OpenAI request (one that names a `model`: OpenAI streams its audio by default) in a format that
-    can be streamed, whole otherwise."""
+    """How the audio goes out: "whole", "stream" (chunked) or "sse" (events). `stream` left out: streamed
+    for an OpenAI request (`openai_default`: OpenAI streams its audio by default) where the format can be
+    streamed, whole otherwise."""
     fmt = body.response_format
-    sse = getattr(body, "stream_format", None) == "sse"
-    if sse and body.stream is False:
-        raise ApiError(400, "stream_format 'sse' streams events: leave out stream, or set it true", param="stream")
-    asked = body.stream if body.stream is not None else (sse or getattr(body, "stream_format", None) == "audio")
-    if (asked or sse) and fmt not in formats.STREAMABLE:
+    stream_format = getattr(body, "stream_format", None)      # OpenAI's field (the script endpoint has none)
+    if stream_format == "sse":
+        if body.stream is False:
+            raise ApiError(400, "stream_format 'sse' streams events: leave out stream, or set it true",
+                           param="stream")
+        mode = "sse"
+    elif body.stream is not None:
+        mode = "stream" if body.stream else "whole"
+    elif stream_format == "audio":
+        mode = "stream"
+    else:
+        mode = "stream" if openai_default and fmt in formats.STREAMABLE else "whole"
+    if mode != "whole" and fmt not in formats.STREAMABLE:      # streaming asked for in so many words
         raise ApiError(400, f"response_format {fmt!r} cannot be streamed (its header needs the total length): "
                             f"use 'wav' or 'pcm' to stream, or set stream false", param="response_format")
-    if sse:
-        return "sse"
-    if asked or (body.stream is None and openai_default and fmt in formats.STREAMABLE):
-        return "stream"
-    return "whole"
+    return mode
 
 
 async def speak(service: Service, script: str, voices: list, body: SpeechOptions, mode: str, text_param: str,
@@ -280,7 +284,8 @@ async def speak(service: Service, script: str, voices: list, body: SpeechOptions
 
 # --- speech -----------------------------------------------------------------------------------------
 
-@router.post("/v1/audio/speech", response_class=Response, responses=AUDIO_ANSWER, openapi_extra=json_request(SpeechBody))
+@router.post("/v1/audio/speech", response_class=Response, responses=AUDIO_ANSWER,
+             openapi_extra=json_request(SpeechBody))
 async def audio_speech(request: Request):
     service = service_of(request)
     body = await read_json(request, SpeechBody)
