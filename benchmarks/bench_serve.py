@@ -30,7 +30,15 @@ Figures per client count:
 - ratio_to_one_at_a_time: audio_seconds_per_second / the same figure with one client;
 - the server's own figures from /metrics (frames, errors by kind, time-to-first-audio histogram count).
 
-Writes `<out>/bench_serve_cpu.json` and `<out>/bench_serve_cpu.png` (throughput and latency vs clients).
+Soak (`--soak N`, tiny model, after the levels): a fresh server serves N streamed requests from
+`--soak-clients` concurrent clients (the same requests as the levels, seeds cycling); the server's resident
+memory (RSS, from /proc) is sampled every `--soak-every` requests served. Reported: the samples (requests
+served, RSS in MB), RSS at the start and end, and the growth per request over the first and second half of
+the run after the first sample (the warm-up: a server whose memory stays flat grows by ~0 in the second
+half). `--soak 0` skips it.
+
+Writes `<out>/bench_serve_cpu.json` and `<out>/bench_serve_cpu.png` (throughput and latency vs clients),
+and `<out>/bench_serve_soak_cpu.png` (RSS vs requests served).
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from common import load_average, provenance, write_result  # noqa: E402
 
 RESULT_NAME = "bench_serve_cpu.json"
 PLOT_NAME = "bench_serve_cpu.png"
+SOAK_PLOT_NAME = "bench_serve_soak_cpu.png"
 SAMPLE_RATE = 24000
 TEXT = "Hello there, and welcome to the show. Today we talk about streaming speech."
 SEEDS = 8
@@ -232,6 +241,103 @@ def bench_model(name: str, engine_dir: Path, client_counts: list[int], requests:
         server.kill()
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of process `pid` in MB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def growth_kb_per_request(samples: list[list[float]]) -> float | None:
+    """Least-squares slope of RSS (MB) against requests served, in KB per request."""
+    if len(samples) < 3:
+        return None
+    served, rss = np.array(samples, dtype=np.float64).T
+    return round(float(np.polyfit(served, rss, 1)[0]) * 1024, 3)
+
+
+async def soak_requests(url: str, pid: int, total: int, clients: int, every: int, frames: int) -> dict:
+    """`total` streamed requests from `clients` concurrent clients; RSS sampled every `every` served."""
+    import httpx
+
+    samples = [[0, round(rss_mb(pid), 2)]]
+    served = failed = 0
+    next_index = 0
+
+    async def client_loop() -> None:
+        nonlocal served, failed, next_index
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            while next_index < total:
+                index = next_index
+                next_index += 1
+                record = await one_request(client, request_body(index % SEEDS, frames))
+                served += 1
+                failed += record["status"] != 200 or record["error"] is not None or not record["bytes"]
+                if served % every == 0 or served == total:
+                    samples.append([served, round(rss_mb(pid), 2)])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    return {"samples": samples, "failed": failed, "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def soak(engine_dir: Path, voices: Path, total: int, clients: int, every: int, frames: int, threads: int | None,
+         log) -> dict:
+    """A fresh vv-serve serving `total` requests; its RSS against requests served."""
+    from serve_process import ServerProcess
+
+    args = ["--engine-dir", engine_dir, "--voices", voices, "--max-batch", str(clients),
+            "--max-queue", str(4 * clients), "--log-level", "warning"]
+    if threads:
+        args += ["--threads", str(threads)]
+    server = ServerProcess(args, startup_timeout=600).start()
+    try:
+        run = asyncio.run(soak_requests(server.url, server.proc.pid, total, clients, every, frames))
+        samples = run["samples"]
+        # the first `every` requests warm the server up (the graphs' first allocations): growth is measured after
+        warm = samples[1:]
+        first = [s for s in warm if s[0] <= total / 2]
+        half = [s for s in warm if s[0] >= total / 2]
+        entry = {"requests": total, "clients": clients, "sample_every": every, "max_new_frames": frames,
+                 "failed": run["failed"], "wall_s": run["wall_s"], "samples": samples,
+                 "rss_start_mb": samples[0][1], "rss_warm_mb": warm[0][1] if warm else None,
+                 "rss_end_mb": samples[-1][1],
+                 "growth_kb_per_request_first_half": growth_kb_per_request(first),
+                 "growth_kb_per_request_second_half": growth_kb_per_request(half),
+                 "load_average_1min": load_average()}
+        entry["server_exit_status"] = server.stop(timeout=300)
+        log(f"soak: {total} requests, RSS {entry['rss_start_mb']:.1f} MB, {entry['rss_warm_mb']} MB after "
+            f"{every} requests, {entry['rss_end_mb']:.1f} MB at the end, "
+            f"{entry['growth_kb_per_request_first_half']} KB/request in the first half, "
+            f"{entry['growth_kb_per_request_second_half']} in the second, failed {entry['failed']}")
+        return entry
+    finally:
+        server.kill()
+
+
+def plot_soak(entry: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    served, rss = zip(*entry["samples"])
+    fig, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(served, rss, marker=".")
+    axis.set_xlabel("requests served")
+    axis.set_ylabel("server RSS (MB)")
+    axis.set_title(f"vv-serve memory over {entry['requests']} requests ({entry['clients']} clients, tiny model)")
+    axis.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 async def run_level_single(url: str, seed: int, frames: int) -> dict:
     import httpx
 
@@ -288,7 +394,8 @@ def git_commit() -> str | None:
 
 
 def run_benchmark(out_dir: Path | None, models: list[str], client_counts: list[int], requests: int, frames: int,
-                  threads: int | None, log=print) -> dict:
+                  threads: int | None, log=print, soak_requests_total: int = 0, soak_clients: int = 4,
+                  soak_every: int = 25) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
         voices = work / "voices"
@@ -301,13 +408,20 @@ def run_benchmark(out_dir: Path | None, models: list[str], client_counts: list[i
             result["models"][name] = bench_model(name, engine_dir, client_counts, requests, frames, threads,
                                                  voices, log, MODES[name])
             shutil.rmtree(engine_dir, ignore_errors=True)
+        if soak_requests_total:
+            engine_dir = export_model("tiny", work / "engines")
+            result["soak"] = soak(engine_dir, voices, soak_requests_total, soak_clients, soak_every, frames,
+                                  threads, log)
         result["all_complete"] = all(e["failed"] == e["lost"] == e["incomplete"] == 0
-                                     for m in result["models"].values() for e in m["levels"])
+                                     for m in result["models"].values() for e in m["levels"]) and (
+            not soak_requests_total or result["soak"]["failed"] == 0)
         result["git_commit"] = git_commit()
         result.update(provenance(ort_threads=threads))
         if out_dir is not None:
             write_result(out_dir, RESULT_NAME, result)
             plot(result, Path(out_dir) / PLOT_NAME)
+            if soak_requests_total:
+                plot_soak(result["soak"], Path(out_dir) / SOAK_PLOT_NAME)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -362,17 +476,23 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=4, help="requests per client at each count")
     parser.add_argument("--frames", type=int, default=32, help="max_new_frames of every request")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the server")
+    parser.add_argument("--soak", type=int, default=800, help="requests of the memory soak (0: none)")
+    parser.add_argument("--soak-clients", type=int, default=4, help="concurrent clients of the soak")
+    parser.add_argument("--soak-every", type=int, default=25, help="sample the server's RSS every N requests")
     args = parser.parse_args(argv)
     try:
         counts = [int(c) for c in args.clients.split(",") if c.strip()]
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not counts or min(counts) < 1 or args.requests < 1 or args.frames < 1:
             raise ValueError("client counts, --requests and --frames must be positive")
+        if args.soak < 0 or args.soak_clients < 1 or args.soak_every < 1:
+            raise ValueError("--soak must be 0 or more, --soak-clients and --soak-every positive")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     result = run_benchmark(args.out, models, counts, args.requests, args.frames, args.threads,
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
+                           log=lambda m: print(m, file=sys.stderr, flush=True), soak_requests_total=args.soak,
+                           soak_clients=args.soak_clients, soak_every=args.soak_every)
     print(json.dumps({name: [{k: e[k] for k in ("clients", "audio_seconds_per_second", "ratio_to_one_at_a_time",
                                                  "ttfa_p50_s", "ttfa_p95_s", "failed", "lost", "incomplete")}
                              for e in model["levels"]] for name, model in result["models"].items()}, indent=1))

@@ -15,6 +15,9 @@ SAMPLE_RATE = 24000
 HOP = 3200
 TARGET_DB_FS = -25.0
 EPS = 1e-6
+# sample rates a voice file may declare: telephone-band recordings up to the fastest studio converters
+# (a header declaring anything else is a damaged or forged file, not a recording)
+SAMPLE_RATE_RANGE = (4_000, 384_000)
 
 
 def normalize(wav: np.ndarray) -> np.ndarray:
@@ -33,6 +36,13 @@ def to_mono(data: np.ndarray) -> np.ndarray:
     if data.ndim == 2:
         data = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     return np.asarray(data, dtype=np.float32)
+
+
+def check_sample_rate(rate: int, label: str) -> None:
+    """RuntimeInputError (one line) unless `rate` is within SAMPLE_RATE_RANGE."""
+    low, high = SAMPLE_RATE_RANGE
+    if not low <= rate <= high:
+        raise RuntimeInputError(f"{label}: declares a sample rate of {rate} Hz, outside {low}..{high} Hz")
 
 
 def resample(wav: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
@@ -69,12 +79,16 @@ def _decode(source, label: str) -> np.ndarray:
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         detail = " ".join(str(exc).split())
         raise RuntimeInputError(f"{label}: unreadable audio ({detail})") from exc
+    check_sample_rate(rate, label)
     wav = to_mono(data)
     if wav.size == 0:
         raise RuntimeInputError(f"{label}: contains no audio samples")
     if not np.all(np.isfinite(wav)):
         raise RuntimeInputError(f"{label}: contains non-finite samples")
-    return resample(wav, rate)
+    wav = resample(wav, rate)
+    if wav.size == 0:
+        raise RuntimeInputError(f"{label}: too short to hold one sample at {SAMPLE_RATE} Hz")
+    return wav
 
 
 def prepare_voice(voice: str | Path | np.ndarray, label: str = "voice") -> tuple[np.ndarray, int]:

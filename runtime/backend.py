@@ -75,6 +75,10 @@ class OrtBackend(Backend):
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # the graphs' shapes change from call to call (batch rows, prompt length, cache slots): a memory
+        # pattern is planned and kept for every new combination of input shapes, a cache that only grows
+        # (~17 MB more resident memory on the tiny model after 120 requests, no faster)
+        opts.enable_mem_pattern = False
         threads = self.threads
         # the fp32 size decides (a quantized graph's work per call stays that of its fp32 original)
         fp32_bytes = (entry.get("quantization") or {}).get("weight_bytes_before") or entry.get("weight_bytes", 0)

@@ -67,6 +67,20 @@ class PrefixCache:
     def unpin(self, key) -> None:
         self._pinned.discard(key)
 
+    def discard(self, key) -> None:
+        """Drop `key` (pinned or not) and its memory."""
+        self._items.pop(key, None)
+        self._pinned.discard(key)
+
+    def pinned_keys(self) -> set:
+        """The keys held for good now."""
+        return {k for k in self._items if k in self._pinned}
+
+    def nbytes(self, key) -> int:
+        """Bytes of the cache held under `key` (0 when absent)."""
+        item = self._items.get(key)
+        return 0 if item is None else _nbytes(item)
+
     @property
     def pinned(self) -> int:
         return sum(1 for k in self._items if k in self._pinned)

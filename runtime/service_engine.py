@@ -78,6 +78,7 @@ class Voice:
     seconds: float                   # length of the audio given (before padding)
     key: str                         # sha1 of `audio`: identifies the content (prefix caches key on it)
     embeds: np.ndarray | None = None  # acoustic_encoder voice_embeds [frames, H], once encoded
+    pinned: tuple = ()               # the prefix-cache keys this voice pinned when it was stored
 
 
 class VoiceStore:
@@ -130,15 +131,17 @@ class VoiceStore:
         vid = voice_id or ("v" + key[:12])
         return Voice(vid, name or vid, padded, frames, round(seconds, 3), key)
 
-    def add(self, audio, name: str | None = None) -> str:
+    def add(self, audio, name: str | None = None, label: str | None = None) -> str:
         """Store a voice (path, bytes of a sound file, or float32 24 kHz array); returns its id.
 
         With `name` the id is the name (letters, digits, `_.-`, at most 64); adding a name again
-        replaces that voice. Without it the id is derived from the audio's content.
+        replaces that voice. Without it the id is derived from the audio's content. `label` names the
+        audio in errors (default: the voice).
         """
         if name is not None and not VOICE_ID.match(str(name)):
             raise RuntimeInputError(f"voice name {str(name)[:40]!r}: use 1-64 letters, digits, '_', '.', '-'")
-        voice = self.make_voice(audio, name=name, voice_id=name, label=f"voice {name}" if name else "voice")
+        label = label or (f"voice {name}" if name else "voice")
+        voice = self.make_voice(audio, name=name, voice_id=name, label=label)
         self.encode(voice)
         self.warm(voice)
         with self._guard:
@@ -152,9 +155,35 @@ class VoiceStore:
             return
         prompt = self.pipeline.prompts.build([(0, " .")], [voice.frames])
         with self.lock:
+            before = self.prefixes.pinned_keys()
             self.pipeline.new_steps(reuse_prefix=True, prefix_cache=self.prefixes).prefix(
                 VibeVoiceJob(prompt, voice_audio=[voice.audio], voice_embeds=[voice.embeds], prefix_key=(voice.key,)),
                 pin=True)  # a stored voice's prefix is kept for good (never evicted by derived entries)
+            # what this voice added (nothing when a stored voice with the same audio pinned it already)
+            voice.pinned = tuple(self.prefixes.pinned_keys() - before)
+
+    def remove(self, voice_id: str) -> Voice:
+        """Forget a stored voice (RuntimeInputError when unknown) and free the prefix caches it pinned,
+        unless another stored voice has the same audio. Requests already admitted with it go on."""
+        with self.lock:
+            with self._guard:
+                voice = self._voices.pop(str(voice_id), None)
+                if voice is None:
+                    raise RuntimeInputError(f"unknown voice {str(voice_id)[:64]!r}")
+                heir = next((v for v in self._voices.values() if v.key == voice.key), None)
+            if heir is not None:   # the same audio stays stored: its prefix stays too, freed with the heir
+                heir.pinned = tuple(dict.fromkeys(heir.pinned + voice.pinned))
+            else:
+                for key in voice.pinned:
+                    self.prefixes.discard(key)
+        return voice
+
+    def nbytes(self, voice: Voice) -> int:
+        """Memory the stored voice holds: its audio, its embeddings and the prefix caches it pinned."""
+        with self.lock:
+            cached = sum(self.prefixes.nbytes(key) for key in voice.pinned)
+        embeds = 0 if voice.embeds is None else int(voice.embeds.nbytes)
+        return int(voice.audio.nbytes) + embeds + cached
 
     def known(self, voice: Voice) -> bool:
         """Whether `voice` is one of the stored voices (a preset), not a request's own audio."""

@@ -3,6 +3,9 @@
     vv-serve --engine-dir ENGINE_DIR [--host 127.0.0.1] [--port 8000] [--voices DIR] [--max-batch 8]
              [--max-queue 64] [--backend auto|ort|trt] [--max-text-chars 4096] [--max-voice-seconds 60]
              [--request-timeout 300] [--write-timeout 30] [--no-voice-uploads] [--ray --replicas N]
+             [--api-key KEY ... | --api-keys-file FILE | VV_SERVE_API_KEYS] [--allow-origin URL ...]
+             [--allow-host NAME ...] [--header-timeout 10] [--body-timeout 60] [--max-connections 512]
+             [--voice-memory-budget 256] [--insecure-no-key]
 
 On a VibeVoice-Realtime ENGINE_DIR (manifest `model_family: vibevoice_streaming`) it serves that model: its
 voices are the presets of the ENGINE_DIR (no --voices), and a WebSocket takes text while audio is made
@@ -12,7 +15,12 @@ It prints `vv-serve: listening on http://HOST:PORT` once the engine is loaded an
 (`--port 0` picks a free port). SIGTERM (or Ctrl-C) stops admission (new requests: 503, then
 connection refused), lets in-flight requests finish, stops the engine and exits 0. A client that
 stops reading is cut off after --write-timeout seconds (its request cancelled, its connection aborted),
-and the drain never waits longer than the request timeout plus a margin.
+a request whose body is still coming is answered 503 at once, and the drain never waits longer than the
+request timeout plus a margin.
+
+Serving anything but a loopback address needs an API key (`--api-key`, `--api-keys-file`, or the
+environment variable VV_SERVE_API_KEYS): without one vv-serve refuses to start, unless told
+`--insecure-no-key`. Keys, origins, host names and the limits on slow clients: docs/SERVE.md.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ import click
 
 from ..cli import _OneLineErrors
 from ..errors import RuntimeInputError, one_line
+from .security import KEYS_ENV
+
+KEEP_ALIVE_S = 5          # an idle keep-alive connection is closed after this (uvicorn's own timer)
 
 
 @click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,6 +70,29 @@ from ..errors import RuntimeInputError, one_line
               help="Seconds a write to a client may block (a client that stops reading is cancelled).")
 @click.option("--no-voice-uploads", "no_uploads", is_flag=True,
               help="Refuse POST /v1/voices (501): only the presets of --voices (always so with --ray).")
+@click.option("--api-key", "api_keys", multiple=True, envvar=KEYS_ENV, metavar="KEY",
+              help=f"An API key clients must send as 'Authorization: Bearer KEY' (repeatable; or the environment "
+                   f"variable {KEYS_ENV}, keys separated by spaces). Visible to other users in the process list: "
+                   f"prefer the variable or --api-keys-file.")
+@click.option("--api-keys-file", type=click.Path(), default=None, metavar="FILE",
+              help="API keys, one a line (blank lines and '#' comments skipped).")
+@click.option("--insecure-no-key", is_flag=True,
+              help="Serve a non-loopback --host without any API key (anyone who reaches it may use it).")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="URL",
+              help="A web page origin (scheme://host[:port]) allowed to call the API from a browser; '*': any "
+                   "(repeatable; default: only the service's own page).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="A host name the service answers to besides IP addresses, localhost and *.test "
+                   "('*.example.com': its subdomains, '*': any; repeatable).")
+@click.option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a client has for a request's headers (from connecting or its previous response).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds a client has for a request's body, from its headers.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most open connections; beyond, a new one is answered 503 and closed.")
+@click.option("--voice-memory-budget", type=click.FloatRange(min=0.0, min_open=True), default=256.0,
+              show_default=True, metavar="MIB",
+              help="MiB of memory the uploaded voices of one API key may hold (all uploads without keys).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Serve with Ray Serve (extra `ray`): replicas of the same app, one per GPU where there are.")
 @click.option("--replicas", type=click.IntRange(min=1), default=None,
@@ -67,17 +101,21 @@ from ..errors import RuntimeInputError, one_line
               default="info", show_default=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks of start-up failures.")
 def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, max_text_chars,
-         max_voice_seconds, max_voice_bytes, request_timeout, write_timeout, no_uploads, use_ray, replicas,
-         log_level, debug):
+         max_voice_seconds, max_voice_bytes, request_timeout, write_timeout, no_uploads, api_keys, api_keys_file,
+         insecure_no_key, allow_origins, allow_hosts, header_timeout, body_timeout, max_connections,
+         voice_memory_budget, use_ray, replicas, log_level, debug):
     """Serve speech over HTTP: OpenAI-compatible /v1/audio/speech, scripts, voices, a web page at /."""
     from .app import Limits
 
     limits = Limits(max_text_chars=max_text_chars, max_voice_seconds=max_voice_seconds,
                     max_voice_bytes=max_voice_bytes, request_timeout_s=request_timeout,
-                    write_timeout_s=write_timeout, voice_uploads=not no_uploads)
+                    write_timeout_s=write_timeout, voice_uploads=not no_uploads, header_timeout_s=header_timeout,
+                    body_timeout_s=body_timeout, max_connections=max_connections,
+                    voice_memory_budget=int(voice_memory_budget * 2 ** 20))
     try:
         if replicas is not None and not use_ray:
             raise RuntimeInputError("--replicas needs --ray")
+        access = _access(host, api_keys, api_keys_file, insecure_no_key, allow_origins, allow_hosts)
         _check_inputs(engine_dir, voices_dir)
         if use_ray:
             try:
@@ -87,9 +125,10 @@ def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, thre
 
             serve_forever(engine_dir=str(engine_dir), host=host, port=port, voices_dir=voices_dir,
                           max_batch=max_batch, max_queue=max_queue, backend=backend, threads=threads,
-                          limits=limits, replicas=replicas)
+                          limits=limits, replicas=replicas, access=access)
         else:
-            _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level)
+            _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level,
+                   access)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -101,6 +140,21 @@ def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, thre
         else:
             click.echo(f"error: {type(exc).__name__}: {one_line(exc)} (run with --debug for details)", err=True)
         sys.exit(1)
+
+
+def _access(host, api_keys, api_keys_file, insecure_no_key, allow_origins, allow_hosts):
+    """The service's Access from the options; refuses a non-loopback address without keys."""
+    from .security import Access, is_loopback, read_keys
+
+    try:
+        access = Access(read_keys(api_keys, api_keys_file), allow_origins, allow_hosts)
+    except ValueError as exc:
+        raise RuntimeInputError(str(exc)) from None
+    if not access.keys_required and not is_loopback(host) and not insecure_no_key:
+        raise RuntimeInputError(f"--host {host} is not a loopback address and no API key is set: anyone who "
+                                f"reaches it could use the service; give --api-key, --api-keys-file or {KEYS_ENV} "
+                                f"(or --insecure-no-key to serve it without keys all the same)")
+    return access
 
 
 def _check_inputs(engine_dir, voices_dir) -> None:
@@ -125,10 +179,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level):
+def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level, access):
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from .app import create_app
+    from .connections import ConnectionWatch
     from .engines import open_engine
     from .realtime_routes import STREAM_PATH
 
@@ -136,18 +192,23 @@ def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, th
     sock = listening_socket(host, port)  # before loading: a taken port fails at once
     engine = open_engine(engine_dir, backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue,
                          voices_dir=voices_dir, max_voice_seconds=limits.max_voice_seconds).start()
-    app = create_app(engine, limits)
+    app = create_app(engine, limits, access)
     service = app.state.service
-    # a WebSocket message (a text chunk of a streamed request) is bounded as an HTTP body is
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off",
+    service.connections = watch = ConnectionWatch(limits, service.metrics)
+    # proxy_headers off: scope["client"] stays the peer's address, which links a request to its
+    # connection (deadlines, aborts); a proxy in front logs the clients' own addresses. A WebSocket message
+    # (a text chunk of a streamed request) is bounded as an HTTP body is.
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", http=watch.protocol(AutoHTTPProtocol),
+                            proxy_headers=False, server_header=False, timeout_keep_alive=KEEP_ALIVE_S,
                             timeout_graceful_shutdown=graceful_timeout(limits),
                             ws_max_size=limits.body_limit(STREAM_PATH))
     server = draining_server(config, service)
     service.abort_client = lambda client: abort_connection(server, client)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    keys = f"{access.key_count} API keys" if access.keys_required else "no API key"
     print(f"vv-serve: listening on http://{shown}:{bound[1]} ({engine.family}, {len(engine.voices.list())} voices, "
-          f"max batch {max_batch}, max queue {max_queue})", flush=True)
+          f"max batch {max_batch}, max queue {max_queue}, {keys})", flush=True)
     try:
         server.run(sockets=[sock])
     finally:

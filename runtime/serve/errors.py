@@ -26,6 +26,13 @@ ERRORS_BY_EXCEPTION: tuple[tuple[type[BaseException], int, str, str], ...] = (
 # error types of the HTTP errors the framework raises (unknown route, wrong method, body too large)
 HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
+# error types of the refusals of the security and connection layers (security.py, connections.py)
+AUTHENTICATION = "authentication_error"      # 401: no key, or not one of the service's keys
+PERMISSION = "permission_error"              # 403: a browser page of another origin; a preset is read-only
+MISDIRECTED = "misdirected_request"          # 421: a Host name this service does not answer to
+UNSUPPORTED_MEDIA = "unsupported_media_type"  # 415: a JSON endpoint sent something else
+REQUEST_TIMEOUT = "request_timeout"          # 408: headers or body not sent within their deadline
+
 # statuses that ask the client to come back: their answers carry Retry-After
 RETRY_STATUSES = (429, 503)
 
@@ -39,11 +46,18 @@ def http_error(exc: BaseException) -> tuple[int, str, str]:
 
 
 class ApiError(Exception):
-    """A refusal the service decides itself (not an exception of the runtime), answered as JSON."""
+    """A refusal the service decides itself (not an exception of the runtime), answered as JSON
+    (`headers`: extra response headers, e.g. `connection: close` where the request body is left unread)."""
 
-    def __init__(self, status: int, message: str, kind: str = INVALID, param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = INVALID, param: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.headers = headers
+
+
+def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def error_body(status: int, message: str, kind: str, param: str | None = None) -> dict:

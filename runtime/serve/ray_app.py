@@ -28,7 +28,7 @@ from pathlib import Path
 from ray import serve
 
 from ..errors import RuntimeInputError
-from .app import Limits, create_app
+from .app import Access, Limits, create_app
 from .engines import open_engine
 
 DEPLOYMENT = "vv-serve"
@@ -46,7 +46,7 @@ class SpeechReplica:
             config["engine_dir"], backend=config.get("backend", "auto"), threads=config.get("threads"),
             max_batch=config["max_batch"], max_queue=config["max_queue"], voices_dir=config.get("voices_dir"),
             max_voice_seconds=limits.max_voice_seconds).start()
-        self.vv_app = create_app(engine, limits)
+        self.vv_app = create_app(engine, limits, config.get("access"))
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
@@ -93,20 +93,22 @@ def deployment_options(replicas: int | None, max_batch: int, max_queue: int, gpu
 
 def build(engine_dir, voices_dir=None, max_batch: int = 8, max_queue: int = 64, backend: str = "auto",
           threads: int | None = None, limits: Limits | None = None, replicas: int | None = None,
-          gpus: float | None = None):
-    """The bound Ray Serve application (ray.init must have run, or gpus be given)."""
+          gpus: float | None = None, access: Access | None = None):
+    """The bound Ray Serve application (ray.init must have run, or gpus be given); `access`: API keys,
+    origins and host names (it holds digests of the keys, not the keys)."""
     import ray
 
     if gpus is None:
         gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
     limits = limits or Limits()
     fields = {k: getattr(limits, k) for k in ("max_text_chars", "max_voice_seconds", "max_voice_bytes",
-                                              "max_voices", "max_speakers", "request_timeout_s", "write_timeout_s",
+                                              "max_voices", "voice_memory_budget", "max_speakers",
+                                              "request_timeout_s", "write_timeout_s", "body_timeout_s",
                                               "retry_after_s")}
     config = {"engine_dir": str(Path(engine_dir).resolve()),
               "voices_dir": None if voices_dir is None else str(Path(voices_dir).resolve()),
               "max_batch": int(max_batch), "max_queue": int(max_queue), "backend": backend,
-              "threads": threads, "limits": fields}
+              "threads": threads, "limits": fields, "access": access}
     return SpeechReplica.options(**deployment_options(replicas, max_batch, max_queue, gpus)).bind(config)
 
 
@@ -124,7 +126,7 @@ def build_app(args: dict):
 
 
 def serve_forever(engine_dir, host: str, port: int, voices_dir, max_batch: int, max_queue: int, backend: str,
-                  threads, limits: Limits, replicas: int | None) -> None:
+                  threads, limits: Limits, replicas: int | None, access: Access | None = None) -> None:
     """`vv-serve --ray`: start (or join) Ray, run the app behind Ray's HTTP proxy on host:port until
     SIGTERM/SIGINT, then shut Serve down (replicas drain their ongoing requests first)."""
     import ray
@@ -143,7 +145,7 @@ def serve_forever(engine_dir, host: str, port: int, voices_dir, max_batch: int, 
         # after ray.init, which installs its own handlers
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         serve.start(http_options={"host": host, "port": int(port)})
-        app = build(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits, replicas)
+        app = build(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits, replicas, access=access)
         serve.run(app, name=DEPLOYMENT, route_prefix="/")
         gpus = float(ray.cluster_resources().get("GPU", 0))
         count = f"{replicas} replicas" if replicas else "autoscaled replicas"

@@ -43,6 +43,7 @@ from ..realtime_engine import RealtimeEngine, RealtimeRequest
 from . import formats
 from .errors import ApiError, error_body, validation_message
 from .routes import SpeechOptions, check_text
+from .security import WEBSOCKET_PROTOCOL
 from .service import Service
 from .speech_response import WriteTimeout, cut_off, pump_chunks, within
 
@@ -136,7 +137,8 @@ class SpeechStream:
         self.first_audio_s: float | None = None
 
     async def run(self) -> None:
-        await self.websocket.accept()
+        offered = [p.strip() for p in (self.websocket.headers.get("sec-websocket-protocol") or "").split(",")]
+        await self.websocket.accept(subprotocol=WEBSOCKET_PROTOCOL if WEBSOCKET_PROTOCOL in offered else None)
         outcome = "error"
         try:
             outcome = await self._serve()

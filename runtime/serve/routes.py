@@ -1,18 +1,20 @@
 """The endpoints of vv-serve, over the `Service` in `request.app.state.service`.
 
-    POST /v1/audio/speech   OpenAI-compatible: {"model", "input", "voice", "response_format", "stream",
-                            "seed", "speed"} -> audio (whole, or chunked as frames are made)
-    POST /v1/speech/script  multi-speaker scripts: {"script": "Speaker 1: ...", "voices": [id, ...], ...}
-    POST /v1/voices         upload a voice (multipart "file" [+ "name"], or the raw sound file as body)
-    GET  /v1/voices         the voices known (presets from --voices DIR and uploads)
-    GET  /health, /metrics, /v1/models, /  (the web page)
+    POST   /v1/audio/speech   OpenAI-compatible: {"model", "input", "voice", "response_format", "stream",
+                              "stream_format", "seed", "speed"} -> audio (whole, chunked, or SSE events)
+    POST   /v1/speech/script  multi-speaker scripts: {"script": "Speaker 1: ...", "voices": [id, ...], ...}
+    POST   /v1/voices         upload a voice (multipart "file" [+ "name"], or the raw sound file as body)
+    GET    /v1/voices         the voices this key can use (the presets of --voices DIR and its uploads)
+    DELETE /v1/voices/{id}    forget one of this key's uploads
+    GET    /health, /metrics, /v1/models, /openapi.json, /  (the web page)
 
-A refusal is raised (`ApiError`, or the runtime's own exceptions); the app turns it into JSON.
+A refusal is raised (`ApiError`, or the runtime's own exceptions); the app turns it into JSON. Request
+bodies are checked strictly: a field of the wrong JSON type is refused, never converted ("5" is no seed).
+Who asks (`security.principal_of`) decides which uploaded voices a request sees.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import secrets
@@ -20,14 +22,17 @@ import time
 from importlib import resources
 from typing import Literal, Union
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from ..audio import check_sample_rate
+from ..errors import CapacityError, RuntimeInputError
 from ..service_engine import SpeechRequest
 from . import formats
-from .errors import ApiError, validation_message
+from .errors import UNSUPPORTED_MEDIA, ApiError, validation_message
+from .security import principal_of
 from .service import Service
 from .speech_response import AudioResponse
 
@@ -38,35 +43,137 @@ router = APIRouter()
 
 # --- request bodies ---------------------------------------------------------------------------------
 
-class VoiceRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Body(BaseModel):
+    # strict: JSON types as they are (no "5" -> 5, no "yes" -> True); unknown fields refused
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class VoiceRef(Body):
     id: str
 
 
-class SpeechOptions(BaseModel):
+class SpeechOptions(Body):
     """The fields every speech request takes."""
-    model_config = ConfigDict(extra="forbid")
     response_format: Literal["wav", "pcm", "flac"] = "wav"
-    stream: bool = False
+    stream: bool | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     cfg_scale: float | None = Field(None, gt=0.0, le=20.0, allow_inf_nan=False)
     max_new_frames: int | None = Field(None, ge=1)
 
 
 class SpeechBody(SpeechOptions):
-    """OpenAI's audio.speech request (plus the `seed`, `cfg_scale`, `max_new_frames` extensions)."""
+    """OpenAI's audio.speech request (plus the `stream`, `seed`, `cfg_scale`, `max_new_frames` extensions)."""
     model: str | None = None
     input: str
-    voice: Union[str, VoiceRef]
+    voice: Union[StrictStr, VoiceRef]
     speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)
     instructions: str | None = None      # accepted for compatibility; VibeVoice takes no instructions
-    stream_format: Literal["audio"] | None = None
+    stream_format: Literal["audio", "sse"] | None = None
 
 
 class ScriptBody(SpeechOptions):
     """A multi-speaker script: `Speaker N: text` lines, one voice id per speaker in order."""
     script: str
-    voices: list[str] = Field(default_factory=list)
+    voices: list[str] = Field(min_length=1)
+
+
+BODY_MODELS = (SpeechBody, ScriptBody)
+
+# --- what the answers look like (the OpenAPI document) -----------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class VoiceEntry(BaseModel):
+    id: str
+    name: str
+    seconds: float
+    preset: bool
+    bytes: int | None = Field(None, description="memory the upload holds (uploads only)")
+
+
+class UploadedVoice(VoiceEntry):
+    created: bool
+
+
+class VoiceList(BaseModel):
+    object: Literal["list"]
+    data: list[VoiceEntry]
+
+
+class DeletedVoice(BaseModel):
+    id: str
+    object: Literal["voice"]
+    deleted: Literal[True]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining", "failed"]
+    accepting: bool
+    queue_depth: int
+    active_requests: int
+    active_rows: int
+    voices: int
+    sample_rate: int
+    voice_uploads: bool
+    api_key_required: bool
+    replica_id: str
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SpeechAudioDelta(BaseModel):
+    type: Literal["speech.audio.delta"]
+    audio: str = Field(description="the next bytes of the audio, base64")
+
+
+class SpeechAudioDone(BaseModel):
+    type: Literal["speech.audio.done"]
+    usage: Usage
+
+
+class SpeechStreamError(BaseModel):
+    type: Literal["error"]
+    error: ErrorDetail
+
+
+# models the OpenAPI document names besides those FastAPI finds on the routes (app.openapi_document)
+DOC_MODELS = (ErrorBody, SpeechAudioDelta, SpeechAudioDone, SpeechStreamError)
+
+
+def ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+ERRORS = {"default": {"description": "an error: JSON, its type and the field at fault",
+                      "content": {"application/json": {"schema": ref(ErrorBody)}}}}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+# an event of `stream_format: "sse"`: its data is one JSON object
+SPEECH_EVENT = {"schema": {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "id": {"type": "string"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+        "anyOf": [ref(SpeechAudioDelta), ref(SpeechAudioDone), ref(SpeechStreamError)]}}}}}
+AUDIO_ANSWER = {200: {"description": "the audio: whole, chunked as frames are made, or SSE events",
+                      "content": {**{media: BINARY for media in formats.MEDIA_TYPES.values()},
+                                  "text/event-stream": SPEECH_EVENT}}, **ERRORS}
+
+
+def json_request(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 # --- request checks ---------------------------------------------------------------------------------
@@ -75,10 +182,19 @@ def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def read_json(request: Request, model):
     raw = await request.body()
     if not raw.strip():
         raise ApiError(400, "request body is empty: expected a JSON object")
+    content_type = request.headers.get("content-type", "")
+    if not is_json(content_type):
+        raise ApiError(415, f"send the request body as JSON with 'content-type: application/json', not "
+                            f"{content_type.split(';')[0].strip()[:60] or 'no content type'}", UNSUPPORTED_MEDIA)
     try:
         data = json.loads(raw)
     except RecursionError:
@@ -116,30 +232,60 @@ def sound_seconds(data: bytes) -> float:
         detail = " ".join(str(exc).split(":")[-1].split()) or type(exc).__name__
         raise ApiError(400, f"file: not a sound file this service reads ({detail}); send wav, flac or ogg",
                        param="file") from None
-    if info.frames <= 0 or info.samplerate <= 0:
+    try:
+        check_sample_rate(info.samplerate, "file")
+    except RuntimeInputError as exc:
+        raise ApiError(400, str(exc), param="file") from None
+    if info.frames <= 0:
         raise ApiError(400, "file: contains no audio samples", param="file")
     return info.frames / info.samplerate
 
 
-async def speak(service: Service, script: str, voices: list, body: SpeechOptions,
+def speech_mode(body: SpeechOptions, openai_default: bool = False) -> str:
+    """How the audio goes out: "whole", "stream" (chunked) or "sse" (events). `stream` left out: streamed
+    for an OpenAI request (`openai_default`: OpenAI streams its audio by default) where the format can be
+    streamed, whole otherwise."""
+    fmt = body.response_format
+    stream_format = getattr(body, "stream_format", None)      # OpenAI's field (the script endpoint has none)
+    if stream_format == "sse":
+        if body.stream is False:
+            raise ApiError(400, "stream_format 'sse' streams events: leave out stream, or set it true",
+                           param="stream")
+        mode = "sse"
+    elif body.stream is not None:
+        mode = "stream" if body.stream else "whole"
+    elif stream_format == "audio":
+        mode = "stream"
+    else:
+        mode = "stream" if openai_default and fmt in formats.STREAMABLE else "whole"
+    if mode != "whole" and fmt not in formats.STREAMABLE:      # streaming asked for in so many words
+        raise ApiError(400, f"response_format {fmt!r} cannot be streamed (its header needs the total length): "
+                            f"use 'wav' or 'pcm' to stream, or set stream false", param="response_format")
+    return mode
+
+
+async def speak(service: Service, script: str, voices: list, body: SpeechOptions, mode: str, text_param: str,
                 plain_text: bool = False) -> AudioResponse:
-    if body.stream and body.response_format not in formats.STREAMABLE:
-        raise ApiError(400, f"response_format {body.response_format!r} cannot be streamed (its header needs "
-                            f"the total length): use 'wav' or 'pcm' with stream, or stream false",
-                       param="response_format")
     service.refuse_if_draining()
     seed = body.seed if body.seed is not None else secrets.randbelow(2 ** 31)
     request = SpeechRequest(script=script, voices=voices, cfg_scale=body.cfg_scale, seed=seed,
                             max_new_frames=body.max_new_frames, timeout_s=service.limits.request_timeout_s,
                             plain_text=plain_text)
     admitted = time.monotonic()
-    handle = await run_in_threadpool(service.engine.submit, request)
-    return AudioResponse(service, handle, body.response_format, body.stream, seed, admitted)
+    try:
+        handle = await run_in_threadpool(service.engine.submit, request)
+    except RuntimeInputError as exc:
+        if isinstance(exc, CapacityError):
+            raise
+        raise ApiError(400, str(exc), param=text_param) from None   # the text: its lines, speakers, length
+    return AudioResponse(service, handle, body.response_format, mode != "whole", seed, admitted,
+                         events=mode == "sse")
 
 
 # --- speech -----------------------------------------------------------------------------------------
 
-@router.post("/v1/audio/speech")
+@router.post("/v1/audio/speech", response_class=Response, responses=AUDIO_ANSWER,
+             openapi_extra=json_request(SpeechBody))
 async def audio_speech(request: Request):
     service = service_of(request)
     body = await read_json(request, SpeechBody)
@@ -147,14 +293,15 @@ async def audio_speech(request: Request):
     if body.speed != 1.0:
         raise ApiError(400, f"speed {body.speed:g}: only 1.0 is supported (VibeVoice has no speed control)",
                        param="speed")
-    voice = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
-    service.engine.voices.get(voice)  # unknown voice: RuntimeInputError -> 400
-    stream = body.stream or body.stream_format == "audio"
+    mode = speech_mode(body, openai_default=body.model is not None)
+    voice_id = body.voice.id if isinstance(body.voice, VoiceRef) else body.voice
+    voice = service.voices.resolve(principal_of(request).owner, voice_id, "voice")
     # `input` is plain text: every line spoken by the one voice (never a script or a file name)
-    return await speak(service, body.input, [voice], body.model_copy(update={"stream": stream}), plain_text=True)
+    return await speak(service, body.input, [voice], body, mode, "input", plain_text=True)
 
 
-@router.post("/v1/speech/script")
+@router.post("/v1/speech/script", response_class=Response, responses=AUDIO_ANSWER,
+             openapi_extra=json_request(ScriptBody))
 async def speech_script(request: Request):
     service = service_of(request)
     body = await read_json(request, ScriptBody)
@@ -163,39 +310,18 @@ async def speech_script(request: Request):
     if len(body.voices) > limits.max_speakers:
         raise ApiError(400, f"voices: {len(body.voices)} given, more than the limit of {limits.max_speakers}",
                        param="voices")
-    for voice in body.voices:
-        service.engine.voices.get(voice)
-    return await speak(service, body.script, list(body.voices), body)
+    mode = speech_mode(body)
+    owner = principal_of(request).owner
+    voices = [service.voices.resolve(owner, voice_id, f"voices.{i}") for i, voice_id in enumerate(body.voices)]
+    return await speak(service, body.script, voices, body, mode, "script")
 
 
 # --- voices -----------------------------------------------------------------------------------------
 
-@router.get("/v1/voices")
+@router.get("/v1/voices", responses={200: {"model": VoiceList}, **ERRORS})
 async def list_voices(request: Request):
     service = service_of(request)
-    voices = service.engine.voices.list()
-    for voice in voices:
-        voice["preset"] = voice["id"] in service.presets
-    return {"object": "list", "data": voices}
-
-
-def store_voice(service: Service, data: bytes, name: str | None) -> tuple[str, bool]:
-    """(id, created): the checks and the add under one lock (uploads are rare; holding it through
-    the encode is fine); the same file uploaded again returns its voice without encoding it again."""
-    voices = service.engine.voices
-    digest = hashlib.sha256(data).hexdigest()
-    with service.voice_lock:
-        known = {v["id"] for v in voices.list()}
-        existing = service.uploads.get(digest)
-        if existing in known and (name is None or name == existing):
-            return existing, False
-        if name is not None and name in known:
-            raise ApiError(409, f"voice {name!r} exists already: choose another name", "conflict", "name")
-        if len(known) >= service.limits.max_voices:
-            raise ApiError(409, f"the service holds {len(known)} voices, its limit", "voice_limit")
-        voice_id = voices.add(data, name)
-        service.uploads[digest] = voice_id
-        return voice_id, voice_id not in known
+    return {"object": "list", "data": service.voices.list(principal_of(request).owner)}
 
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
@@ -219,11 +345,20 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
     return await request.body(), name
 
 
-@router.post("/v1/voices", status_code=201)
-async def add_voice(request: Request):
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "name": {"type": "string"}}}},
+    "audio/*": BINARY}}}
+
+
+@router.post("/v1/voices", status_code=201, openapi_extra=UPLOAD_BODY,
+             responses={201: {"model": UploadedVoice, "description": "a new voice"},
+                        200: {"model": UploadedVoice, "description": "the voice this file made already"}, **ERRORS})
+async def add_voice(request: Request, name: str | None = Query(None, description="the voice's id (raw body uploads)")):
     service = service_of(request)
     limits = service.limits
     service.refuse_if_draining()
+    owner = principal_of(request).owner
     if not limits.voice_uploads:
         raise ApiError(501, "voice uploads are off on this service (Ray Serve: an upload would live on one "
                             "replica only): start it with --voices DIR, the presets every replica loads",
@@ -238,15 +373,24 @@ async def add_voice(request: Request):
     if seconds > limits.max_voice_seconds:
         raise ApiError(413, f"voice of {seconds:.1f} s is longer than the limit of {limits.max_voice_seconds:g} s",
                        "too_large", "file")
-    voice_id, created = await run_in_threadpool(store_voice, service, data, name)
-    entry = next((v for v in service.engine.voices.list() if v["id"] == voice_id), {"id": voice_id})
-    return JSONResponse({**entry, "preset": voice_id in service.presets, "created": created},
-                        status_code=201 if created else 200)
+    voice_id, created = await run_in_threadpool(service.voices.add, owner, data, name)
+    entry = service.voices.entry(owner, voice_id)
+    if entry is None:        # deleted by a request of the same key in the meantime
+        raise ApiError(404, f"voice {voice_id!r} was deleted while it was being added", "not_found", "id")
+    return JSONResponse({**entry, "created": created}, status_code=201 if created else 200)
+
+
+@router.delete("/v1/voices/{voice_id}", responses={200: {"model": DeletedVoice}, **ERRORS})
+async def delete_voice(request: Request, voice_id: str):
+    service = service_of(request)
+    await run_in_threadpool(service.voices.delete, principal_of(request).owner, voice_id)
+    return {"id": voice_id, "object": "voice", "deleted": True}
 
 
 # --- the service ------------------------------------------------------------------------------------
 
-@router.get("/health")
+@router.get("/health", responses={200: {"model": Health}, 503: {"model": Health, "description": "not accepting"},
+                                  **ERRORS})
 async def health(request: Request):
     service = service_of(request)
     engine, limits = service.engine, service.limits
@@ -256,22 +400,28 @@ async def health(request: Request):
             "accepting": ok, "queue_depth": stats.get("queue_depth", 0),
             "active_requests": stats.get("active_requests", 0), "active_rows": stats.get("active_rows", 0),
             "voices": len(engine.voices.list()), "sample_rate": engine.sample_rate,
-            "voice_uploads": limits.voice_uploads, "replica_id": limits.replica_id}
+            "voice_uploads": limits.voice_uploads, "api_key_required": service.access.keys_required,
+            "replica_id": limits.replica_id}
     headers = None if ok else {"Retry-After": str(limits.retry_after_s)}
     return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **ERRORS})
 async def metrics(request: Request):
     service = service_of(request)
     engine = service.engine
     extra = {"vv_accepting": ("gauge", "1 while the service admits requests.", int(service.accepting)),
-             "vv_voices": ("gauge", "Voices held (presets and uploads).", len(engine.voices.list()))}
+             "vv_voices": ("gauge", "Voices held (presets and uploads).", len(engine.voices.list())),
+             "vv_voice_upload_bytes": ("gauge", "Memory held by uploaded voices (audio, embeddings, prefix caches).",
+                                       service.voices.held_total())}
+    if service.connections is not None:
+        extra["vv_open_connections"] = ("gauge", "HTTP connections open.", len(service.connections))
     return PlainTextResponse(service.metrics.render(engine.stats(), extra),
                              media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=ERRORS)
 async def models():
     return {"object": "list", "data": [{"id": "vibevoice", "object": "model", "owned_by": "vibevoice-trt"}]}
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
-import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,8 +13,11 @@ from fastapi.responses import JSONResponse
 
 from ..errors import one_line
 from ..request_engine import EngineStopped
+from .connections import ConnectionWatch
 from .errors import RETRY_STATUSES, error_response, http_error
 from .metrics import ServiceMetrics
+from .owned_voices import OwnedVoices
+from .security import Access
 
 log = logging.getLogger("vv_runtime.serve")
 
@@ -25,10 +28,14 @@ class Limits:
     max_text_chars: int = 4096            # characters of `input` / `script`
     max_voice_seconds: float = 60.0       # seconds of an uploaded voice (enforced by the VoiceStore too)
     max_voice_bytes: int = 16 * 2 ** 20   # bytes of an uploaded sound file
-    max_voices: int = 256                 # voices held (presets + uploads)
+    max_voices: int = 256                 # uploaded voices per owner (API key)
+    voice_memory_budget: int = 256 * 2 ** 20  # bytes the uploaded voices of one owner may hold in memory
     max_speakers: int = 16                # voices per script request
     request_timeout_s: float | None = 300.0   # per request, from admission to the last frame
     write_timeout_s: float | None = 30.0      # per write to the client (one that stops reading is cut off)
+    header_timeout_s: float | None = 10.0     # for a request's headers, from the connection's start or last response
+    body_timeout_s: float | None = 60.0       # for a request's body, from its headers
+    max_connections: int | None = 512         # open connections (beyond: 503 and closed)
     voice_uploads: bool = True            # POST /v1/voices (off under Ray: uploads live on one replica)
     retry_after_s: int = 2                # Retry-After of 429 / 503
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
@@ -41,23 +48,40 @@ class Limits:
 
 
 class Service:
-    """State shared by the routes: the engine, the limits, metrics, draining flag, preset ids."""
+    """State shared by the routes: the engine, the limits, metrics, the voices by owner, draining."""
 
-    def __init__(self, engine, limits: Limits):
+    def __init__(self, engine, limits: Limits, access: Access | None = None):
         self.engine = engine
         self.limits = limits
+        self.access = access or Access()
         self.metrics = ServiceMetrics()
+        self.voices = OwnedVoices(engine.voices, limits)
         self.draining = False
-        self.presets = {v["id"] for v in engine.voices.list()}
-        self.voice_lock = threading.Lock()     # upload checks and add, together
-        self.uploads: dict[str, str] = {}      # sha256 of an uploaded file -> the voice id it made
+        self._drain_loop: asyncio.AbstractEventLoop | None = None
+        self._drain_event: asyncio.Event | None = None
         # set by the server that runs the app: aborts the connection of scope["client"] (a client that
         # stopped reading: closing it politely would wait for its unread bytes forever)
         self.abort_client: Callable[[object], None] | None = None
+        # set by the server that runs the app: its open connections (header deadlines, cap)
+        self.connections: ConnectionWatch | None = None
 
     def start_draining(self) -> None:
-        """Stop admitting speech and voice requests (answered 503); in-flight requests go on."""
+        """Stop admitting speech and voice requests (answered 503); in-flight requests go on, except those
+        whose body is still coming (answered 503 at once). Callable from any thread and from a signal
+        handler (so no lock: `drained` sets the loop before the event, and looks at `draining` after)."""
         self.draining = True
+        event = self._drain_event
+        if event is not None:
+            self._drain_loop.call_soon_threadsafe(event.set)
+
+    async def drained(self) -> None:
+        """Returns once the service drains (in the event loop that serves the app)."""
+        if self._drain_event is None:
+            self._drain_loop = asyncio.get_running_loop()
+            self._drain_event = asyncio.Event()
+        if self.draining:
+            self._drain_event.set()
+        await self._drain_event.wait()
 
     @property
     def accepting(self) -> bool:

@@ -7,11 +7,18 @@ to the client is bounded by `Limits.write_timeout_s`: a client that stops readin
 cancelled and its connection aborted (through `Service.abort_client`, set by the server), so it
 neither holds rows nor blocks shutdown. Headers are sent with the first audio (or the error, as JSON,
 if the request fails before any audio).
+
+With `events` the stream is Server-Sent Events as OpenAI sends them for `stream_format: "sse"`: one
+`speech.audio.delta` event per frame (`audio`: the bytes of the format, base64; the first carries a
+streamed wav's header), then `speech.audio.done` with the usage (prompt tokens in, frames out); a
+failure after audio was sent is an `error` event in place of the done event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import threading
 import time
@@ -29,15 +36,18 @@ log = logging.getLogger("vv_runtime.serve")
 class AudioResponse(Response):
     """The audio of one admitted request, whole or streamed (see the module docstring)."""
 
-    def __init__(self, service: Service, handle, fmt: str, stream: bool, seed: int, admitted: float):
+    def __init__(self, service: Service, handle, fmt: str, stream: bool, seed: int, admitted: float,
+                 events: bool = False):
         super().__init__(content=b"", status_code=200)
-        self.service, self.handle, self.fmt, self.stream, self.seed = service, handle, fmt, stream, seed
+        self.service, self.handle, self.fmt, self.seed = service, handle, fmt, seed
+        self.stream = stream or events
+        self.events = events
         self.admitted = admitted
 
     def _headers(self, extra: dict | None = None) -> list[tuple[bytes, bytes]]:
         engine = self.service.engine
         headers = {
-            "content-type": formats.MEDIA_TYPES[self.fmt],
+            "content-type": "text/event-stream" if self.events else formats.MEDIA_TYPES[self.fmt],
             "x-request-id": self.handle.id,
             "x-seed": str(self.seed),
             "x-sample-rate": str(engine.sample_rate),
@@ -138,25 +148,48 @@ class AudioResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self._headers()})
         opening = formats.stream_start(self.fmt, sample_rate)
         if kind == "chunk":
-            await send({"type": "http.response.body", "body": opening + formats.pcm16(item), "more_body": True})
+            await send({"type": "http.response.body", "body": self._frame(opening + formats.pcm16(item)),
+                        "more_body": True})
             self.service.metrics.observe_ttfa(first_audio)
         elif opening:
-            await send({"type": "http.response.body", "body": opening, "more_body": True})
+            await send({"type": "http.response.body", "body": self._frame(opening), "more_body": True})
         while kind == "chunk":
             kind, item = await self._next(items)
             if kind == "chunk":
-                await send({"type": "http.response.body", "body": formats.pcm16(item), "more_body": True})
+                await send({"type": "http.response.body", "body": self._frame(formats.pcm16(item)),
+                            "more_body": True})
         if kind == "done":
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": self._done(), "more_body": False})
             return "ok"
         if kind == "disconnect":
             return "disconnect"
-        # failed after audio was sent: the status is out; end without completing the chunked body, so
-        # the client sees a truncated response rather than a short "complete" one
-        _, message, error_kind = self.service.failure(item, f"request {self.handle.id}")
+        status, message, error_kind = self.service.failure(item, f"request {self.handle.id}")
         self.service.metrics.error(error_kind)
         log.warning("request %s failed mid-stream (%s): %s", self.handle.id, error_kind, message)
+        if self.events:   # events frame the stream: the failure is an event of its own
+            await send({"type": "http.response.body", "more_body": False, "body": _event(
+                {"type": "error", "error": {"message": message, "type": error_kind, "param": None, "code": status}})})
+        # else the status is out: end without completing the chunked body, so the client sees a
+        # truncated response rather than a short "complete" one
         return "error"
+
+    def _frame(self, audio: bytes) -> bytes:
+        """Audio bytes as they go out: as they are, or as a speech.audio.delta event."""
+        if not self.events:
+            return audio
+        return _event({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
+
+    def _done(self) -> bytes:
+        if not self.events:
+            return b""
+        prompt = len(self.handle.prepared.prompt.input_ids)
+        frames = int(self.handle.frames)
+        return _event({"type": "speech.audio.done",
+                       "usage": {"input_tokens": prompt, "output_tokens": frames, "total_tokens": prompt + frames}})
+
+
+def _event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
 class WriteTimeout(Exception):
