@@ -273,3 +273,38 @@ def test_the_example_client_streams_text_and_writes_the_wav(server, tmp_path):
         samples = wav.readframes(wav.getnframes())
     at_once = asyncio.run(stream(server, {"seed": 3, "max_new_frames": 24, "text": TEXTS[1]}, []))
     assert samples == b"".join(at_once.frames) and len(samples) == 24 * HOP * 2
+
+
+def test_websocket_on_a_keyed_server_needs_the_key_as_header_or_subprotocol(realtime_voiced_engine_dir):
+    """With --api-key, a handshake without the key is refused; the key works as `Authorization: Bearer` and, for
+    browsers (which cannot set that header on a WebSocket), as the subprotocol entry `bearer.<base64url key>`
+    beside `vv-stream`, which the server selects."""
+    import base64
+
+    key = "k-" + "x" * 30 + "/+?~"
+    srv = ServerProcess(["--engine-dir", realtime_voiced_engine_dir, "--threads", "1", "--api-key", key]).start()
+    try:
+        url = ws_url(srv)
+
+        async def speak(**connect) -> tuple[str | None, int]:
+            async with websockets.connect(url, **connect) as ws:
+                await ws.send(json.dumps({"type": "start", "voice": VOICE, "seed": 1, "max_new_frames": 2}))
+                assert json.loads(await ws.recv())["type"] == "started"
+                await ws.send(json.dumps({"type": "text", "text": "Hello there, a keyed stream."}))
+                await ws.send(json.dumps({"type": "close"}))
+                frames = [m async for m in ws if isinstance(m, bytes)]
+                return ws.subprotocol, len(frames)
+
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            asyncio.run(speak())
+        assert refused.value.response.status_code == 401
+        with pytest.raises(websockets.InvalidStatus):
+            asyncio.run(speak(subprotocols=["vv-stream", "bearer." + base64.urlsafe_b64encode(b"wrong-key").decode().rstrip("=")]))
+        protocol, frames = asyncio.run(speak(additional_headers={"Authorization": f"Bearer {key}"}))
+        assert frames == 2
+        token = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+        protocol, frames = asyncio.run(speak(subprotocols=["vv-stream", f"bearer.{token}"]))
+        assert protocol == "vv-stream" and frames == 2
+    finally:
+        assert srv.stop() == 0, srv.log()
+    assert "Traceback" not in srv.log(), srv.log()
