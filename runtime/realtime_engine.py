@@ -76,6 +76,9 @@ class PresetVoices:
             pipeline.preset(name)
 
     def get(self, name) -> VoicePreset:
+        """The preset `name` (a preset already resolved, e.g. by the service's voice table, is itself)."""
+        if isinstance(name, VoicePreset):
+            return name
         if not isinstance(name, str):
             raise RuntimeInputError(f"voice: expected a preset name, not {type(name).__name__}")
         return self.pipeline.preset(name)

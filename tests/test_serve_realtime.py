@@ -235,7 +235,7 @@ def test_http_routes_with_preset_voices(server):
 
         unknown = client.post("/v1/audio/speech", json={**body, "voice": "nobody"})
         assert unknown.status_code == 400 and unknown.headers["content-type"].startswith("application/json")
-        assert "voice 'nobody': not a preset" in unknown.json()["error"]["message"]
+        assert "unknown voice 'nobody'" in unknown.json()["error"]["message"]
         two = client.post("/v1/speech/script", json={"script": "Speaker 1: Hi.\nSpeaker 2: Hello.",
                                                      "voices": [VOICE, VOICE]})
         assert two.status_code == 400 and "one preset voice" in two.json()["error"]["message"]

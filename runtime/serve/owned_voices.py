@@ -55,14 +55,15 @@ class OwnedVoices:
                                 f"this key can use)", param=param) from None
 
     def list(self, owner: str) -> list[dict]:
-        """The presets and `owner`'s uploads: {"id", "name", "seconds", "preset"} (+ "bytes" for uploads)."""
-        seconds = {v["id"]: v["seconds"] for v in self.store.list()}
+        """The presets and `owner`'s uploads: {"id", "name", "preset"} and what the engine's voice store says of
+        each ("seconds" of a voice audio; a realtime preset's "source" and "prompt_positions"), + "bytes" for
+        uploads."""
+        stored = {v["id"]: v for v in self.store.list()}
         with self._guard:
             own = dict(self._uploads.get(owner, {}))
-        out = [{"id": vid, "name": vid, "seconds": seconds[vid], "preset": True}
-               for vid in sorted(self.presets) if vid in seconds]
-        out += [{"id": vid, "name": vid, "seconds": seconds[u.store_id], "preset": False, "bytes": u.nbytes}
-                for vid, u in own.items() if u.store_id in seconds]
+        out = [{**stored[vid], "id": vid, "name": vid, "preset": True} for vid in sorted(self.presets) if vid in stored]
+        out += [{**stored[u.store_id], "id": vid, "name": vid, "preset": False, "bytes": u.nbytes}
+                for vid, u in own.items() if u.store_id in stored]
         return out
 
     def entry(self, owner: str, voice_id: str) -> dict | None:
