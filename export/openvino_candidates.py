@@ -61,18 +61,27 @@ def _tol(atol: float, rtol: float) -> dict:
 
 # bf16 computing (the f32 IR with inference precision bf16: OpenVINO runs its MatMuls, convolutions and most
 # elementwise ops in bf16, 8 mantissa bits, ~0.4 % per rounding), graph -> tolerance for every output, as
-# max|got - torch| <= atol + rtol * max|torch|. Measured worst error / peak on the shared fixture, the tiny
-# random and the mid-size random model (docs/QUANTIZATION.md, OpenVINO): see BF16_MEASURED; bounds about twice
-# the worst.
+# max|got - torch| <= atol + rtol * max|torch|. Measured worst error / peak over all outputs and validation shapes
+# on the shared fixture / the tiny random / the mid-size random model (VibeVoice-Realtime: its shared fixture):
+# lm .017/.004/.007, acoustic_encoder .013/.004/.006, acoustic_decoder .022/.004/.003 (Realtime .020),
+# diffusion_sampler .012/.005/.005 (Realtime .013), text_lm .008, tts_lm .011 (eos_logit .010); the bounds are
+# about twice the worst (text_lm and tts_lm get the lm's). semantic_encoder .004 on the mid-size model, but
+# 1.25 on the fixture and .063 (its new_state) on the tiny random model: bf16 breaks that graph on the tiny
+# weights, and its bound (the decoder's) rejects it there.
 BF16_TOLERANCES = {
-    "lm": _tol(1e-3, 0.05),
-    "acoustic_encoder": _tol(1e-4, 0.05),
+    "lm": _tol(1e-3, 0.04),
+    "acoustic_encoder": _tol(1e-4, 0.03),
     "acoustic_decoder": _tol(1e-4, 0.05),
     "semantic_encoder": _tol(1e-4, 0.05),
-    "diffusion_sampler": _tol(1e-4, 0.05),
-    "text_lm": _tol(1e-3, 0.05),
-    "tts_lm": _tol(1e-3, 0.05),
+    "diffusion_sampler": _tol(1e-4, 0.03),
+    "text_lm": _tol(1e-3, 0.04),
+    "tts_lm": _tol(1e-3, 0.04),
 }
+# int8 weights (nncf, per output channel) are held to the 8-bit weight bounds of --quantize int8
+# (quantize.TOLERANCES[8]): measured on the same models, int8_asym | int8_sym: lm .056/.011/.027 | .063/.015/.037,
+# acoustic_encoder .026/.009/.010 | .023/.008/.011, acoustic_decoder .063/.005/.007 (Realtime .049) |
+# .068/.005/.007 (.072), semantic_encoder .026/.009/.015 | .029/.007/.013, diffusion_sampler .021/.008/.017
+# (Realtime .034) | .022/.009/.017 (.032), text_lm .021 | .024, tts_lm .026 | .035: within them everywhere.
 
 
 def tolerance_for(graph: str, precision: str, fp32_tolerance: dict) -> dict:
