@@ -110,6 +110,7 @@ class OpenVinoGraph:
         self._lock = threading.Lock()
         if not self.static:
             self._dynamic = self._compile(self.model)
+            self.model = None  # compiled once for every shape: the model is not needed again
 
     def _compile(self, model) -> _Compiled:
         try:
