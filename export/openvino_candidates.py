@@ -53,6 +53,11 @@ RUNTIMES = ("ort", OPENVINO)  # --runtimes names; ONNX Runtime always serves the
 PRECISIONS = {"f32": ("f32", "f32"), "bf16": ("f32", "bf16"), "int8_asym": ("int8_asym", "f32"),
               "int8_sym": ("int8_sym", "f32")}
 DYNAMIC_QUANTIZATION_GROUP_SIZE = 32  # int8 weights: activations quantized per 32 values for the int8 kernels
+# A compiled candidate holds OpenVINO's own copy of the weights, at about this fraction of the fp32 graph's bytes
+# (the IR's own pages are mapped from the file); a candidate that would need more (x 1.5) than the memory
+# available is skipped, and the manifest says so, rather than ending the export (the exporter holds the torch
+# model meanwhile: ~11 GB at the 1.5B size)
+COMPILED_WEIGHTS = {"f32": 1.0, "bf16": 0.5, "int8_asym": 0.25, "int8_sym": 0.25}
 
 
 def _tol(atol: float, rtol: float) -> dict:
@@ -184,6 +189,7 @@ class RuntimeChoice:
         self.threads = int(threads or os.cpu_count() or 1)  # as ONNX Runtime is timed (quantize._session)
         self.facts = facts
         self.graph_entry = {k: v for k, v in entry.items() if k in ("weight_bytes",)}
+        self.fp32_bytes = int(entry["weight_bytes"])
         self.scratch = directory / f".{self.name}.openvino"
         self.candidates: list[dict] = []
         self.irs: dict[str, list[str]] = {}
@@ -276,6 +282,10 @@ class RuntimeChoice:
         feeds = self._feeds()
         times = {label: {} for label in feeds}
         for record in self.candidates:
+            need, available = 1.5 * COMPILED_WEIGHTS[record["precision"]] * self.fp32_bytes, _available_memory()
+            if "skipped" not in record and available is not None and need > available:
+                record["skipped"] = (f"compiling it needs about {need / 1e9:.1f} GB of memory, "
+                                     f"{available / 1e9:.1f} GB available")
             if "skipped" in record or "failure" in record:
                 record["within_tolerance"] = False
                 continue
@@ -331,6 +341,18 @@ class RuntimeChoice:
 
     def discard(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class RuntimeSelection:
