@@ -340,7 +340,8 @@ def main(argv=None) -> int:
             if args.reference_dir is None:
                 raise SystemExit("error: --engine-dir needs --reference-dir (the fp32 ENGINE_DIR)")
             manifest = json.loads((args.engine_dir / "manifest.json").read_text())
-            mode = mode_key(manifest.get("quantize", "none"), ",".join((manifest.get("runtimes") or {}).get("tried", [])))
+            tried = (manifest.get("runtimes") or {}).get("tried", [])
+            mode = mode_key(manifest.get("quantize", "none"), ",".join(tried))
             result = report({mode: args.engine_dir}, args.reference_dir, args.model or "checkpoint",
                             args.frames, args.threads)
             name = args.engine_dir.name

@@ -108,13 +108,15 @@ def check_runtimes(runtimes) -> tuple[str, ...]:
     names = [r.strip() for r in (runtimes.split(",") if isinstance(runtimes, str) else runtimes) if r.strip()]
     unknown = [r for r in names if r not in RUNTIMES]
     if unknown:
-        raise ExportError(f"--runtimes {','.join(names)}: unknown runtime {unknown[0]!r} (known: {', '.join(RUNTIMES)})")
+        raise ExportError(f"--runtimes {','.join(names)}: unknown runtime {unknown[0]!r} "
+                          f"(known: {', '.join(RUNTIMES)})")
     if OPENVINO in names:
         for module in ("openvino", "nncf"):
             try:
                 __import__(module)
             except ImportError as exc:
-                raise ExportError(f"--runtimes openvino: {module} is not installed ({one_line(exc)}); {RUNTIME_INSTALL[OPENVINO]}") from exc
+                raise ExportError(f"--runtimes openvino: {module} is not installed ({one_line(exc)}); "
+                                  f"{RUNTIME_INSTALL[OPENVINO]}") from exc
     return tuple(r for r in RUNTIMES if r in names or r == "ort")
 
 
@@ -188,7 +190,6 @@ class RuntimeChoice:
         self.select = select
         self.threads = int(threads or os.cpu_count() or 1)  # as ONNX Runtime is timed (quantize._session)
         self.facts = facts
-        self.graph_entry = {k: v for k, v in entry.items() if k in ("weight_bytes",)}
         self.fp32_bytes = int(entry["weight_bytes"])
         self.scratch = directory / f".{self.name}.openvino"
         self.candidates: list[dict] = []
@@ -251,7 +252,8 @@ class RuntimeChoice:
         precision = record["precision"]
         runtime = _runtime_entry(precision, self.spec, self.ctx, self.irs[PRECISIONS[precision][0]], self.scratch)
         tolerance = tolerance_for(self.name, precision, self.spec.tolerance)
-        manifest = {"graphs": {self.name: {**self.graph_entry, **self.spec.manifest_entry(), "runtime": runtime}}}
+        manifest = {"graphs": {self.name: {"weight_bytes": self.fp32_bytes, **self.spec.manifest_entry(),
+                                           "runtime": runtime}}}
         graphs = OpenVinoGraphs(self.scratch, manifest, [self.name], threads=self.threads)  # compiled + warmed
         try:
             run = lambda f: graphs.run(self.name, f)  # noqa: E731
@@ -267,8 +269,8 @@ class RuntimeChoice:
             for label, f in feeds.items():
                 medians = time_runners({ort_label: ort, key: run}, f)
                 times[label].setdefault(ort_label, []).append(medians[ort_label] * 1e3)
-                times[label][key] = medians[key] * 1e3
-                speedup[label] = medians[ort_label] / medians[key]
+                times[label][key] = round(medians[key] * 1e3, 4)
+                speedup[label] = round(medians[ort_label] / medians[key], 4)
             record["speedup_vs_onnxruntime"] = speedup
             record["entry"] = runtime
         finally:
@@ -301,7 +303,7 @@ class RuntimeChoice:
             for label, f in feeds.items():
                 times[label][ort_label] = [time_runners({ort_label: ort}, f)[ort_label] * 1e3]
         for label in times:  # ONNX Runtime was timed beside each candidate: the median of those runs
-            times[label][ort_label] = float(np.median(times[label][ort_label]))
+            times[label][ort_label] = round(float(np.median(times[label][ort_label])), 4)
         primary = primary_label(self.name)
         good = [c for c in self.candidates if c.get("within_tolerance")]
         shown = [{k: v for k, v in c.items() if k != "entry"} for c in self.candidates]
@@ -321,7 +323,8 @@ class RuntimeChoice:
                 speeds = "; ".join(f"{OPENVINO}/{c['precision']} " + ", ".join(
                     f"{k} {v:.2f}x" for k, v in c["speedup_vs_onnxruntime"].items()) for c in good)
                 reason = (f"OpenVINO not faster than the ONNX Runtime graph ({ort_precision}) on this CPU "
-                          f"({speeds}; need >= {MIN_SPEEDUP}x at {primary} and >= {MIN_SECONDARY_SPEEDUP}x elsewhere)")
+                          f"({speeds}; need >= {MIN_SPEEDUP}x at {primary} and >= {MIN_SECONDARY_SPEEDUP}x "
+                          f"elsewhere)")
             if self.log:
                 self.log(f"{self.name}: ONNX Runtime ({ort_precision}): {reason}")
             return {"name": DEFAULT_RUNTIME, "precision": ort_precision, "reason": reason, **record}
@@ -330,10 +333,12 @@ class RuntimeChoice:
             os.replace(self.scratch / f, self.directory / f)
         runtime["sha256"] = {f: sha256_file(self.directory / f) for f in (runtime["file"], runtime["weights_file"])}
         key, speedup = f"{OPENVINO}/{chosen['precision']}", chosen["speedup_vs_onnxruntime"]
-        how = "the first candidate within tolerance (select all)" if self.select == "all" else "the fastest within tolerance"
+        how = ("the first candidate within tolerance (select all)" if self.select == "all"
+               else "the fastest within tolerance")
         runtime.update({"tolerance": chosen["tolerance"], "validated_max_abs_error": chosen["validated_max_abs_error"],
                         "speedup_vs_onnxruntime": speedup,
-                        "reason": f"{key} {speedup[primary]:.2f}x the ONNX Runtime graph ({ort_precision}) at {primary}: {how}",
+                        "reason": (f"{key} {speedup[primary]:.2f}x the ONNX Runtime graph ({ort_precision}) at "
+                                   f"{primary}: {how}"),
                         **record})
         if self.log:
             self.log(f"{self.name}: {runtime['reason']}")
@@ -370,8 +375,10 @@ class RuntimeSelection:
         if unknown:
             raise ExportError(f"OpenVINO precision {unknown[0]!r}: expected one of {', '.join(PRECISIONS)}")
         self.facts = openvino_facts() if OPENVINO in self.runtimes else None
-        if self.facts and log and not self.facts["bf16"]:
-            log(f"OpenVINO: this CPU has no bf16 ({self.facts['device']}): no bf16 candidates")
+        if self.facts and log:
+            log(f"OpenVINO {self.facts['version'].split('-')[0]} on {self.facts['device']}: "
+                + ("bf16 candidates too (the CPU has bf16)" if self.facts["bf16"] else
+                   "this CPU has no bf16: no bf16 candidates"))
         self.pending: dict[str, RuntimeChoice] = {}
         self.records: dict[str, dict] = {}
 

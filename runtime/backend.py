@@ -90,7 +90,8 @@ class OrtBackend(Backend):
             else:
                 self.openvino_served = tuple(named)
                 self.openvino = OpenVinoGraphs(engine_dir, manifest, [g for g in load if g in named], threads)
-        unknown = [f"{g} ({graph_runtime(manifest, g)})" for g in load if graph_runtime(manifest, g) not in GRAPH_RUNTIMES]
+        unknown = [f"{g} ({graph_runtime(manifest, g)})" for g in load
+                   if graph_runtime(manifest, g) not in GRAPH_RUNTIMES]
         if unknown:
             (notice or _stderr_notice)(f"{engine_dir}: {', '.join(unknown)}: runtime unknown to this version; "
                                        f"running ONNX Runtime")

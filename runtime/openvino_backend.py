@@ -101,7 +101,8 @@ class OpenVinoGraph:
             raise RuntimeInputError(f"{self.path}: I/O names {got_in} -> {got_out} differ from the manifest's "
                                     f"{want_in} -> {self.outputs}")
         self.static = self.runtime.get("shapes") == "static"
-        self.properties = {**COMPILE_PROPERTIES, "INFERENCE_PRECISION_HINT": self.runtime.get("inference_precision", "f32"),
+        self.properties = {**COMPILE_PROPERTIES,
+                           "INFERENCE_PRECISION_HINT": self.runtime.get("inference_precision", "f32"),
                            "INFERENCE_NUM_THREADS": int(graph_threads(entry, threads) or 0)}
         if self.runtime.get("dynamic_quantization_group_size") is not None:
             self.properties["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = int(self.runtime["dynamic_quantization_group_size"])
