@@ -261,7 +261,8 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
     try:
         entries, validation, quantized = {}, {} if validate else None, {}
         selection = (RuntimeSelection(runtimes, ctx, work, threads=threads, select=runtime_select,
-                                      precisions=openvino_precisions, log=tqdm.write if progress else None)
+                                      precisions=openvino_precisions,
+                                      log=(lambda line: tqdm.write(line, file=sys.stderr)) if progress else None)
                      if with_openvino else None)
         bar = tqdm(specs, desc="export", unit="graph", disable=not progress, file=sys.stderr)
         for spec in bar:
