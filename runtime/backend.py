@@ -7,8 +7,8 @@ A backend runs the graphs of an ENGINE_DIR by name:
 
 `OrtBackend` uses ONNX Runtime (CUDA when available, else CPU), and OpenVINO for the graphs whose manifest
 entry names it (`runtime`, chosen per graph at export: `vv-export onnx --runtimes ort,openvino`; served by
-`vv_runtime.openvino_backend`, which imports OpenVINO only then). Where OpenVINO is not installed those graphs run their
-ONNX files on ONNX Runtime, and the backend says so in one line (`notice`). `TrtBackend`
+`vv_runtime.openvino_backend`, which imports OpenVINO only then). Where OpenVINO is not installed those
+graphs run their ONNX files on ONNX Runtime, and the backend says so in one line (`notice`). `TrtBackend`
 (`vv_runtime.trt_backend`, imported lazily) runs TensorRT engines behind the same interface:
 `trt_backend.trt_engines_match(engine_dir, manifest) -> (ok, reason)` is asked first (cheap), then
 the constructor `TrtBackend(engine_dir, manifest)` raises when the engines cannot run; `select_backend`
@@ -77,6 +77,7 @@ class OrtBackend(Backend):
         self.sessions: dict[str, object] = {}
         self._outputs: dict[str, list[str]] = {}
         load = required_graphs(manifest) if graphs is None else list(graphs)
+        notice = notice or _stderr_notice
         self.openvino = None  # OpenVinoGraphs of the graphs OpenVINO serves
         self.openvino_served: tuple[str, ...] = ()
         named = [g for g in manifest["graphs"] if graph_runtime(manifest, g) == OPENVINO_RUNTIME]
@@ -84,7 +85,7 @@ class OrtBackend(Backend):
             try:
                 import_openvino()
             except ImportError as exc:
-                (notice or _stderr_notice)(
+                notice(
                     f"{engine_dir}: {', '.join(named)} chosen for OpenVINO, which is not installed "
                     f"({one_line(exc)}); running them on ONNX Runtime ({RUNTIME_INSTALL[OPENVINO_RUNTIME]} to use it)")
             else:
@@ -93,8 +94,7 @@ class OrtBackend(Backend):
         unknown = [f"{g} ({graph_runtime(manifest, g)})" for g in load
                    if graph_runtime(manifest, g) not in GRAPH_RUNTIMES]
         if unknown:
-            (notice or _stderr_notice)(f"{engine_dir}: {', '.join(unknown)}: runtime unknown to this version; "
-                                       f"running ONNX Runtime")
+            notice(f"{engine_dir}: {', '.join(unknown)}: runtime unknown to this version; running ONNX Runtime")
         for graph in load:
             if graph not in self.openvino_served:
                 self._session(graph)
