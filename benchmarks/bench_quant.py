@@ -1,16 +1,22 @@
-"""fp32, int8 and int4 ENGINE_DIRs on the CPU side by side with PyTorch, in one run.
+"""fp32, int8, int4 and mixed ONNX Runtime + OpenVINO ENGINE_DIRs on the CPU side by side with PyTorch, in one run.
 
-    python benchmarks/bench_quant.py --model mid|full [--threads 2] [--frames 16] [--repeats 3]
-                                     [--modes fp32,int8,int4] [--no-torch] [--out benchmarks/results]
+    python benchmarks/bench_quant.py --model tiny|mid|full [--threads 2] [--frames 16] [--repeats 3]
+                                     [--rounds 1] [--modes fp32,int8,int4,int8+openvino] [--baselines ...]
+                                     [--out benchmarks/results]
 
-The model is a random one of the real architecture: `mid` is bench_runtime's 104 M-parameter model,
-`full` the VibeVoice-1.5B config (`shared/reference/vibevoice-1.5b-original-config.json`, as
-bench_export; it needs ~16 GB of RAM for the export and 15+ minutes of two cores). It is exported once
-per mode (`vv-export onnx` with `--quantize none|int8|int4`: each graph quantized only where it stays
-within its tolerance and is faster here, decided at export on this CPU). Then each side runs in its own
-process, one after the other (its peak memory is then its own; VmHWM of the process):
+The model is `tiny` (the shared fixture: a quick check of the benchmark itself, its figures say nothing) or a
+random one of the real architecture: `mid` is bench_runtime's 104 M-parameter model, `full` the
+VibeVoice-1.5B config (`shared/reference/vibevoice-1.5b-original-config.json`, as bench_export; it needs
+~16 GB of RAM for the export and 15+ minutes of two cores). It is exported once per mode (`vv-export onnx`
+with `--quantize none|int8|int4`: each graph quantized only where it stays within its tolerance and is
+faster here, decided at export on this CPU; mode `int8+openvino` adds `--runtimes ort,openvino`: each graph
+the loop calls served by OpenVINO where that is faster here within its tolerance, the chosen mix; left out
+with a note where OpenVINO is not installed). Then each side runs in its own process (its peak memory is
+then its own; VmHWM of the process), the ONNX Runtime sides interleaved: --rounds rounds, each running every
+mode's side once (--repeats timed generations each), in a rotated order; a side's figures are the medians
+over its rounds:
 
-- `ort-<mode>`: `vv_runtime.pipeline.Pipeline` on the ENGINE_DIR;
+- `ort-<mode>`: `vv_runtime.pipeline.Pipeline` on the ENGINE_DIR (its OpenVINO graphs included);
 - `transformers`: transformers' own `VibeVoiceForConditionalGeneration.generate` (fp32 eager, the
   prompt's token ids, audio token forced; bench_gpu's helpers on the CPU) -- the issue's baseline;
 - `torch`: `benchmarks/torch_reference.py`, the original generation loop on the same transformers model
@@ -24,6 +30,11 @@ after a warm-up run): ms per frame (steady state, between the first and last chu
 seconds), time to first audio (call to first chunk, voice encoding and prompt prefill included), prompt
 prefill (the lm calls of more than one position), peak RSS, ENGINE_DIR size, and for ORT the time per
 frame spent in each graph. Speedups are against `torch` in the same run.
+
+Accuracy of the whole generation against fp32 for every mode (in a process of its own): token agreement,
+latent and audio error of a forced and a natural generation with the same noise (`quant_report.
+generation_report`: the fixture's script, voice and recorded noise for `tiny`, examples/podcast.txt and a
+seeded noise table otherwise), reported as benchmarks/quant_report.py does, under `agreement`.
 
 Writes `<out>/bench_quant_<model>.json` and `<out>/bench_quant_<model>.png`.
 """
@@ -50,15 +61,35 @@ from common import FULL_SIZE_CONFIG, ForcedDiffusion, load_average, provenance, 
 SAMPLE_RATE = 24000
 PROMPT_ONLY_GRAPHS = ("text_embed", "acoustic_encoder")  # run for the prompt alone, not per frame
 GOAL = {"full": {"ms_per_frame_max": 125.0, "speedup_vs_transformers_min": 12.0}}
+OPENVINO_SUFFIX = "+openvino"  # a mode exported with --runtimes ort,openvino
+DEFAULT_MODES = "fp32,int8,int4,int8" + OPENVINO_SUFFIX
+
+
+def export_options(mode: str) -> dict:
+    """`export_onnx` options of a mode: fp32, int8, int4, or one of them + OPENVINO_SUFFIX."""
+    base = mode[:-len(OPENVINO_SUFFIX)] if mode.endswith(OPENVINO_SUFFIX) else mode
+    if base not in ("fp32", "int8", "int4"):
+        raise ValueError(f"mode {mode!r}: expected fp32, int8 or int4, optionally with {OPENVINO_SUFFIX}")
+    return {"quantize": "none" if base == "fp32" else base,
+            "runtimes": "ort,openvino" if mode.endswith(OPENVINO_SUFFIX) else "ort"}
+
+
+def openvino_installed() -> bool:
+    try:
+        import nncf  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # --- models ---------------------------------------------------------------------------------------------
 
 def load_model(name: str):
-    if name == "mid":
+    if name in ("tiny", "mid"):
         from bench_runtime import load_model as bench_load
 
-        return bench_load("mid")
+        return bench_load(name)
     if name == "full":
         from vv_export.checkpoint import byte_level_tokenizer_json, perturb_, random_model
 
@@ -67,10 +98,12 @@ def load_model(name: str):
         loaded.tokenizer_json = byte_level_tokenizer_json()
         perturb_(loaded.model, seed=0)  # realistic activations, as the mid-size and tiny random models
         return loaded
-    raise ValueError(f"--model {name}: expected mid or full")
+    raise ValueError(f"--model {name}: expected tiny, mid or full")
 
 
 def describe(name: str) -> str:
+    if name == "tiny":
+        return "the shared tiny fixture (vibevoice-tiny-original): checks the benchmark, its timings say nothing"
     if name == "mid":
         from bench_runtime import MID_DESCRIPTION
 
@@ -240,7 +273,7 @@ def export_all(model: str, work: Path, modes: list[str], threads: int, log) -> t
     for mode in modes:
         t = time.perf_counter()
         dirs[mode] = export_onnx(loaded, work / mode, force=True, progress=False, threads=threads,
-                                 quantize="none" if mode == "fp32" else mode)
+                                 **export_options(mode))
         info["export_s"][mode] = time.perf_counter() - t
         log(f"[{model}] exported {mode} in {info['export_s'][mode]:.0f} s")
     info["export_peak_rss_gb"] = _peak_rss_gb()
@@ -256,6 +289,49 @@ def _side_in_subprocess(side, model, engine_dir, threads, frames, repeats, modes
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": tail}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def runtime_summary(engine_dir: Path) -> dict:
+    """Which runtime serves each graph the export chose one for: name, precision, times and the reason."""
+    manifest = json.loads((Path(engine_dir) / "manifest.json").read_text())
+    out = {}
+    for g, e in manifest["graphs"].items():
+        r = e.get("runtime")
+        if r:
+            out[g] = {k: r.get(k) for k in ("name", "precision", "shapes", "times_ms", "speedup_vs_onnxruntime",
+                                            "weight_bytes", "reason")}
+            out[g]["candidates"] = [{k: c.get(k) for k in ("precision", "within_tolerance", "speedup_vs_onnxruntime",
+                                                           "validated_max_abs_error", "failure", "skipped")}
+                                    for c in r.get("candidates") or []]
+    return out
+
+
+def agreement(model: str, dirs: dict, frames: int, threads: int) -> dict:
+    """Whole generations of every mode against fp32 (quant_report.generation_report): tokens, latents, audio."""
+    from quant_report import generation_report
+
+    name = "fixture" if model == "tiny" else model
+    fp32_runs: dict = {}
+    return {mode: generation_report(d, dirs["fp32"], name, frames, threads, fp32_runs)
+            for mode, d in dirs.items() if mode != "fp32"}
+
+
+def _merge_rounds(runs: list[dict]) -> dict:
+    """One side's results of several rounds: numbers (and tables of numbers) as their median over the rounds."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    out = dict(ok[-1])
+    for key, value in ok[-1].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in ok if isinstance(r.get(key), (int, float))]
+            out[key] = statistics.median(values)
+        elif isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
+            out[key] = {k: statistics.median([r[key][k] for r in ok if k in r.get(key, {})]) for k in value}
+    out["rounds"] = len(ok)
+    if len(ok) < len(runs):
+        out["failed_rounds"] = [r["error"] for r in runs if "error" in r]
+    return out
 
 
 def quant_summary(engine_dir: Path) -> dict:
@@ -277,9 +353,17 @@ def quant_summary(engine_dir: Path) -> dict:
 
 
 def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames: int = 16, repeats: int = 3,
-                  modes=("fp32", "int8", "int4"), torch_sides=("transformers", "torch"), log=print) -> dict:
+                  modes=tuple(DEFAULT_MODES.split(",")), torch_sides=("transformers", "torch"), rounds: int = 1,
+                  log=print) -> dict:
     load_before = load_average()
     modes = list(modes)
+    for mode in modes:
+        export_options(mode)  # a bad mode: ValueError before anything runs
+    if "fp32" not in modes:
+        modes.insert(0, "fp32")  # the reference of every comparison
+    if not openvino_installed() and any(m.endswith(OPENVINO_SUFFIX) for m in modes):
+        log(f"note: OpenVINO is not installed: no {', '.join(m for m in modes if m.endswith(OPENVINO_SUFFIX))} side")
+        modes = [m for m in modes if not m.endswith(OPENVINO_SUFFIX)]
     with tempfile.TemporaryDirectory(prefix="vv-bench-quant-") as tmp:
         # the export in its own process too: its memory (the torch model, ~16 GB at full size) is gone after it
         info = _side_in_subprocess("export", model, Path(tmp), threads, frames, repeats, modes)
@@ -289,16 +373,28 @@ def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames:
         for mode in modes:
             log(f"[{model}] exported {mode} in {info['export_s'][mode]:.0f} s")
         sides = {}
+        per_round: dict[str, list] = {mode: [] for mode in modes}
+        for k in range(rounds):
+            for mode in modes[k % len(modes):] + modes[:k % len(modes)]:  # rotated: no side always first
+                r = _side_in_subprocess("ort", model, dirs[mode], threads, frames, repeats)
+                r["load_average_1min_after"] = load_average()  # other work on the machine during this side
+                per_round[mode].append(r)
+                log(f"[{model}] ort-{mode} (round {k + 1}/{rounds}): {r.get('ms_per_frame') or float('nan'):.1f} "
+                    f"ms/frame, rtf {r.get('rtf') or float('nan'):.3f}, peak {r.get('peak_rss_gb') or float('nan'):.2f}"
+                    f" GB {r.get('error', '')}")
         for mode in modes:
-            r = _side_in_subprocess("ort", model, dirs[mode], threads, frames, repeats)
+            r = _merge_rounds(per_round[mode])
             r["engine_dir_bytes"] = _dir_bytes(dirs[mode])
             if mode != "fp32":
                 r["quantization"] = quant_summary(dirs[mode])
-            r["load_average_1min_after"] = load_average()  # other work on the machine during this side
+            if mode.endswith(OPENVINO_SUFFIX):
+                r["runtimes"] = runtime_summary(dirs[mode])
             sides[f"ort-{mode}"] = r
-            log(f"[{model}] ort-{mode}: {r.get('ms_per_frame') or float('nan'):.1f} ms/frame, "
-                f"rtf {r.get('rtf') or float('nan'):.3f}, peak {r.get('peak_rss_gb') or float('nan'):.2f} GB "
-                f"{r.get('error', '')}")
+        accuracy = _side_in_subprocess("agreement", model, Path(tmp), threads, frames, repeats, modes)
+        for mode, gen in accuracy.items() if "error" not in accuracy else ():
+            log(f"[{model}] {mode} vs fp32: " + "; ".join(
+                f"{run} tokens equal {c['tokens_equal']} (agreement {c['token_agreement']:.3f}, first divergence "
+                f"{c['first_divergence']})" for run, c in gen.items()))
         for side in torch_sides:
             r = _side_in_subprocess(side, model, dirs[modes[0]], threads, frames, repeats)
             r["load_average_1min_after"] = load_average()
@@ -326,11 +422,15 @@ def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames:
               "weight_stream_gb_per_s": {k: v["gb_per_s"] for k, v in stream.items()},
               "threads": threads, "frames": frames, "repeats": repeats, "diffusion_steps": 10, "hop": 3200,
               "sample_rate": SAMPLE_RATE, "mode": "forced speech_diffusion on every step",
-              "sides": sides,
-              "sides_note": "each side in its own process, one after the other (not interleaved); peak_rss_gb is "
-                            "that process's VmHWM. PyTorch eager (both baselines, transformers' generate most) "
-                            "slows down far more than ONNX Runtime when other processes load the cores: compare "
-                            "runs whose load averages are low",
+              "rounds": rounds, "sides": sides, "agreement": accuracy,
+              "agreement_note": "whole generations of each mode against fp32 (benchmarks/quant_report.py "
+                                "generation_report): forced (every step speech_diffusion) and natural (until eos), the "
+                                "same noise",
+              "sides_note": "each side in its own process; the ONNX Runtime sides interleaved over `rounds` rounds "
+                            "(rotated order; figures: medians over the rounds), then the PyTorch baselines; "
+                            "peak_rss_gb is that process's VmHWM. PyTorch eager (both baselines, transformers' "
+                            "generate most) slows down far more than ONNX Runtime when other processes load the "
+                            "cores: compare runs whose load averages are low",
               **provenance(load_average_1min_before=load_before)}
     if model in GOAL:
         best = min((r["ms_per_frame"] for n, r in sides.items() if n.startswith("ort-") and r.get("ms_per_frame")),
@@ -398,7 +498,7 @@ def plot(result: dict, path: Path) -> Path | None:
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_title(label)
-    fig.suptitle(f"bench_quant, {result['model_name']} model: fp32 / int8 / int4 ONNX Runtime vs PyTorch")
+    fig.suptitle(f"bench_quant, {result['model_name']} model: fp32 / int8 / int4 ONNX Runtime (+ OpenVINO) vs PyTorch")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -408,15 +508,17 @@ def plot(result: dict, path: Path) -> Path | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["mid", "full"], default="mid")
+    parser.add_argument("--model", choices=["tiny", "mid", "full"], default="mid")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="fp32,int8,int4")
+    parser.add_argument("--modes", default=DEFAULT_MODES)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the ONNX Runtime sides")
     parser.add_argument("--baselines", default="transformers,torch",
                         help="PyTorch sides: transformers (its generate), torch (the original loop port); '' for none")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--side", choices=["ort", "torch", "transformers", "export"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ort", "torch", "transformers", "export", "agreement"], default=None,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--engine-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side == "export":
@@ -424,18 +526,22 @@ def main(argv=None) -> int:
                              lambda line: print(line, file=sys.stderr))
         print(json.dumps(info))
         return 0
+    if args.side == "agreement":
+        modes = [m for m in args.modes.split(",") if m]
+        print(json.dumps(agreement(args.model, {m: args.engine_dir / m for m in modes}, args.frames, args.threads)))
+        return 0
     if args.side:
         print(json.dumps(run_side(args.side, args.model, args.engine_dir, args.threads, args.frames, args.repeats)))
         return 0
     result = run_benchmark(args.model, args.out, threads=args.threads, frames=args.frames, repeats=args.repeats,
-                           modes=[m for m in args.modes.split(",") if m],
+                           modes=[m for m in args.modes.split(",") if m], rounds=args.rounds,
                            torch_sides=tuple(b for b in args.baselines.split(",") if b))
     for name, r in result["sides"].items():
         if "error" in r:
             print(f"{name:10s} error: {r['error']}")
             continue
         nan = float("nan")
-        print(f"{name:12s} {r.get('ms_per_frame') or nan:8.1f} ms/frame  rtf {r.get('rtf') or nan:.3f}  first audio "
+        print(f"{name:18s} {r.get('ms_per_frame') or nan:8.1f} ms/frame  rtf {r.get('rtf') or nan:.3f}  first audio "
               f"{r.get('time_to_first_audio_s') or nan:.2f} s  prefill {r.get('prompt_prefill_ms') or nan:.0f} ms  "
               f"peak {r.get('peak_rss_gb') or nan:.2f} GB  x{r.get('speedup_per_frame_vs_transformers') or nan:.1f} "
               f"vs transformers, x{r.get('speedup_per_frame_vs_torch') or nan:.1f} vs the loop port")

@@ -1,20 +1,27 @@
-"""Accuracy of int8/int4 ENGINE_DIRs against fp32: per graph and over whole generations.
+"""Accuracy of int8/int4 (and mixed ONNX Runtime + OpenVINO) ENGINE_DIRs against fp32: per graph and over
+whole generations.
 
     python benchmarks/quant_report.py --model fixture|random|mid|DIR [--tokenizer DIR] [--modes int8,int4]
-                                      [--select all|measure] [--frames 16] [--threads 2] [--out DIR]
+                                      [--runtimes ort,openvino] [--select all|measure] [--frames 16]
+                                      [--threads 2] [--out DIR]
     python benchmarks/quant_report.py --engine-dir QUANTIZED --reference-dir FP32 [--out DIR]
 
 With --model the checkpoint (or a built-in model: the shared tiny fixture, the tiny random demo model,
 the mid-size random model of bench_runtime) is exported once in fp32 and once per mode (validated; with
 `--select all`, the default here, every graph is quantized wherever it stays within its tolerance,
 whatever its speed, so that the report shows the accuracy of every quantized graph; `--select
-measure` is what `vv-export onnx --quantize` does). With --engine-dir an existing quantized ENGINE_DIR is
-compared with an existing fp32 one of the same checkpoint.
+measure` is what `vv-export onnx --quantize` does). `--runtimes ort,openvino` exports every mode with
+OpenVINO candidates too (`vv-export onnx --runtimes`, chosen as --select says: `all` takes OpenVINO wherever
+a candidate is within tolerance), the mode then named `<mode>+openvino` (`none+openvino`: fp32 ONNX graphs,
+OpenVINO where it was chosen). With --engine-dir an existing quantized or mixed ENGINE_DIR is compared with
+an existing fp32 one of the same checkpoint.
 
 Reported:
-- per graph: status and method (manifest), and the error of the stored graph against the fp32 PyTorch
-  outputs saved at export (ENGINE_DIR/validation), for the fp32 and the quantized graph: max abs error,
-  the reference's peak, their ratio, and the graph's stated tolerance;
+- per graph: status and method (manifest), the runtime that serves it (manifest `runtime`: ONNX Runtime or
+  OpenVINO, its precision and the reason), and the error of the stored graph against the fp32 PyTorch
+  outputs saved at export (ENGINE_DIR/validation), for the fp32 and the quantized graph and, where OpenVINO
+  serves it, for the OpenVINO IR (`served_vs_torch`): max abs error, the reference's peak, their ratio,
+  and the graph's stated tolerance;
 - whole generations, quantized vs fp32 ENGINE_DIR, the same prompt, voice, noise and cfg:
   `forced` (every step forced to speech_diffusion: exactly --frames frames, the latents and audio of
   the same frames compared) and `natural` (tokens chosen by the model until eos or the cap): token
@@ -61,41 +68,65 @@ def load_model(name: str, tokenizer: str | None = None):
     return load_checkpoint(name, tokenizer_dir=tokenizer)
 
 
-def export_set(loaded, work: Path, modes, select: str = "all", threads: int | None = None, log=print) -> dict:
-    """fp32 and one ENGINE_DIR per mode of the same loaded model: {"fp32": dir, "int8": dir, ...}."""
+OPENVINO_SUFFIX = "+openvino"  # a mode exported with --runtimes ort,openvino
+
+
+def mode_key(mode: str, runtimes: str = "ort") -> str:
+    """The report's name of a mode: int8, int4, or int8+openvino (none+openvino) with OpenVINO candidates."""
+    return mode + (OPENVINO_SUFFIX if "openvino" in runtimes.split(",") else "")
+
+
+def export_set(loaded, work: Path, modes, select: str = "all", threads: int | None = None, log=print,
+               runtimes: str = "ort") -> dict:
+    """fp32 and one ENGINE_DIR per mode of the same loaded model: {"fp32": dir, "int8": dir, ...}; with
+    `runtimes` "ort,openvino" the modes' keys are `mode_key`s (OpenVINO chosen as `select` says)."""
     from vv_export.onnx_export import export_onnx
 
     dirs = {}
-    for mode in ["none", *modes]:
-        key = "fp32" if mode == "none" else mode
+    t = time.perf_counter()
+    dirs["fp32"] = export_onnx(loaded, work / "fp32", force=True, progress=False, threads=threads)
+    log(f"exported fp32 in {time.perf_counter() - t:.0f} s")
+    for mode in modes:
+        key = mode_key(mode, runtimes)
         t = time.perf_counter()
-        dirs[key] = export_onnx(loaded, work / key, force=True, progress=False, threads=threads,
-                                quantize=mode, quantize_select=select)
+        dirs[key] = export_onnx(loaded, work / key, force=True, progress=False, threads=threads, quantize=mode,
+                                quantize_select=select, runtimes=runtimes, runtime_select=select)
         log(f"exported {key} in {time.perf_counter() - t:.0f} s")
     return dirs
 
 
 # --- per graph ----------------------------------------------------------------------------------------
 
-def graph_errors(engine_dir: Path, graph: str, threads: int | None = None) -> dict:
-    """Error of the stored graph against the saved PyTorch outputs, per output: max_abs, peak, rel."""
+def graph_errors(engine_dir: Path, graph: str, threads: int | None = None, served: bool = False) -> dict:
+    """Error of the stored graph against the saved PyTorch outputs, per output: max_abs, peak, rel. The ONNX
+    graph in ONNX Runtime; with `served`, the graph as the runtime serves it (its OpenVINO IR where the
+    manifest names OpenVINO)."""
     import onnxruntime as ort
 
     from vv_export.validation_data import REFERENCE_RUNNER, load_validation_data
 
     manifest = json.loads((Path(engine_dir) / "manifest.json").read_text())
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(Path(engine_dir) / manifest["graphs"][graph]["file"]), opts,
-                                   providers=["CPUExecutionProvider"])
+    names = [o["name"] for o in manifest["graphs"][graph]["outputs"]]
+    if served and (manifest["graphs"][graph].get("runtime") or {}).get("name") == "openvino":
+        from vv_runtime.openvino_backend import OpenVinoGraphs
+
+        graphs = OpenVinoGraphs(engine_dir, manifest, [graph], threads=threads)
+        run = lambda feeds: graphs.run(graph, feeds)  # noqa: E731
+    else:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(Path(engine_dir) / manifest["graphs"][graph]["file"]), opts,
+                                       providers=["CPUExecutionProvider"])
+        run = lambda feeds: dict(zip(names, session.run(names, feeds)))  # noqa: E731
     feeds_list, results = load_validation_data(engine_dir, graph)
     refs = dict(results)[REFERENCE_RUNNER]
-    names = [o.name for o in session.get_outputs()]
     out = {n: {"max_abs": 0.0, "peak": 0.0, "rel": 0.0} for n in names}
     for feeds, ref in zip(feeds_list, refs):
-        for name, got in zip(names, session.run(names, feeds)):
+        got_all = run(feeds)
+        for name in names:
+            got = got_all[name]
             r = np.asarray(ref[name], dtype=np.float64)
             err = float(np.abs(got.astype(np.float64) - r).max()) if r.size else 0.0
             peak = float(np.abs(r).max()) if r.size else 0.0
@@ -116,6 +147,13 @@ def graph_report(quant_dir: Path, fp32_dir: Path, threads: int | None = None) ->
                "tolerance": entry.get("tolerance"), "fp32_vs_torch": graph_errors(fp32_dir, graph, threads)}
         if row["status"] == "quantized":
             row["quantized_vs_torch"] = graph_errors(quant_dir, graph, threads)
+        runtime = entry.get("runtime")
+        if runtime:
+            row["runtime"] = {k: runtime.get(k) for k in ("name", "precision", "reason", "times_ms",
+                                                          "speedup_vs_onnxruntime")}
+            if runtime.get("name") == "openvino":
+                row["served_vs_torch"] = graph_errors(quant_dir, graph, threads, served=True)
+                row["served_tolerance"] = runtime.get("tolerance")
         if q.get("reason"):
             row["reason"] = q["reason"]
         if q.get("speedup"):
@@ -254,7 +292,7 @@ def report(quant_dirs: dict, fp32_dir: Path, model: str, frames: int, threads: i
         modes[mode] = {"graphs": graph_report(qdir, fp32_dir, threads),
                        "generation": generation_report(qdir, fp32_dir, model, frames, threads, fp32_runs),
                        "engine_dir_bytes": sum(f.stat().st_size for f in Path(qdir).iterdir() if f.is_file()),
-                       "quantize": manifest.get("quantize")}
+                       "quantize": manifest.get("quantize"), "runtimes": manifest.get("runtimes")}
     return {"benchmark": "quant_report", "model": model, "frames": frames, "modes": modes,
             "fp32_engine_dir_bytes": sum(f.stat().st_size for f in Path(fp32_dir).iterdir() if f.is_file()),
             **provenance()}
@@ -265,11 +303,14 @@ def print_report(result: dict) -> None:
         print(f"== {mode} ({result['model']}): ENGINE_DIR {r['engine_dir_bytes'] / 1e6:.1f} MB "
               f"(fp32 {result['fp32_engine_dir_bytes'] / 1e6:.1f} MB)")
         for graph, g in r["graphs"].items():
-            errs = g.get("quantized_vs_torch") or {}
+            errs = g.get("served_vs_torch") or g.get("quantized_vs_torch") or {}
             worst = max((e["rel"] for e in errs.values()), default=None)
             base = max((e["rel"] for e in g["fp32_vs_torch"].values()), default=0.0)
             text = f"worst err/peak {worst:.4f} (fp32 {base:.1e})" if worst is not None else g.get("reason", "")
-            print(f"  {graph:20s} {g['status']:9s} {g['method'] or '':24s} {text}")
+            served = g.get("runtime") or {}
+            how = (f"openvino {served['precision']}" if served.get("name") == "openvino"
+                   else f"{g['status']} {g['method'] or ''}")
+            print(f"  {graph:20s} {how:34s} {text}")
         for run, c in r["generation"].items():
             extra = ""
             if c.get("frames_compared"):
@@ -284,6 +325,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="fixture, random, mid, or a checkpoint directory / hub id")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory for original checkpoints")
     parser.add_argument("--modes", default="int8,int4")
+    parser.add_argument("--runtimes", default="ort", help="ort or ort,openvino (OpenVINO candidates per graph)")
     parser.add_argument("--select", choices=["all", "measure"], default="all")
     parser.add_argument("--engine-dir", type=Path, default=None, help="an existing quantized ENGINE_DIR")
     parser.add_argument("--reference-dir", type=Path, default=None, help="the fp32 ENGINE_DIR of the same model")
@@ -297,7 +339,9 @@ def main(argv=None) -> int:
         if args.engine_dir is not None:
             if args.reference_dir is None:
                 raise SystemExit("error: --engine-dir needs --reference-dir (the fp32 ENGINE_DIR)")
-            mode = json.loads((args.engine_dir / "manifest.json").read_text()).get("quantize", "none")
+            manifest = json.loads((args.engine_dir / "manifest.json").read_text())
+            tried = (manifest.get("runtimes") or {}).get("tried", [])
+            mode = mode_key(manifest.get("quantize", "none"), ",".join(tried))
             result = report({mode: args.engine_dir}, args.reference_dir, args.model or "checkpoint",
                             args.frames, args.threads)
             name = args.engine_dir.name
@@ -306,8 +350,10 @@ def main(argv=None) -> int:
                 raise SystemExit("error: give --model or --engine-dir")
             modes = [m for m in args.modes.split(",") if m]
             with tempfile.TemporaryDirectory(prefix="vv-quant-report-") as tmp:
-                dirs = export_set(load_model(args.model, args.tokenizer), Path(tmp), modes, args.select, args.threads)
-                result = report({m: dirs[m] for m in modes}, dirs["fp32"], args.model, args.frames, args.threads)
+                dirs = export_set(load_model(args.model, args.tokenizer), Path(tmp), modes, args.select, args.threads,
+                                  runtimes=args.runtimes)
+                keys = [mode_key(m, args.runtimes) for m in modes]
+                result = report({k: dirs[k] for k in keys}, dirs["fp32"], args.model, args.frames, args.threads)
             result["select"] = args.select
             name = Path(args.model).name if args.model not in ("fixture", "random", "mid") else args.model
     except (OSError, ValueError, ExportError) as exc:

@@ -8,6 +8,8 @@ and the runtime (vv_runtime, which loads one); neither imports the other, both i
   their roles, its required manifest fields and token ids; ``CONTROL_TOKENS`` of the "vibevoice" family;
 * graph roles (``ROLES``): how the generation loop uses each graph (``manifest["graphs"][g]["role"]``);
   ``graph_roles``, ``graphs_with_role``, ``required_graphs`` read them;
+* graph runtimes (``GRAPH_RUNTIMES``): which CPU runtime serves a graph (``manifest["graphs"][g]["runtime"]``,
+  optional; ``graph_runtime`` reads it), its ONNX file being ONNX Runtime's wherever that runtime is missing;
 * ``read_manifest``: the one reader of ENGINE_DIR/manifest.json, with every check of the contract, raising
   ``EngineDirError`` in one line; ``one_line`` renders any exception's message as one line.
 
@@ -37,6 +39,17 @@ DERIVED_DIMS = {"total": ("past", "seq")}
 #   auxiliary  exported and validated, never called by the loop
 ROLES = ("loop", "per-frame", "auxiliary")
 LOOP_ROLES = ("loop", "per-frame")
+
+# CPU runtimes that may serve a graph (manifest["graphs"][g]["runtime"]["name"], chosen by measurement at export:
+# `vv-export onnx --runtimes`). The graph's ONNX file (`file`) is always there; ONNX Runtime runs it where the
+# entry is absent, names "onnxruntime", or names a runtime that is not installed or not known.
+DEFAULT_RUNTIME = "onnxruntime"
+OPENVINO_RUNTIME = "openvino"
+GRAPH_RUNTIMES = (DEFAULT_RUNTIME, OPENVINO_RUNTIME)
+# how to install a runtime that is an optional extra of this package
+RUNTIME_INSTALL = {OPENVINO_RUNTIME: "pip install 'vibevoice-trt[openvino]'"}
+# the files of a runtime entry (read_manifest checks that they are in the ENGINE_DIR)
+RUNTIME_FILES = ("file", "weights_file")
 
 # The "vibevoice" lm's control_logits columns, in this order (manifest["control_tokens"]).
 CONTROL_TOKENS = ("speech_start", "speech_end", "speech_diffusion", "eos")
@@ -134,6 +147,12 @@ def required_graphs(manifest: dict) -> list[str]:
     return graphs_with_role(manifest, *LOOP_ROLES)
 
 
+def graph_runtime(manifest: dict, graph: str) -> str:
+    """The name of the runtime chosen for `graph` (DEFAULT_RUNTIME where the manifest names none)."""
+    entry = manifest["graphs"][graph].get("runtime")
+    return entry["name"] if isinstance(entry, dict) and isinstance(entry.get("name"), str) else DEFAULT_RUNTIME
+
+
 def read_manifest(engine_dir: str | Path) -> dict:
     """ENGINE_DIR/manifest.json, checked against the contract: format and version, model family and its
     fields, graphs (listed, roles, files, I/O lists), token ids, tokenizer, voice presets. EngineDirError
@@ -200,6 +219,20 @@ def _check_graphs(manifest: dict, family: ModelFamily, engine_dir: Path, path: P
         for side in ("inputs", "outputs"):
             if not isinstance(graph.get(side), list):
                 raise EngineDirError(f"{path}: graph {name!r} has no {side} list")
+        _check_runtime(graph.get("runtime"), name, engine_dir, path)
+
+
+def _check_runtime(runtime, graph: str, engine_dir: Path, path: Path) -> None:
+    """The optional runtime entry of a graph: a table with a name; the files it lists are present. A name this
+    reader does not know is accepted (the runtime serves the graph's ONNX file with ONNX Runtime)."""
+    if runtime is None:
+        return
+    if not isinstance(runtime, dict) or not isinstance(runtime.get("name"), str):
+        raise EngineDirError(f"{path}: graph {graph!r} has a runtime entry without a name")
+    for key in RUNTIME_FILES:
+        file = runtime.get(key)
+        if file is not None and not (isinstance(file, str) and (engine_dir / file).is_file()):
+            raise EngineDirError(f"{engine_dir / str(file)}: {runtime['name']} file of {graph!r} is missing")
 
 
 def _check_voices(voices, engine_dir: Path, path: Path) -> None:

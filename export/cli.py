@@ -40,9 +40,13 @@ def main() -> None:
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="CPU path: block-wise int8/int4 weights (MatMulNBits) for each graph where it stays within "
                    "its stated tolerance and runs faster on this CPU (docs/QUANTIZATION.md).")
+@click.option("--runtimes", default="ort", show_default=True, metavar="ort[,openvino]",
+              help="CPU runtimes to choose from per graph: with openvino, each graph the loop calls is also tried "
+                   "in OpenVINO (f32, bf16 where the CPU has it, int8 weights) and served by it where that is "
+                   "faster here within its tolerance (needs the `openvino` extra; docs/QUANTIZATION.md).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random model (no --model).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def onnx_cmd(model, out, tokenizer, dtype, diffusion_steps, validate, force, quantize, seed, debug):
+def onnx_cmd(model, out, tokenizer, dtype, diffusion_steps, validate, force, quantize, runtimes, seed, debug):
     """Split the model into ONNX graphs, validate them and write a self-describing ENGINE_DIR."""
     try:
         from .checkpoint import tiny_random_model
@@ -52,13 +56,17 @@ def onnx_cmd(model, out, tokenizer, dtype, diffusion_steps, validate, force, qua
         check_out_path(out, force)  # fail before the (long) model load
         if quantize != "none" and (not validate or dtype != "fp32"):
             raise ExportError("--quantize needs an fp32, validated export (no --no-validate, --dtype fp32)")
+        if runtimes != "ort":
+            from .openvino_candidates import check_export
+
+            check_export(runtimes, validate, dtype)
         if model is None:
             click.echo(f"no --model given: exporting a tiny randomly initialised VibeVoice (seed {seed})", err=True)
             loaded = tiny_random_model(seed=seed)
         else:
             loaded = load_checkpoint(model, tokenizer_dir=tokenizer)
         path = export_onnx(loaded, out, dtype=dtype, validate=validate, force=force,
-                           diffusion_steps=diffusion_steps, quantize=quantize)
+                           diffusion_steps=diffusion_steps, quantize=quantize, runtimes=runtimes)
         click.echo(f"wrote {path}", err=True)
     except (ExportError, OSError) as exc:
         _fail(exc, debug)

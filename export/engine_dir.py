@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Callable
 
 import vv_engine_dir
-from vv_engine_dir import (CONTROL_TOKENS, PROMPT, DEFAULT_ROLES, DERIVED_DIMS, ENGINE_FORMAT, FORMAT, FORMAT_VERSION,
-                           MANIFEST, ROLES, TRT_DIR, EngineDirError, graph_roles)
+from vv_engine_dir import (CONTROL_TOKENS, PROMPT, DEFAULT_ROLES, DEFAULT_RUNTIME, DERIVED_DIMS, ENGINE_FORMAT, FORMAT,
+                           FORMAT_VERSION, MANIFEST, OPENVINO_RUNTIME, ROLES, RUNTIME_INSTALL, TRT_DIR, EngineDirError,
+                           graph_roles)
 
 from .errors import ExportError
 
-__all__ = ["CONTROL_TOKENS", "PROMPT", "DEFAULT_ROLES", "DERIVED_DIMS", "ENGINE_FORMAT", "FORMAT", "FORMAT_VERSION", "MANIFEST",
-           "ROLES", "TRT_DIR", "atomic_write", "file_lock", "graph_roles", "read_manifest", "sha256_file",
+__all__ = ["CONTROL_TOKENS", "PROMPT", "DEFAULT_ROLES", "DEFAULT_RUNTIME", "DERIVED_DIMS", "ENGINE_FORMAT", "FORMAT",
+           "FORMAT_VERSION", "MANIFEST", "OPENVINO_RUNTIME", "ROLES", "RUNTIME_INSTALL", "TRT_DIR", "atomic_write", "file_lock", "graph_roles", "read_manifest", "sha256_file",
            "update_manifest"]
 
 

@@ -224,13 +224,17 @@ def check_out_path(out: str | os.PathLike, force: bool) -> Path:
 
 def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate: bool = True,
                 force: bool = False, diffusion_steps: int | None = None, progress: bool = True,
-                threads: int | None = None, quantize: str = "none", quantize_select: str = "measure") -> Path:
+                threads: int | None = None, quantize: str = "none", quantize_select: str = "measure",
+                runtimes=("ort",), runtime_select: str = "measure", openvino_precisions=None) -> Path:
     """Export every graph of `loaded` into the ENGINE_DIR `out` (atomically).
 
     diffusion_steps: DPM-Solver++ steps of the sampler graph (default: the family's, 10 for VibeVoice, 5 for
     VibeVoice-Realtime).
     quantize int8|int4: weight quantization of each validated fp32 graph where it stays within its
     tolerance and is faster (export/quantize.py; quantize_select="all" keeps it whatever its speed).
+    runtimes ("ort,openvino" or a sequence): with openvino, each graph the loop calls is also tried in OpenVINO
+    (precisions `openvino_precisions`, default all) and served by it where that is faster within its tolerance
+    (export/openvino_candidates.py; runtime_select="all" takes OpenVINO wherever a candidate is within tolerance).
     """
     from tqdm import tqdm
 
@@ -242,6 +246,11 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
         check_mode(quantize)
         if not validate or dtype != "fp32":
             raise ExportError("--quantize needs an fp32, validated export (no --no-validate, --dtype fp32)")
+    with_openvino = "openvino" in (runtimes.split(",") if isinstance(runtimes, str) else runtimes)
+    if with_openvino:
+        from .openvino_candidates import RuntimeSelection, check_export
+
+        check_export(runtimes, validate, dtype)
     out = Path(out)
     parent = check_out_path(out, force)
     round_weights_(loaded.model, dtype)
@@ -251,6 +260,10 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     try:
         entries, validation, quantized = {}, {} if validate else None, {}
+        selection = (RuntimeSelection(runtimes, ctx, work, threads=threads, select=runtime_select,
+                                      precisions=openvino_precisions,
+                                      log=(lambda line: tqdm.write(line, file=sys.stderr)) if progress else None)
+                     if with_openvino else None)
         bar = tqdm(specs, desc="export", unit="graph", disable=not progress, file=sys.stderr)
         for spec in bar:
             bar.set_postfix_str(spec.name)
@@ -258,11 +271,17 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
             if validate:
                 bar.set_postfix_str(f"{spec.name}: validating")
                 validation[spec.name] = validate_graph(spec, ctx, work, threads)
+            if selection is not None:
+                bar.set_postfix_str(f"{spec.name}: OpenVINO candidates")
+                selection.prepare(spec, entries[spec.name])
             if quantize != "none":
                 bar.set_postfix_str(f"{spec.name}: quantizing ({quantize})")
                 entries[spec.name], quantized[spec.name] = quantize_graph(spec, ctx, work, entries[spec.name],
                                                                           quantize, threads=threads,
                                                                           select=quantize_select)
+            if selection is not None:
+                bar.set_postfix_str(f"{spec.name}: choosing the runtime")
+                selection.choose(spec, entries[spec.name], quantized.get(spec.name))
         if loaded.tokenizer_json is not None:
             (work / "tokenizer.json").write_text(loaded.tokenizer_json)
         else:
@@ -270,6 +289,8 @@ def export_onnx(loaded, out: str | os.PathLike, *, dtype: str = "fp32", validate
         manifest = _manifest(ctx, specs, entries, dtype, validation)
         if quantize != "none":
             record_in_manifest(manifest, quantize, quantized)
+        if selection is not None:
+            selection.record(manifest)
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))

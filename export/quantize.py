@@ -281,16 +281,23 @@ def validate_quantized(name: str, path: Path, directory: Path, tolerance: dict, 
 
     Returns (errors, first failure message or None).
     """
-    feeds_list, results = load_validation_data(directory, name)
-    refs = dict(results)[REFERENCE_RUNNER]
     session = _session(path, threads)
     outputs = [o.name for o in session.get_outputs()]
+    return validate_runner(name, lambda feeds: dict(zip(outputs, session.run(outputs, feeds))), outputs,
+                           directory, tolerance)
+
+
+def validate_runner(name: str, run, outputs: list[str], directory: Path, tolerance: dict):
+    """`validate_quantized` for any runner of the graph: `run(feeds) -> {output: array}` (an ONNX Runtime
+    session, an OpenVINO model, ...). Returns (max error per output, first failure message or None)."""
+    feeds_list, results = load_validation_data(directory, name)
+    refs = dict(results)[REFERENCE_RUNNER]
     worst = {o: 0.0 for o in outputs}
     failure = None
     for feeds, ref in zip(feeds_list, refs):
-        got = session.run(outputs, feeds)
-        for out_name, value in zip(outputs, got):
-            reference = np.asarray(ref[out_name])
+        got = run(feeds)
+        for out_name in outputs:
+            value, reference = got[out_name], np.asarray(ref[out_name])
             err = max_error(value, reference)
             worst[out_name] = max(worst[out_name], err) if np.isfinite(err) else float("inf")
             if failure is None:
@@ -302,35 +309,66 @@ def validate_quantized(name: str, path: Path, directory: Path, tolerance: dict, 
     return worst, failure
 
 
-def _timing_feeds(spec, ctx, dims: dict) -> dict:
-    from .specs import sample_inputs
-
+def full_dims(ctx, dims: dict) -> dict:
+    """`dims` with the dimensions derived from them: samples (frames x hop), total (past + seq)."""
     d = dict(dims)
     if "frames" in d:
         d.setdefault("samples", d["frames"] * ctx.hop)
     if "past" in d:
         d.setdefault("total", d["past"] + d["seq"])
-    return {k: v.numpy() for k, v in sample_inputs(spec, ctx, d, seed=7).items()}
+    return d
+
+
+def timing_feeds(spec, ctx, dims: dict) -> dict:
+    """Random inputs of `spec` at the timing shape `dims` (numpy)."""
+    from .specs import sample_inputs
+
+    return {k: v.numpy() for k, v in sample_inputs(spec, ctx, full_dims(ctx, dims), seed=7).items()}
+
+
+def ort_runner(path: Path, threads: int | None):
+    """`run(feeds) -> {output: array}` of the graph at `path` in an ONNX Runtime CPU session (`_session`)."""
+    session = _session(path, threads)
+    outputs = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(outputs, session.run(outputs, feeds)))
 
 
 def time_pair(paths: dict, feeds: dict, threads: int | None, budget_s: float = 2.0) -> dict:
-    """Median seconds per run of each graph in `paths` on `feeds`, runs interleaved (same machine load)."""
-    sessions = {k: _session(p, threads) for k, p in paths.items()}
-    outputs = {k: [o.name for o in s.get_outputs()] for k, s in sessions.items()}
+    """Median seconds per run of each graph in `paths` on `feeds` in ONNX Runtime, runs interleaved."""
+    return time_runners({k: ort_runner(p, threads) for k, p in paths.items()}, feeds, budget_s)
+
+
+def time_runners(runners: dict, feeds: dict, budget_s: float = 2.0) -> dict:
+    """Median seconds per call of each runner (`run(feeds)`: any runtime) on `feeds`, calls interleaved (the
+    same machine load for all), after one warm-up call each; as many rounds as fit in about `budget_s`
+    (5 to 50)."""
     first = {}
-    for k, s in sessions.items():  # warm-up (and the size of one run)
-        s.run(outputs[k], feeds)
+    for k, run in runners.items():  # warm-up (and the size of one run)
+        run(feeds)
         t = time.perf_counter()
-        s.run(outputs[k], feeds)
+        run(feeds)
         first[k] = time.perf_counter() - t
     repeats = int(min(50, max(5, budget_s / max(sum(first.values()), 1e-6))))
-    times = {k: [] for k in sessions}
+    times = {k: [] for k in runners}
     for _ in range(repeats):
-        for k, s in sessions.items():
+        for k, run in runners.items():
             t = time.perf_counter()
-            s.run(outputs[k], feeds)
+            run(feeds)
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fast_enough(speedup: dict, primary: str) -> bool:
+    """The rule that keeps a faster candidate (`speedup`: label -> times faster than the graph it would
+    replace): at least MIN_SPEEDUP at the per-frame shape `primary`, at least MIN_SECONDARY_SPEEDUP at the
+    others."""
+    return speedup[primary] >= MIN_SPEEDUP and all(v >= MIN_SECONDARY_SPEEDUP for k, v in speedup.items()
+                                                   if k != primary)
+
+
+def primary_label(name: str) -> str | None:
+    """The timing shape that decides for graph `name` (its per-frame cost), None where none is stated."""
+    return TIMING_DIMS[name][0][0] if name in TIMING_DIMS else None
 
 
 # --- one graph --------------------------------------------------------------------------------------
@@ -371,7 +409,7 @@ def quantize_graph(spec, ctx, directory: Path, entry: dict, mode: str, *, thread
         # a graph beyond its int4 tolerance gets int8 before it stays fp32. select="all": the first
         # width within tolerance (int4 before int8), whatever its speed.
         chosen, width, tolerance = None, bits, None
-        primary = TIMING_DIMS[name][0][0] if name in TIMING_DIMS else None
+        primary = primary_label(name)
         for w in (bits, 8) if bits == 4 else (bits,):
             got, tried, timing, tol, reason = _attempt(spec, ctx, directory, entry, name, w, has_conv,
                                                        scratch / f"int{w}", threads, select)
@@ -474,19 +512,18 @@ def _attempt(spec, ctx, directory: Path, entry: dict, name: str, bits: int, has_
     timing = {}
     if good:
         for label, dims in TIMING_DIMS.get(name, []):
-            feeds = _timing_feeds(spec, ctx, dims)
+            feeds = timing_feeds(spec, ctx, dims)
             medians = time_pair({"fp32": fp32_path, **{c["method"]: c["path"] for c in good}}, feeds, threads)
             timing[label] = {"dims": dims, "ms": {k: v * 1e3 for k, v in medians.items()}}
             for c in good:
                 c.setdefault("speedup", {})[label] = medians["fp32"] / medians[c["method"]]
-    primary = TIMING_DIMS[name][0][0] if name in TIMING_DIMS else None
+    primary = primary_label(name)
     shown = [{k: v for k, v in c.items() if k not in ("path", "files")} for c in tried]
     chosen, reason = None, None
     if select == "all":
         chosen = good[0] if good else None
     elif primary is not None:
-        fast = [c for c in good if c["speedup"][primary] >= MIN_SPEEDUP
-                and all(v >= MIN_SECONDARY_SPEEDUP for k, v in c["speedup"].items() if k != primary)]
+        fast = [c for c in good if fast_enough(c["speedup"], primary)]
         chosen = max(fast, key=lambda c: c["speedup"][primary]) if fast else None
     if chosen is None:
         if not good:

@@ -5,7 +5,10 @@ A backend runs the graphs of an ENGINE_DIR by name:
     backend.run(graph_name, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     backend.close()
 
-`OrtBackend` uses ONNX Runtime (CUDA when available, else CPU). `TrtBackend`
+`OrtBackend` uses ONNX Runtime (CUDA when available, else CPU), and OpenVINO for the graphs whose manifest
+entry names it (`runtime`, chosen per graph at export: `vv-export onnx --runtimes ort,openvino`; served by
+`vv_runtime.openvino_backend`, which imports OpenVINO only then). Where OpenVINO is not installed those
+graphs run their ONNX files on ONNX Runtime, and the backend says so in one line (`notice`). `TrtBackend`
 (`vv_runtime.trt_backend`, imported lazily) runs TensorRT engines behind the same interface:
 `trt_backend.trt_engines_match(engine_dir, manifest) -> (ok, reason)` is asked first (cheap), then
 the constructor `TrtBackend(engine_dir, manifest)` raises when the engines cannot run; `select_backend`
@@ -30,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend_base import SMALL_GRAPH_BYTES, Backend, PlanLimits
+from .backend_base import SMALL_GRAPH_BYTES, Backend, PlanLimits, graph_threads
 from .errors import RuntimeInputError, one_line
 from .kv_cache import HostKVCache, KVCache, bucket_slots
-from .manifest import io_names, required_graphs
+from .manifest import GRAPH_RUNTIMES, OPENVINO_RUNTIME, RUNTIME_INSTALL, graph_runtime, io_names, required_graphs
+from .openvino_backend import OpenVinoGraphs, import_openvino
 
 __all__ = ["BACKENDS", "SMALL_GRAPH_BYTES", "Backend", "HostKVCache", "KVCache", "OrtBackend", "PlanLimits",
            "bucket_slots", "select_backend"]
@@ -41,13 +45,24 @@ __all__ = ["BACKENDS", "SMALL_GRAPH_BYTES", "Backend", "HostKVCache", "KVCache",
 BACKENDS = ("auto", "ort", "trt")
 
 
+def _stderr_notice(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
 class OrtBackend(Backend):
-    """One onnxruntime.InferenceSession per graph; the loop's graphs are opened and checked at load."""
+    """One onnxruntime.InferenceSession per graph, except the graphs whose manifest entry names OpenVINO as
+    their runtime (`OpenVinoGraphs`, when `openvino` and OpenVINO is installed); the loop's graphs are opened,
+    checked and (OpenVINO) warmed at load.
+
+    `notice(text)` gets the one line that says an ENGINE_DIR's OpenVINO graphs run on ONNX Runtime because
+    OpenVINO is not installed (default: stderr). `openvino=False` runs every graph on ONNX Runtime, and so does
+    ONNX Runtime on a GPU (the exporter chose OpenVINO against ONNX Runtime on the CPU)."""
 
     name = "ort"
 
     def __init__(self, engine_dir: str | Path, manifest: dict, providers: list[str] | None = None,
-                 threads: int | None = None, graphs: tuple[str, ...] | None = None):
+                 threads: int | None = None, graphs: tuple[str, ...] | None = None, notice=None,
+                 openvino: bool = True):
         import onnxruntime as ort
 
         self._ort = ort
@@ -61,8 +76,28 @@ class OrtBackend(Backend):
         self.threads = threads
         self.sessions: dict[str, object] = {}
         self._outputs: dict[str, list[str]] = {}
-        for graph in (required_graphs(manifest) if graphs is None else graphs):
-            self._session(graph)
+        load = required_graphs(manifest) if graphs is None else list(graphs)
+        notice = notice or _stderr_notice
+        self.openvino = None  # OpenVinoGraphs of the graphs OpenVINO serves
+        self.openvino_served: tuple[str, ...] = ()
+        named = [g for g in manifest["graphs"] if graph_runtime(manifest, g) == OPENVINO_RUNTIME]
+        if named and openvino and providers == ["CPUExecutionProvider"]:  # measured against ONNX Runtime's CPU
+            try:
+                import_openvino()
+            except ImportError as exc:
+                notice(
+                    f"{engine_dir}: {', '.join(named)} chosen for OpenVINO, which is not installed "
+                    f"({one_line(exc)}); running them on ONNX Runtime ({RUNTIME_INSTALL[OPENVINO_RUNTIME]} to use it)")
+            else:
+                self.openvino_served = tuple(named)
+                self.openvino = OpenVinoGraphs(engine_dir, manifest, [g for g in load if g in named], threads)
+        unknown = [f"{g} ({graph_runtime(manifest, g)})" for g in load
+                   if graph_runtime(manifest, g) not in GRAPH_RUNTIMES]
+        if unknown:
+            notice(f"{engine_dir}: {', '.join(unknown)}: runtime unknown to this version; running ONNX Runtime")
+        for graph in load:
+            if graph not in self.openvino_served:
+                self._session(graph)
 
     def _session(self, graph: str):
         session = self.sessions.get(graph)
@@ -79,11 +114,7 @@ class OrtBackend(Backend):
         # pattern is planned and kept for every new combination of input shapes, a cache that only grows
         # (~17 MB more resident memory on the tiny model after 120 requests, no faster)
         opts.enable_mem_pattern = False
-        threads = self.threads
-        # the fp32 size decides (a quantized graph's work per call stays that of its fp32 original)
-        fp32_bytes = (entry.get("quantization") or {}).get("weight_bytes_before") or entry.get("weight_bytes", 0)
-        if not threads and fp32_bytes < SMALL_GRAPH_BYTES:
-            threads = 1  # small graphs: thread hand-offs cost more than they save (6x on the tiny model)
+        threads = graph_threads(entry, self.threads)
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
@@ -103,6 +134,8 @@ class OrtBackend(Backend):
         return session
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if graph in self.openvino_served:
+            return self.openvino.run(graph, feeds)
         session = self._session(graph)
         names = self._outputs[graph]
         values = session.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
@@ -110,9 +143,12 @@ class OrtBackend(Backend):
 
     def close(self) -> None:
         self.sessions.clear()
+        if self.openvino is not None:
+            self.openvino.close()
 
     def describe(self) -> str:
-        return "ort[" + ",".join(p.replace("ExecutionProvider", "") for p in self.providers) + "]"
+        ort = "ort[" + ",".join(p.replace("ExecutionProvider", "") for p in self.providers) + "]"
+        return ort + (f"+openvino[{','.join(self.openvino_served)}]" if self.openvino_served else "")
 
 
 def select_backend(engine_dir: str | Path, manifest: dict, name: str = "auto", threads: int | None = None,
@@ -124,16 +160,15 @@ def select_backend(engine_dir: str | Path, manifest: dict, name: str = "auto", t
     if name not in BACKENDS:
         raise RuntimeInputError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if notice is None:
-        def notice(text: str) -> None:
-            print(f"note: {text}", file=sys.stderr)
+        notice = _stderr_notice
     if name == "ort":
-        return OrtBackend(engine_dir, manifest, threads=threads)
+        return OrtBackend(engine_dir, manifest, threads=threads, notice=notice)
     engines = (manifest.get("trt") or {}).get("engines")
     if not engines:
         if name == "trt":
             raise RuntimeInputError(f"--backend trt: {engine_dir} has no TensorRT engines "
                                     f"(run `vv-export trt --engine-dir {engine_dir}`)")
-        return OrtBackend(engine_dir, manifest, threads=threads)
+        return OrtBackend(engine_dir, manifest, threads=threads, notice=notice)
     try:
         from . import trt_backend  # noqa: PLC0415 (TensorRT is optional)
 
@@ -148,4 +183,4 @@ def select_backend(engine_dir: str | Path, manifest: dict, name: str = "auto", t
         if name == "trt":
             raise RuntimeInputError(f"--backend trt: TensorRT unavailable ({reason})") from exc
         notice(f"TensorRT unavailable ({reason}); using ONNX Runtime")
-        return OrtBackend(engine_dir, manifest, threads=threads)
+        return OrtBackend(engine_dir, manifest, threads=threads, notice=notice)

@@ -26,6 +26,16 @@ from .manifest import DERIVED_DIMS
 SMALL_GRAPH_BYTES = 64 << 20  # below this many weight bytes a graph runs on one intra-op thread by default
 
 
+def graph_threads(entry: dict, threads: int | None) -> int | None:
+    """Intra-op threads of a CPU runtime for the graph of manifest entry `entry`: `threads` when given, else one
+    for a small graph (thread hand-offs cost more than they save: 6x on the tiny model), else None (every core).
+    The fp32 size decides: a quantized graph's work per call stays that of its fp32 original."""
+    if threads:
+        return int(threads)
+    fp32_bytes = (entry.get("quantization") or {}).get("weight_bytes_before") or entry.get("weight_bytes", 0)
+    return 1 if fp32_bytes < SMALL_GRAPH_BYTES else None
+
+
 class Backend:
     name = "base"
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import vv_engine_dir
-from vv_engine_dir import (CONTROL_TOKENS, PROMPT, DEFAULT_ROLES, DERIVED_DIMS, FORMAT, FORMAT_VERSION, LOOP_ROLES,
-                           REQUIRED_GRAPHS, ROLES, EngineDirError, graph_roles, graphs_with_role, required_graphs)
+from vv_engine_dir import (CONTROL_TOKENS, PROMPT, DEFAULT_ROLES, DEFAULT_RUNTIME, DERIVED_DIMS, FORMAT, FORMAT_VERSION,
+                           GRAPH_RUNTIMES, LOOP_ROLES, OPENVINO_RUNTIME, REQUIRED_GRAPHS, ROLES, RUNTIME_INSTALL,
+                           EngineDirError, graph_roles,
+                           graph_runtime, graphs_with_role, required_graphs)
 
 from .errors import RuntimeInputError
 
-__all__ = ["CONTROL_TOKENS", "PROMPT", "DEFAULT_ROLES", "DERIVED_DIMS", "FORMAT", "FORMAT_VERSION", "LOOP_ROLES",
-           "REQUIRED_GRAPHS", "ROLES", "graph_roles", "graphs_with_role", "io_names", "load_manifest",
-           "required_graphs", "state_size"]
+__all__ = ["CONTROL_TOKENS", "PROMPT", "DEFAULT_ROLES", "DEFAULT_RUNTIME", "DERIVED_DIMS", "FORMAT", "FORMAT_VERSION",
+           "GRAPH_RUNTIMES", "LOOP_ROLES", "OPENVINO_RUNTIME", "REQUIRED_GRAPHS", "ROLES", "RUNTIME_INSTALL", "graph_roles", "graph_runtime", "graphs_with_role",
+           "io_names", "load_manifest", "required_graphs", "state_size"]
 
 
 def load_manifest(engine_dir: str | Path) -> dict:
