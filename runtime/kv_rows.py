@@ -200,6 +200,23 @@ class KVRows:
             self.feed, self.mask = feed, feed[:, :have]
         return past
 
+    def decode(self, graph: str, rows: np.ndarray, slots: np.ndarray, positions: np.ndarray, embeds: list,
+               hidden_size: int, **feeds) -> dict:
+        """ONE call of `graph` (seq 1) over the whole cache: row rows[i] takes embeds[i] at positions[i] and
+        writes its new key/value into slots[i] (then attends it); the rows not listed get a zero input that
+        nothing reads. `feeds`: the graph's other inputs. Returns the graph's outputs."""
+        past = self.past(int(slots.max()))
+        count = len(self.owner)
+        inputs = np.zeros((count, 1, hidden_size), dtype=np.float32)
+        position_ids = np.zeros((count, 1), dtype=np.int64)
+        inputs[rows, 0] = embeds
+        position_ids[rows, 0] = positions
+        out = self.backend.run(graph, {"inputs_embeds": inputs, "attention_mask": self.feed,
+                                       "position_ids": position_ids, "past_kv": past, **feeds})
+        self.write_rows(out["new_kv"], rows, slots)
+        self.mask[rows, slots] = 1
+        return out
+
     def write(self, row: int, slot: int, new_kv) -> None:
         """new_kv [layers, 2, 1, kv_heads, seq, head_dim] into `row`, slots slot..slot+seq-1."""
         self.cache.write(slice(row, row + 1), slot, new_kv)

@@ -225,26 +225,15 @@ class RealtimeSteps:
         return [j for j in jobs if not j.done]
 
     def _feed_frames(self, jobs: list[RealtimeJob]) -> None:
-        kv = self.kv
-        rows = len(kv.owner)
         pos_rows = np.asarray([j.rows[0] for j in jobs])
         neg_rows = np.asarray([j.rows[1] for j in jobs])
-        pos_slots = np.asarray([j.pos_next for j in jobs])
-        neg_slots = np.asarray([j.neg_next for j in jobs])
-        past = kv.past(int(max(pos_slots.max(), neg_slots.max())))
-        embeds = np.zeros((rows, 1, self.facts.hidden), dtype=np.float32)
-        positions = np.zeros((rows, 1), dtype=np.int64)
-        embeds[pos_rows, 0] = [j.next_embed for j in jobs]
-        embeds[neg_rows, 0] = [j.next_embed for j in jobs]
-        positions[pos_rows, 0] = pos_slots
-        positions[neg_rows, 0] = neg_slots
-        out = self.backend.run("tts_lm", {"inputs_embeds": embeds, "input_types": np.zeros((rows, 1), np.int64),
-                                          "attention_mask": kv.feed, "position_ids": positions, "past_kv": past})
-        kv.write_rows(out["new_kv"], np.concatenate([pos_rows, neg_rows]), np.concatenate([pos_slots, neg_slots]))
-        kv.mask[pos_rows, pos_slots] = 1
-        kv.mask[neg_rows, neg_slots] = 1
+        rows = np.concatenate([pos_rows, neg_rows])
+        slots = np.concatenate([[j.pos_next for j in jobs], [j.neg_next for j in jobs]])
+        embeds = [j.next_embed for j in jobs]
+        out = self.kv.decode("tts_lm", rows, slots, slots, embeds + embeds, self.facts.hidden,
+                             input_types=np.zeros((len(self.kv.owner), 1), dtype=np.int64))
         hidden = np.asarray(out["hidden"], dtype=np.float32)
-        eos = np.asarray(out["eos_logit"], dtype=np.float32).reshape(rows)
+        eos = np.asarray(out["eos_logit"], dtype=np.float32).reshape(-1)
         for job, pos_row, neg_row in zip(jobs, pos_rows, neg_rows):
             job.conditions = hidden[[pos_row, neg_row]]
             job.pos_next += 1

@@ -284,24 +284,13 @@ class VibeVoiceSteps:
         """One lm call (seq 1) over the rows of every running job; returns the jobs it stepped."""
         if not jobs:
             return []
-        kv = self.kv
-        rows = len(kv.owner)
         pos_rows = np.asarray([j.rows[0] for j in jobs])
         neg_rows = np.asarray([j.rows[1] for j in jobs])
         pos_slots = np.asarray([j.pos_next for j in jobs])
-        neg_slots = np.asarray([j.neg_slot for j in jobs])
-        past = kv.past(int(max(pos_slots.max(), neg_slots.max())))
-        embeds = np.zeros((rows, 1, self.facts.hidden), dtype=np.float32)
-        positions = np.zeros((rows, 1), dtype=np.int64)
-        embeds[pos_rows, 0] = [j.next_embed for j in jobs]
-        embeds[neg_rows, 0] = [j.next_embed for j in jobs]
-        positions[pos_rows, 0] = pos_slots
-        positions[neg_rows, 0] = [j.neg_pos for j in jobs]
-        out = self.backend.run("lm", {"inputs_embeds": embeds, "attention_mask": kv.feed,
-                                      "position_ids": positions, "past_kv": past})
-        kv.write_rows(out["new_kv"], np.concatenate([pos_rows, neg_rows]), np.concatenate([pos_slots, neg_slots]))
-        kv.mask[pos_rows, pos_slots] = 1
-        kv.mask[neg_rows, neg_slots] = 1
+        embeds = [j.next_embed for j in jobs]
+        out = self.kv.decode("lm", np.concatenate([pos_rows, neg_rows]),
+                             np.concatenate([pos_slots, [j.neg_slot for j in jobs]]),
+                             np.concatenate([pos_slots, [j.neg_pos for j in jobs]]), embeds + embeds, self.facts.hidden)
         hidden = np.asarray(out["hidden"], dtype=np.float32)
         logits = np.asarray(out["control_logits"], dtype=np.float32)
         for job, pos_row, neg_row in zip(jobs, pos_rows, neg_rows):
