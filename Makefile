@@ -61,7 +61,7 @@ bench-serve: setup
 	$(BIN)/python benchmarks/bench_serve.py --out benchmarks/results
 
 bench-quant: setup
-	$(BIN)/python benchmarks/bench_quant.py --model $(or $(QUANT_MODEL),mid) --out benchmarks/results
+	$(BIN)/python benchmarks/bench_quant.py --model $(or $(QUANT_MODEL),mid) --work benchmarks/.cache/quant --out benchmarks/results
 
 # VibeVoice-Realtime-0.5B (full-size random) on this CPU: ONNX Runtime fp32/int8 vs the PyTorch port of the
 # loop; exports cached under benchmarks/.cache/realtime (first run: the exports, a few minutes each)

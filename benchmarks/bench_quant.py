@@ -42,6 +42,7 @@ Writes `<out>/bench_quant_<model>.json` and `<out>/bench_quant_<model>.png`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -56,7 +57,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_runtime import _timed  # noqa: E402  (drains a chunk generator with a time stamp per chunk)
-from common import FULL_SIZE_CONFIG, ForcedDiffusion, load_average, provenance, write_result  # noqa: E402
+from common import FULL_SIZE_CONFIG, ForcedDiffusion, export_key, load_average, provenance, write_result  # noqa: E402
 
 SAMPLE_RATE = 24000
 PROMPT_ONLY_GRAPHS = ("text_embed", "acoustic_encoder")  # run for the prompt alone, not per frame
@@ -166,7 +167,8 @@ def _median(runs: list[dict]) -> dict:
     return out
 
 
-def run_side(side: str, model: str, engine_dir: Path, threads: int, frames: int, repeats: int) -> dict:
+def run_side(side: str, model: str, engine_dir: Path, threads: int, frames: int, repeats: int,
+             concurrency: int = 0) -> dict:
     from bench_runtime import fixture_inputs
 
     script, voice, _, _ = fixture_inputs()
@@ -245,6 +247,8 @@ def run_side(side: str, model: str, engine_dir: Path, threads: int, frames: int,
             per_frame.append({g: (s - (timer.prefill_s if g == "lm" else 0.0)) / n_frames * 1e3
                               for g, s in timer.seconds.items() if g not in PROMPT_ONLY_GRAPHS})
             prefill.append(timer.prefill_s)
+        together = concurrent_scripts(pipe, script, voice, cfg, frames, concurrency, hop,
+                                      [r["wall_s"] for r in runs]) if concurrency > 1 else None
         pipe.close()
     out = {**_median(runs), "runs": len(runs), "peak_rss_gb": _peak_rss_gb()}
     if per_graph:
@@ -252,7 +256,27 @@ def run_side(side: str, model: str, engine_dir: Path, threads: int, frames: int,
         out["ms_per_decode_frame_by_graph"] = {g: statistics.median(r.get(g, 0.0) for r in per_frame)
                                                for g in per_frame[0]}
         out["prompt_prefill_ms"] = statistics.median(prefill) * 1e3
+    if side == "ort" and concurrency > 1:
+        out["concurrency"] = together
     return out
+
+
+def concurrent_scripts(pipe, script, voice, cfg: float, frames: int, count: int, hop: int, alone_walls) -> dict:
+    """`count` copies of the script (forced, `frames` frames each, their own noise) generated together in one
+    batch, against the same work one at a time (count x the median whole generation of the timed runs above,
+    prefill included): aggregate seconds of audio per second."""
+    rows = pipe.prepare([script] * count, [voice])
+    start = time.perf_counter()
+    result = pipe.generate(rows, cfg_scale=cfg, max_new_frames=frames, seed=7)
+    wall = time.perf_counter() - start
+    made = sum(result.frames)
+    alone = statistics.median(alone_walls) * count
+    audio_s = made * hop / SAMPLE_RATE
+    return {"scripts": count, "frames_per_script": frames, "frames": made, "wall_s": wall,
+            "audio_s_per_s": audio_s / wall, "one_at_a_time_wall_s": alone,
+            "one_at_a_time_audio_s_per_s": count * frames * hop / SAMPLE_RATE / alone,
+            "speedup_concurrent_vs_one_at_a_time": alone / wall * made / (count * frames),
+            "note": "one at a time = scripts x the median whole generation (prefill included) of the timed runs"}
 
 
 # --- the whole benchmark ----------------------------------------------------------------------------------
@@ -261,29 +285,44 @@ def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file())
 
 
-def export_all(model: str, work: Path, modes: list[str], threads: int, log) -> tuple[dict, dict]:
+def mode_key(model: str, mode: str) -> str:
+    config = json.loads(Path(FULL_SIZE_CONFIG).read_text()) if model == "full" else model
+    return export_key(config=config, seed=0, mode=mode, options=export_options(mode))
+
+
+def stale_modes(model: str, work: Path, modes: list[str]) -> list[str]:
+    """The modes whose cached ENGINE_DIR under `work` is missing or was made from other code or options."""
+    return [m for m in modes if not (work / m / "manifest.json").exists() or not (work / f"{m}.key").exists()
+            or (work / f"{m}.key").read_text() != mode_key(model, m)]
+
+
+def export_all(model: str, work: Path, modes: list[str], threads: int, log) -> dict:
+    """Export the stale modes into work/<mode> (a key file beside each: reused while it matches)."""
     import torch
 
     from vv_export.onnx_export import export_onnx
 
     torch.set_num_threads(threads)
+    due = stale_modes(model, work, modes)
+    info = {"parameters": None, "export_s": {}, "exports_reused": [m for m in modes if m not in due]}
+    if not due:
+        return info
     loaded = load_model(model)
-    params = sum(p.numel() for p in loaded.model.parameters())
-    dirs, info = {}, {"parameters": int(params), "export_s": {}}
-    for mode in modes:
+    info["parameters"] = int(sum(p.numel() for p in loaded.model.parameters()))
+    for mode in due:
         t = time.perf_counter()
-        dirs[mode] = export_onnx(loaded, work / mode, force=True, progress=False, threads=threads,
-                                 **export_options(mode))
+        export_onnx(loaded, work / mode, force=True, progress=False, threads=threads, **export_options(mode))
+        (work / f"{mode}.key").write_text(mode_key(model, mode))
         info["export_s"][mode] = time.perf_counter() - t
         log(f"[{model}] exported {mode} in {info['export_s'][mode]:.0f} s")
     info["export_peak_rss_gb"] = _peak_rss_gb()
-    return dirs, info
+    return info
 
 
-def _side_in_subprocess(side, model, engine_dir, threads, frames, repeats, modes=()) -> dict:
+def _side_in_subprocess(side, model, engine_dir, threads, frames, repeats, modes=(), concurrency=0) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--model", model,
            "--engine-dir", str(engine_dir), "--threads", str(threads), "--frames", str(frames),
-           "--repeats", str(repeats), "--modes", ",".join(modes)]
+           "--repeats", str(repeats), "--modes", ",".join(modes), "--concurrency", str(concurrency)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -354,7 +393,7 @@ def quant_summary(engine_dir: Path) -> dict:
 
 def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames: int = 16, repeats: int = 3,
                   modes=tuple(DEFAULT_MODES.split(",")), torch_sides=("transformers", "torch"), rounds: int = 1,
-                  log=print) -> dict:
+                  concurrency: int = 8, work: Path | None = None, log=print) -> dict:
     load_before = load_average()
     modes = list(modes)
     for mode in modes:
@@ -364,19 +403,28 @@ def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames:
     if not openvino_installed() and any(m.endswith(OPENVINO_SUFFIX) for m in modes):
         log(f"note: OpenVINO is not installed: no {', '.join(m for m in modes if m.endswith(OPENVINO_SUFFIX))} side")
         modes = [m for m in modes if not m.endswith(OPENVINO_SUFFIX)]
-    with tempfile.TemporaryDirectory(prefix="vv-bench-quant-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vv-bench-quant-")))
+        else:
+            tmp = Path(work) / model
+            tmp.mkdir(parents=True, exist_ok=True)
         # the export in its own process too: its memory (the torch model, ~16 GB at full size) is gone after it
-        info = _side_in_subprocess("export", model, Path(tmp), threads, frames, repeats, modes)
+        due = stale_modes(model, tmp, modes)
+        if due:
+            log(f"[{model}] exporting {', '.join(due)} into {tmp}")
+        info = _side_in_subprocess("export", model, tmp, threads, frames, repeats, modes)
         if "error" in info:
             raise RuntimeError(f"export failed: {info['error']}")
-        dirs = {mode: Path(tmp) / mode for mode in modes}
-        for mode in modes:
-            log(f"[{model}] exported {mode} in {info['export_s'][mode]:.0f} s")
+        dirs = {mode: tmp / mode for mode in modes}
+        if info["exports_reused"]:
+            log(f"[{model}] reusing the exports of {', '.join(info['exports_reused'])} in {tmp}")
         sides = {}
         per_round: dict[str, list] = {mode: [] for mode in modes}
         for k in range(rounds):
             for mode in modes[k % len(modes):] + modes[:k % len(modes)]:  # rotated: no side always first
-                r = _side_in_subprocess("ort", model, dirs[mode], threads, frames, repeats)
+                r = _side_in_subprocess("ort", model, dirs[mode], threads, frames, repeats,
+                                        concurrency=concurrency if k == 0 else 0)
                 r["load_average_1min_after"] = load_average()  # other work on the machine during this side
                 per_round[mode].append(r)
                 log(f"[{model}] ort-{mode} (round {k + 1}/{rounds}): {r.get('ms_per_frame') or float('nan'):.1f} "
@@ -390,7 +438,7 @@ def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames:
             if mode.endswith(OPENVINO_SUFFIX):
                 r["runtimes"] = runtime_summary(dirs[mode])
             sides[f"ort-{mode}"] = r
-        accuracy = _side_in_subprocess("agreement", model, Path(tmp), threads, frames, repeats, modes)
+        accuracy = _side_in_subprocess("agreement", model, tmp, threads, frames, repeats, modes)
         for mode, gen in accuracy.items() if "error" not in accuracy else ():
             log(f"[{model}] {mode} vs fp32: " + "; ".join(
                 f"{run} tokens equal {c['tokens_equal']} (agreement {c['token_agreement']:.3f}, first divergence "
@@ -516,14 +564,19 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the ONNX Runtime sides")
     parser.add_argument("--baselines", default="transformers,torch",
                         help="PyTorch sides: transformers (its generate), torch (the original loop port); '' for none")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="scripts generated together once per ONNX Runtime side (aggregate throughput); 0: none")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the exports here and reuse them while the exporter and options are the same "
+                             "(default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--side", choices=["ort", "torch", "transformers", "export", "agreement"], default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument("--engine-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side == "export":
-        _, info = export_all(args.model, args.engine_dir, [m for m in args.modes.split(",") if m], args.threads,
-                             lambda line: print(line, file=sys.stderr))
+        info = export_all(args.model, args.engine_dir, [m for m in args.modes.split(",") if m], args.threads,
+                          lambda line: print(line, file=sys.stderr))
         print(json.dumps(info))
         return 0
     if args.side == "agreement":
@@ -531,10 +584,12 @@ def main(argv=None) -> int:
         print(json.dumps(agreement(args.model, {m: args.engine_dir / m for m in modes}, args.frames, args.threads)))
         return 0
     if args.side:
-        print(json.dumps(run_side(args.side, args.model, args.engine_dir, args.threads, args.frames, args.repeats)))
+        print(json.dumps(run_side(args.side, args.model, args.engine_dir, args.threads, args.frames, args.repeats,
+                                  args.concurrency)))
         return 0
     result = run_benchmark(args.model, args.out, threads=args.threads, frames=args.frames, repeats=args.repeats,
                            modes=[m for m in args.modes.split(",") if m], rounds=args.rounds,
+                           concurrency=args.concurrency, work=args.work,
                            torch_sides=tuple(b for b in args.baselines.split(",") if b))
     for name, r in result["sides"].items():
         if "error" in r:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import re
@@ -57,6 +56,7 @@ sys.path.insert(0, str(HERE))
 from bench_quant import GraphTimer, _figures, _median  # noqa: E402
 from bench_runtime import _timed  # noqa: E402  (drains a chunk generator with a time stamp per chunk)
 from common import SHARED, load_average, provenance, write_result  # noqa: E402
+from common import export_key as common_export_key  # noqa: E402
 
 SAMPLE_RATE = 24000
 FULL_CONFIG_FILE = SHARED / "reference" / "vibevoice-realtime-0.5b-config.json"
@@ -134,15 +134,8 @@ def model_dir(work: Path, model: str) -> Path:
 
 
 def export_key(model: str, mode: str) -> str:
-    """What an export depends on: the config, the seed, the mode and the exporter's code."""
-    import vv_export
-
-    digest = hashlib.sha256()
     config = full_config() if model == "full" else "tiny_random_realtime_model"
-    digest.update(json.dumps({"config": config, "seed": SEED, "mode": mode}, sort_keys=True).encode())
-    for source in sorted(Path(vv_export.__file__).parent.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    return digest.hexdigest()
+    return common_export_key(config=config, seed=SEED, mode=mode)
 
 
 def preset_file(work: Path, model: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -14,6 +15,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VV_SHARED_DIR", REPO.parent / "shared"))
 FULL_SIZE_CONFIG = SHARED / "reference" / "vibevoice-1.5b-original-config.json"
+
+
+def export_key(**facts) -> str:
+    """What a cached benchmark export depends on: the given facts (model config, seed, mode) and the exporter's
+    code; a cached ENGINE_DIR is reused only while its key file holds the same key."""
+    import vv_export
+
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode())
+    for source in sorted(Path(vv_export.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()
 
 
 def load_average() -> float | None:
