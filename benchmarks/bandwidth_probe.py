@@ -62,15 +62,14 @@ def _quantized(model, bits: int):
 def measure(threads: int) -> dict:
     import onnxruntime as ort
 
+    from vv_runtime.backend import session_options
+
     base = _model()
     x = np.random.default_rng(1).standard_normal((ROWS, K)).astype(np.float32)
     out = {}
     for kind, model in (("fp32", base), ("int8", _quantized(base, 8)), ("int4", _quantized(base, 4))):
         weight_bytes = sum(len(i.raw_data) for i in model.graph.initializer)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime
+        opts = session_options(threads)  # as the runtime opens its graphs
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         for _ in range(3):
             session.run(None, {"x": x})

@@ -287,7 +287,7 @@ def _dir_bytes(d: Path) -> int:
 
 def mode_key(model: str, mode: str) -> str:
     config = json.loads(Path(FULL_SIZE_CONFIG).read_text()) if model == "full" else model
-    return export_key(config=config, seed=0, mode=mode, options=export_options(mode))
+    return export_key(config=config, seed=0, mode=mode)
 
 
 def stale_modes(model: str, work: Path, modes: list[str]) -> list[str]:
@@ -505,7 +505,8 @@ def plot(result: dict, path: Path) -> Path | None:
         return None
     sides = {k: v for k, v in result["sides"].items() if v.get("ms_per_frame")}
     names = list(sides)
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
+    together = [n for n in names if sides[n].get("concurrency")]
+    fig, axes = plt.subplots(1, 5 if together else 4, figsize=(24 if together else 19, 4.8))
     # ms per frame of every side (log scale: PyTorch eager can be 100x slower)
     ax = axes[0]
     vals = [sides[n]["ms_per_frame"] for n in names]
@@ -546,6 +547,19 @@ def plot(result: dict, path: Path) -> Path | None:
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set_title(label)
+    if together:
+        ax = axes[4]
+        for i, name in enumerate(together):
+            c = sides[name]["concurrency"]
+            for dx, key, color, label in ((-0.2, "one_at_a_time_audio_s_per_s", "silver", "one at a time"),
+                                          (0.2, "audio_s_per_s", "seagreen", f"{c['scripts']} scripts together")):
+                ax.bar(i + dx, c[key], 0.4, color=color, label=label if i == 0 else None)
+                ax.text(i + dx, c[key], f"{c[key]:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.axhline(1.0, color="firebrick", ls="--", lw=1)
+        ax.set_xticks(range(len(together)), together, rotation=20)
+        ax.set_ylabel("seconds of audio per second")
+        ax.set_title("aggregate throughput")
+        ax.legend(fontsize=7)
     fig.suptitle(f"bench_quant, {result['model_name']} model: fp32 / int8 / int4 ONNX Runtime (+ OpenVINO) vs PyTorch")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """VibeVoice-Realtime-0.5B on the CPU: ONNX Runtime fp32 and int8 side by side with the PyTorch port of the loop.
 
-    python benchmarks/bench_realtime.py [--model full|tiny] [--threads 2] [--modes fp32,int8] [--repeats 3]
+    python benchmarks/bench_realtime.py [--model full|tiny] [--threads 2] [--modes fp32,int8,int8+openvino]
+                                        [--repeats 3]
                                         [--text TEXT] [--after 6] [--streams 4] [--word-ms 50] [--no-torch]
                                         [--work benchmarks/.cache/realtime] [--fresh] [--out benchmarks/results]
 
@@ -8,7 +9,9 @@ The model is a random one of the real architecture: `full` is VibeVoice-Realtime
 a 4-layer text LM and a 20-layer TTS LM, the 1.5B's acoustic decoder, a 4-layer diffusion head; the config of
 `shared/reference/vibevoice-realtime-0.5b-config.json`, embedded here as FULL_CONFIG), random weights perturbed
 like the project's other random models, a byte-level tokenizer; `tiny` the architecture at toy width (tests).
-It is exported once per mode (`vv-export onnx`, `--quantize none|int8`) into the work directory, reused while
+It is exported once per mode (`vv-export onnx`, `--quantize none|int8`; `int8+openvino` adds `--runtimes
+ort,openvino`: each graph served by OpenVINO where that was faster within its tolerance when exported here,
+bench_quant's mode of the same name) into the work directory, reused while
 the config, seed and exporter code stay the same (`--fresh` exports again). Voice: the real preset
 `en-Davis_man.pt` (shared/reference/realtime-voices, made for exactly these dimensions) when present, else a
 preset in the released format synthesized by the model's own LMs on a short prompt with the positions of the
@@ -31,8 +34,8 @@ with 6 frames each, then `--after` frames. Figures (median of --repeats runs aft
   jobs one at a time (ONNX Runtime sides);
 - the port and ort-fp32 agree on the audio (same weights): max |diff| / peak at the first frame and overall.
 
-Goals (issue 14, full size): int8 <= 60 ms per frame (RTF <= 0.45), fp32 <= 133 ms (real time), >= 5x the port,
-first audio <= 150 ms. Writes `<out>/bench_realtime_<model>.json` and `.png`.
+Goals (issue 14, full size): int8 <= 60 ms per frame (RTF <= 0.45; judged on the faster of int8 and
+int8+openvino), fp32 <= 133 ms (real time), >= 5x the port, first audio <= 150 ms. Writes `<out>/bench_realtime_<model>.json` and `.png`.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_quant import GraphTimer, _figures, _median  # noqa: E402
+from bench_quant import OPENVINO_SUFFIX, GraphTimer, _figures, _median, export_options, openvino_installed  # noqa: E402
 from bench_runtime import _timed  # noqa: E402  (drains a chunk generator with a time stamp per chunk)
 from common import SHARED, load_average, provenance, write_result  # noqa: E402
 from common import export_key as common_export_key  # noqa: E402
@@ -240,8 +243,7 @@ def export_side(model: str, work: Path, modes, threads: int, fresh: bool) -> dic
     info = {"parameters": int(sum(p.numel() for p in loaded.model.parameters())), "export_s": {}}
     for mode in modes_due:
         t = time.perf_counter()
-        export_onnx(loaded, base / mode, force=True, progress=False, threads=threads,
-                    quantize="none" if mode == "fp32" else mode)
+        export_onnx(loaded, base / mode, force=True, progress=False, threads=threads, **export_options(mode))
         (base / f"{mode}.key").write_text(export_key(model, mode))
         info["export_s"][mode] = time.perf_counter() - t
     if preset_due:
@@ -632,7 +634,11 @@ def busy_machine(loads: list[dict]) -> bool | None:
 
 
 def goal_summary(goal: dict, sides: dict) -> dict:
-    int8 = sides.get("ort-int8", {}).get("ms_per_frame")
+    """The int8 goal is judged on the fastest side with int8 weights (ONNX Runtime alone or the mix)."""
+    int8_sides = {n: s["ms_per_frame"] for n, s in sides.items()
+                  if n.startswith("ort-int8") and s.get("ms_per_frame")}
+    int8_side = min(int8_sides, key=int8_sides.get, default=None)
+    int8 = int8_sides.get(int8_side)
     fp32 = sides.get("ort-fp32", {}).get("ms_per_frame")
     speedup = max((s.get("speedup_vs_torch") or 0.0 for s in sides.values()), default=0.0)
     first = min((s["first_audio_streamed"]["first_audio_after_window_s"] * 1e3 for s in sides.values()
@@ -641,7 +647,7 @@ def goal_summary(goal: dict, sides: dict) -> dict:
            "fp32": fp32 is not None and fp32 <= goal["fp32_ms_per_frame_max"],
            "speedup": speedup >= goal["speedup_vs_torch_min"],
            "first_audio": first is not None and first <= goal["first_audio_streamed_ms_max"]}
-    return {**goal, "int8_ms_per_frame": int8, "fp32_ms_per_frame": fp32, "best_speedup_vs_torch": speedup,
+    return {**goal, "int8_ms_per_frame": int8, "int8_side": int8_side, "fp32_ms_per_frame": fp32, "best_speedup_vs_torch": speedup,
             "best_first_audio_streamed_ms": first, "met": met, "all_met": all(met.values())}
 
 
@@ -732,7 +738,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["full", "tiny"], default="full")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--modes", default="fp32,int8")
+    parser.add_argument("--modes", default=None, help="default: fp32,int8,int8+openvino (without the last where "
+                                                       "OpenVINO is not installed)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--text", default=TEXT)
     parser.add_argument("--after", type=int, default=6, help="frames after the text is spent")
@@ -744,6 +751,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.modes is None:
+        args.modes = "fp32,int8" + (f",int8{OPENVINO_SUFFIX}" if openvino_installed() else "")
     modes = [m for m in args.modes.split(",") if m]
     if args.side == "export":
         try:

@@ -61,7 +61,7 @@ import numpy as np
 from .conv_matmul import convs_to_matmul
 from .engine_dir import sha256_file
 from .errors import ExportError, ValidationError, one_line
-from .graph_rules import (bypass_weight_identities, check_within_tolerance, cpu_session, max_error, save_graph,
+from .graph_rules import (bypass_weight_identities, check_within_tolerance, max_error, save_graph,
                           weight_bytes)
 from .validation_data import REFERENCE_RUNNER, load_validation_data
 
@@ -271,9 +271,14 @@ def quantize_small_matmuls_dynamic(model, work: Path):
 # --- saving, validating, timing --------------------------------------------------------------------
 
 def _session(path: Path, threads: int | None):
-    """A CPU session for timing and validation: `threads` intra-op threads (None: one per core), idle
-    workers not spinning (the sessions of a comparison run interleaved)."""
-    return cpu_session(path, int(threads or os.cpu_count() or 1), spinning=False)
+    """A CPU session for timing and validation, as the runtime opens it (vv_runtime.backend.session_options:
+    the timings that choose a graph are the ones it will have): `threads` intra-op threads (None: one per core)."""
+    import onnxruntime as ort
+
+    from vv_runtime.backend import session_options
+
+    return ort.InferenceSession(str(path), sess_options=session_options(int(threads or os.cpu_count() or 1)),
+                                providers=["CPUExecutionProvider"])
 
 
 def validate_quantized(name: str, path: Path, directory: Path, tolerance: dict, threads: int | None):

@@ -49,28 +49,28 @@ def _stderr_notice(text: str) -> None:
     print(f"note: {text}", file=sys.stderr)
 
 
-_SHARED_POOL: dict[str, int] = {}  # {"threads": n} once this process's shared ONNX Runtime pool exists
+def session_options(threads: int | None):
+    """The onnxruntime.SessionOptions of a graph as the runtime runs it, `threads` intra-op threads (None: one per
+    core). The exporter times its candidates with the same options.
 
+    The loop calls several sessions in turn, each with a thread pool of its own. Its workers spin between the
+    operators of a call (woken for every operator instead, they cost 15 % on the full-size Realtime-0.5B in int8)
+    and stop spinning when the call ends (spinning on, they would take the cores from the next session: 1.5x
+    slower)."""
+    import onnxruntime as ort
 
-def shared_pool(threads: int) -> bool:
-    """Whether sessions of `threads` intra-op threads (0: ONNX Runtime's default, one per core) can run on the
-    one process-wide ONNX Runtime thread pool, created here on first use with that size.
-
-    The loop calls several sessions in turn. Each with a pool of its own either spins between calls and steals
-    the cores from the next session, or (spinning off) wakes its threads for every operator; one shared pool
-    does neither (full-size Realtime-0.5B int8 on 2 cores, per frame: decoder 42 -> 37 ms, TTS LM 31 -> 26 ms,
-    sampler 11.8 -> 9.5 ms). The pool's size is fixed once made: sessions that want another size get a pool of
-    their own (spinning off), as before."""
-    if "threads" not in _SHARED_POOL:
-        from onnxruntime.capi import _pybind_state
-
-        try:
-            _pybind_state.set_global_thread_pool_sizes(int(threads), 1)
-        except Exception:  # made elsewhere in this process, size unknown: not ours to share
-            _SHARED_POOL["threads"] = -1
-        else:
-            _SHARED_POOL["threads"] = int(threads)
-    return _SHARED_POOL["threads"] == int(threads)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # the graphs' shapes change from call to call (batch rows, prompt length, cache slots): a memory
+    # pattern is planned and kept for every new combination of input shapes, a cache that only grows
+    # (~17 MB more resident memory on the tiny model after 120 requests, no faster)
+    opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    return opts
 
 
 class OrtBackend(Backend):
@@ -131,20 +131,7 @@ class OrtBackend(Backend):
             raise RuntimeInputError(f"ENGINE_DIR: graph {graph!r} is not in the manifest")
         entry = self.manifest["graphs"][graph]
         path = self.engine_dir / entry.get("file", f"{graph}.onnx")
-        opts = self._ort.SessionOptions()
-        opts.log_severity_level = 3
-        # the graphs' shapes change from call to call (batch rows, prompt length, cache slots): a memory
-        # pattern is planned and kept for every new combination of input shapes, a cache that only grows
-        # (~17 MB more resident memory on the tiny model after 120 requests, no faster)
-        opts.enable_mem_pattern = False
-        threads = graph_threads(entry, self.threads)
-        if threads != 1 and self.providers == ["CPUExecutionProvider"] and shared_pool(threads or 0):
-            opts.use_per_session_threads = False
-        else:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if threads:
-                opts.intra_op_num_threads = int(threads)
-                opts.inter_op_num_threads = 1
+        opts = session_options(graph_threads(entry, self.threads))
         try:
             session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as exc:
