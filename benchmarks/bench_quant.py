@@ -367,6 +367,9 @@ def _merge_rounds(runs: list[dict]) -> dict:
             out[key] = statistics.median(values)
         elif isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
             out[key] = {k: statistics.median([r[key][k] for r in ok if k in r.get(key, {})]) for k in value}
+    for run in ok:  # figures measured in one round only (the concurrency pass)
+        for key, value in run.items():
+            out.setdefault(key, value)
     out["rounds"] = len(ok)
     if len(ok) < len(runs):
         out["failed_rounds"] = [r["error"] for r in runs if "error" in r]
