@@ -90,10 +90,11 @@ class ModelFamily:
         return tuple(graph for graph, role in self.graph_roles.items() if role in LOOP_ROLES)
 
 
-DEFAULT_FAMILY = "vibevoice"
+DEFAULT_FAMILY = "vibevoice"        # VibeVoice-1.5B / 7B
+STREAMING_FAMILY = "vibevoice_streaming"  # VibeVoice-Realtime-0.5B
 FAMILIES = {family.name: family for family in (
     ModelFamily(
-        "vibevoice",  # VibeVoice-1.5B / 7B: one lm, control tokens, voice prompts encoded from audio
+        DEFAULT_FAMILY,  # one lm, control tokens, voice prompts encoded from audio
         graph_roles={"text_embed": "loop", "lm": "loop", "acoustic_encoder": "loop",
                      "acoustic_decoder": "per-frame", "semantic_encoder": "per-frame", "diffusion_sampler": "per-frame",
                      "acoustic_connector": "auxiliary", "semantic_connector": "auxiliary",
@@ -102,7 +103,7 @@ FAMILIES = {family.name: family for family in (
         tokens=CONTROL_TOKENS + ("pad",),
         control_tokens=CONTROL_TOKENS),
     ModelFamily(
-        "vibevoice_streaming",  # VibeVoice-Realtime-0.5B: text and TTS lms, an end-of-speech classifier
+        STREAMING_FAMILY,  # text and TTS lms, an end-of-speech classifier, voices as preset caches
         graph_roles={"text_embed": "loop", "text_lm": "loop", "tts_lm": "loop",
                      "diffusion_sampler": "per-frame", "acoustic_decoder": "per-frame",
                      "acoustic_connector": "auxiliary"},

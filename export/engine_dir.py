@@ -23,8 +23,8 @@ from typing import Callable
 
 import vv_engine_dir
 from vv_engine_dir import (CONTROL_TOKENS, PROMPT, DEFAULT_ROLES, DEFAULT_RUNTIME, DERIVED_DIMS, ENGINE_FORMAT, FORMAT,
-                           FORMAT_VERSION, MANIFEST, OPENVINO_RUNTIME, ROLES, RUNTIME_INSTALL, TRT_DIR, EngineDirError,
-                           graph_roles)
+                           FORMAT_VERSION, MANIFEST, OPENVINO_RUNTIME, ROLES, RUNTIME_INSTALL, STREAMING_FAMILY, TRT_DIR,
+                           EngineDirError, graph_roles)
 
 from .errors import ExportError
 

@@ -36,12 +36,13 @@ from . import specs, wrappers
 from .checkpoint import (LoadedModel, byte_level_tokenizer_json, check_state, find_tokenizer, hash_files,
                          init_nonpersistent_buffers, lookup_token_ids, missing_tokenizer, perturb_, read_safetensors,
                          safetensors_files, tiny_original_config)
+from .engine_dir import STREAMING_FAMILY
 from .errors import ExportError
 from .layout import (ORIGINAL, audio_config_kwargs, diffusion_head_config_kwargs, diffusion_settings,
                      original_to_transformers_name, text_config_kwargs)
 from .specs import IO, ContextBase, GraphSpec, lm_sample, uniform_tolerance
 
-FAMILY = "vibevoice_streaming"  # manifest["model_family"] of this family's ENGINE_DIRs
+FAMILY = STREAMING_FAMILY  # manifest["model_family"] of this family's ENGINE_DIRs
 MODEL_TYPE = "vibevoice_streaming"  # config.json's model_type
 DEFAULT_DIFFUSION_STEPS = 5  # the original's DPM-Solver++ steps for this model
 DEFAULT_CFG_SCALE = 1.5  # ... and its classifier-free guidance scale

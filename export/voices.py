@@ -36,10 +36,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .engine_dir import MANIFEST, atomic_write, read_manifest, update_manifest
+from .engine_dir import MANIFEST, STREAMING_FAMILY, atomic_write, read_manifest, update_manifest
 from .errors import ExportError, one_line
 
-STREAMING_FAMILY = "vibevoice_streaming"
 VOICES_DIR = "voices"
 VOICE_FORMAT = "vibevoice-trt/voice"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import click
 
 from .errors import RuntimeInputError, one_line
+from .manifest import STREAMING_FAMILY
 
-REALTIME_FAMILY = "vibevoice_streaming"
 
 
 class _OneLineErrors(click.Command):
@@ -135,7 +135,7 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
     started = time.perf_counter()
     # inputs first (cheap, no graph loaded), then the output files, then the graphs
     manifest = load_manifest(engine_dir)
-    run = _run_realtime if manifest.get("model_family") == REALTIME_FAMILY else _run_vibevoice
+    run = _run_realtime if manifest.get("model_family") == STREAMING_FAMILY else _run_vibevoice
     summary = run(engine_dir, manifest, scripts, outputs, list(voices), cfg_scale, seed, max_new_frames, stream,
                   backend, threads, pcm16, started)
     summary["stream"] = bool(stream)
@@ -313,7 +313,7 @@ def _run_realtime(engine_dir, manifest, scripts, outputs, voices, cfg_scale, see
     summary = _figures(outputs, audio, [job.frames for job in jobs], [job.steps for job in jobs], pipeline.sample_rate,
                        wall, loaded - started, first_chunk, pipeline.backend, seed, jobs[0].cfg_scale)
     summary["steps"] = sched.steps
-    summary["model_family"] = REALTIME_FAMILY
+    summary["model_family"] = STREAMING_FAMILY
     summary["voice"] = voices[0]
     for entry, job in zip(summary["outputs"], jobs):
         entry["text_tokens"] = job.text.available()

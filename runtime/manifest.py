@@ -13,7 +13,7 @@ from pathlib import Path
 import vv_engine_dir
 from vv_engine_dir import (CONTROL_TOKENS, PROMPT, DEFAULT_ROLES, DEFAULT_RUNTIME, DERIVED_DIMS, FORMAT, FORMAT_VERSION,
                            GRAPH_RUNTIMES, LOOP_ROLES, OPENVINO_RUNTIME, REQUIRED_GRAPHS, ROLES, RUNTIME_INSTALL,
-                           EngineDirError, graph_roles,
+                           STREAMING_FAMILY, EngineDirError, graph_roles,
                            graph_runtime, graphs_with_role, required_graphs)
 
 from .errors import RuntimeInputError

@@ -50,9 +50,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .audio import prepare_voice
-from .backend import Backend, select_backend
+from .backend import Backend
 from .errors import RuntimeInputError
-from .manifest import load_manifest
+from .pipeline_base import EnginePipeline
 from .prompt import Prompt, PromptBuilder
 from .scheduler import Scheduler, seeded_noise
 from .script import read_script
@@ -125,20 +125,14 @@ def prepare_rows(prompts: PromptBuilder, scripts: str | Sequence[str], voices=No
     return rows
 
 
-class Pipeline:
+class Pipeline(EnginePipeline):
     """The graphs of an ENGINE_DIR (a backend), the prompt builder and the model facts; `generate` speaks."""
 
     def __init__(self, engine_dir: str | Path, manifest: dict, backend: Backend,
                  prompts: PromptBuilder | None = None):
-        self.engine_dir = Path(engine_dir)
-        self.manifest = manifest
-        self.backend = backend
+        super().__init__(engine_dir, manifest, backend)
         self.facts = VibeVoiceFacts.from_manifest(manifest)
-        model = manifest["model"]
-        self.hop = int(model.get("hop_length", 3200))
-        self.sample_rate = int(model.get("sample_rate", 24000))
         self.tokens = dict(manifest["tokens"])
-        self.default_cfg_scale = float((manifest.get("diffusion") or {}).get("default_cfg_scale", 1.3))
         self.prompts = prompts if prompts is not None else PromptBuilder.from_manifest(engine_dir, manifest)
         self._control_embeds: np.ndarray | None = None
 
@@ -152,17 +146,6 @@ class Pipeline:
     control_ids = property(lambda self: self.facts.control_ids)
     decoder_state = property(lambda self: self.facts.decoder_state)
     semantic_state = property(lambda self: self.facts.semantic_state)
-
-    @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path, backend: str | Backend = "auto",
-                        threads: int | None = None) -> "Pipeline":
-        manifest = load_manifest(engine_dir)
-        if not isinstance(backend, Backend):
-            backend = select_backend(engine_dir, manifest, backend, threads=threads)
-        return cls(engine_dir, manifest, backend)
-
-    def close(self) -> None:
-        self.backend.close()
 
     # --- inputs ---------------------------------------------------------------------------------
 
@@ -210,13 +193,7 @@ class Pipeline:
             raise RuntimeInputError(f"--max-new-frames {max_new_frames}: must be at least 1")
         gen = self._run(rows, self.default_cfg_scale if cfg_scale is None else float(cfg_scale),
                         max_new_frames, noise, seed, on_step, reuse_prefix)
-        if stream:
-            return gen
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                return stop.value
+        return self.streamed_or_whole(gen, stream)
 
     def _run(self, rows: list[PreparedRow], cfg_scale: float, max_new_frames: int | None, noise, seed, on_step,
              reuse_prefix: bool) -> Iterator[tuple[int, np.ndarray]]:

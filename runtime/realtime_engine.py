@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass
 
 from .errors import RuntimeInputError
-from .realtime_pipeline import FAMILY, RealtimePipeline, TextStream
+from .manifest import STREAMING_FAMILY
+from .realtime_pipeline import RealtimePipeline, TextStream
 from .realtime_steps import RealtimeJob, TextFeed, VoicePreset, check_text_context
 from .request_engine import RequestEngine, RequestHandle, check_options
 from .scheduler import Scheduler
@@ -138,7 +139,7 @@ class RealtimeHandle(RequestHandle):
 class RealtimeEngine(RequestEngine):
     """Serves RealtimeRequests (or one-voice SpeechRequests) on one RealtimePipeline (module docstring)."""
 
-    family = FAMILY
+    family = STREAMING_FAMILY
     handle_class = RealtimeHandle
     thread_name = "vv-realtime-engine"
 

@@ -16,12 +16,12 @@ from typing import Iterator
 
 import numpy as np
 
-from .backend import Backend, select_backend
 from .errors import RuntimeInputError, one_line
+from .manifest import STREAMING_FAMILY
+from .pipeline_base import EnginePipeline
 from .realtime_steps import RealtimeFacts, RealtimeJob, RealtimeSteps, TextFeed, VoicePreset
 from .scheduler import Scheduler, seeded_noise
 
-FAMILY = "vibevoice_streaming"
 # a point of the text no later character can move a token boundary across: a space followed by a non-space
 # (the byte-level BPE pre-tokenizer never joins across it, and what precedes it is already complete)
 _STABLE_BOUNDARY = re.compile(r" (?=\S)")
@@ -92,38 +92,19 @@ class RealtimeResult:
     stalled_s: float                 # time the job waited for text after it started
 
 
-class RealtimePipeline:
-    family = FAMILY
+class RealtimePipeline(EnginePipeline):
+    family = STREAMING_FAMILY
+    default_cfg = 1.5
 
-    def __init__(self, engine_dir: str | Path, manifest: dict, backend: Backend):
+    def __init__(self, engine_dir: str | Path, manifest: dict, backend):
         from tokenizers import Tokenizer
 
-        self.engine_dir = Path(engine_dir)
-        self.manifest = manifest
-        self.backend = backend
+        super().__init__(engine_dir, manifest, backend)
         self.facts = RealtimeFacts.from_manifest(manifest)
-        model = manifest["model"]
-        self.hop = int(model.get("hop_length", 3200))
-        self.sample_rate = int(model.get("sample_rate", 24000))
         self.max_positions = self.facts.max_positions
-        diffusion = manifest.get("diffusion") or {}
-        self.default_cfg_scale = float(diffusion.get("default_cfg_scale", 1.5))
         self.tokenizer = Tokenizer.from_file(str(self.engine_dir / manifest.get("tokenizer", "tokenizer.json")))
         self._presets: dict[str, VoicePreset] = {}
         self._preset_lock = threading.Lock()
-
-    @classmethod
-    def from_engine_dir(cls, engine_dir: str | Path, backend: str | Backend = "auto",
-                        threads: int | None = None) -> "RealtimePipeline":
-        from .manifest import load_manifest
-
-        manifest = load_manifest(engine_dir)
-        if not isinstance(backend, Backend):
-            backend = select_backend(engine_dir, manifest, backend, threads=threads)
-        return cls(engine_dir, manifest, backend)
-
-    def close(self) -> None:
-        self.backend.close()
 
     # --- inputs ---------------------------------------------------------------------------------------
 
@@ -191,15 +172,7 @@ class RealtimePipeline:
 
         stream=False: a `RealtimeResult`; stream=True: a generator of float32 [hop] chunks whose return value
         (StopIteration.value) is the result. options: those of `job`."""
-        job = self.job(text, voice, **options)
-        gen = self._run(job, on_step)
-        if stream:
-            return gen
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                return stop.value
+        return self.streamed_or_whole(self._run(self.job(text, voice, **options), on_step), stream)
 
     def _run(self, job: RealtimeJob, on_step) -> Iterator[np.ndarray]:
         sched = Scheduler(self.new_steps(), max_batch=1)

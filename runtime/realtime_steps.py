@@ -34,6 +34,7 @@ import numpy as np
 from .errors import CapacityError, RuntimeInputError
 from .kv_rows import KVRows
 from .scheduler import Job
+from .speech_frame import by_cfg_scale, sample_and_decode
 
 
 @dataclass
@@ -308,30 +309,20 @@ class RealtimeSteps:
     # --- diffuse: one frame of every ready job --------------------------------------------------------
 
     def diffuse(self, jobs: list[RealtimeJob], emit=None) -> list[tuple[RealtimeJob, np.ndarray]]:
-        making = sorted((j for j in jobs if j.ready and not j.done), key=lambda j: j.index)
         chunks = []
-        by_cfg: dict[float, list[RealtimeJob]] = {}
-        for job in making:
-            by_cfg.setdefault(job.cfg_scale, []).append(job)
-        run = self.backend.run
-        for cfg_scale, group in by_cfg.items():
-            noise = np.stack([np.asarray(j.noise(j.frames), dtype=np.float32) for j in group])
-            sampled = run("diffusion_sampler", {"noise": noise,
-                                                 "pos_condition": np.stack([j.conditions[0] for j in group]),
-                                                 "neg_condition": np.stack([j.conditions[1] for j in group]),
-                                                 "cfg_scale": np.asarray([cfg_scale], dtype=np.float32)})
-            decoded = run("acoustic_decoder", {"latent": np.asarray(sampled["latent"])[:, None, :],
-                                               "state": np.stack([j.decoder_state for j in group])})
-            audio = np.asarray(decoded["audio"], dtype=np.float32)
-            new_state = np.asarray(decoded["new_state"], dtype=np.float32)
-            embeds = np.asarray(sampled["acoustic_embed"], dtype=np.float32)
+        for cfg_scale, group in by_cfg_scale(j for j in jobs if j.ready and not j.done).items():
+            frame = sample_and_decode(self.backend.run,
+                                      np.stack([np.asarray(j.noise(j.frames), dtype=np.float32) for j in group]),
+                                      np.stack([j.conditions[0] for j in group]),
+                                      np.stack([j.conditions[1] for j in group]), cfg_scale,
+                                      np.stack([j.decoder_state for j in group]))
             for i, job in enumerate(group):
-                chunk = audio[i, 0].copy()
+                chunk = frame.audio[i, 0].copy()
                 if emit is not None:
                     emit(job, chunk)
                 chunks.append((job, chunk))
-                job.decoder_state = new_state[i].copy()
-                job.next_embed = embeds[i].copy()
+                job.decoder_state = frame.decoder_state[i].copy()
+                job.next_embed = frame.acoustic_embed[i].copy()
                 job.frames += 1
                 job.steps += 1
                 job.window_frames += 1

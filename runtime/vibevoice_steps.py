@@ -41,6 +41,7 @@ from .kv_rows import KVRows, PrefixCache
 from .manifest import CONTROL_TOKENS, state_size
 from .prompt import Prompt
 from .scheduler import Job, job_limit
+from .speech_frame import by_cfg_scale, sample_and_decode
 
 
 @dataclass
@@ -333,26 +334,18 @@ class VibeVoiceSteps:
     def diffuse(self, jobs: list[VibeVoiceJob], emit=None) -> list[tuple[VibeVoiceJob, np.ndarray]]:
         """Diffusion, audio decoder and semantic encoder for the jobs whose token is speech_diffusion;
         emit(job, chunk) gets each frame between the decoder and the semantic encoder."""
-        diffusing = sorted((j for j in jobs if j.choice == SPEECH_DIFFUSION), key=lambda j: j.index)
         chunks = []
-        by_cfg: dict[float, list[VibeVoiceJob]] = {}
-        for job in diffusing:
-            by_cfg.setdefault(job.cfg_scale, []).append(job)
         run = self.backend.run
-        for cfg_scale, group in by_cfg.items():
+        for cfg_scale, group in by_cfg_scale(j for j in jobs if j.choice == SPEECH_DIFFUSION).items():
             frames = np.asarray([j.frames for j in group])
             if self.batch_noise is not None:
-                noise = np.asarray(self.batch_noise(self.diffusion_calls, [j.index for j in group], frames),
-                                   dtype=np.float32)
+                noise = self.batch_noise(self.diffusion_calls, [j.index for j in group], frames)
             else:
                 noise = np.stack([np.asarray(j.noise(j.frames), dtype=np.float32) for j in group])
-            sampled = run("diffusion_sampler", {"noise": noise,
-                                                 "pos_condition": np.stack([j.hidden[0] for j in group]),
-                                                 "neg_condition": np.stack([j.hidden[1] for j in group]),
-                                                 "cfg_scale": np.asarray([cfg_scale], dtype=np.float32)})
-            decoded = run("acoustic_decoder", {"latent": np.asarray(sampled["latent"])[:, None, :],
-                                               "state": np.stack([j.decoder_state for j in group])})
-            audio = np.asarray(decoded["audio"], dtype=np.float32)
+            frame = sample_and_decode(run, noise, np.stack([j.hidden[0] for j in group]),
+                                      np.stack([j.hidden[1] for j in group]), cfg_scale,
+                                      np.stack([j.decoder_state for j in group]))
+            audio = frame.audio
             group_chunks = [(job, audio[i, 0].copy()) for i, job in enumerate(group)]
             if emit is not None:
                 for job, chunk in group_chunks:
@@ -360,8 +353,8 @@ class VibeVoiceSteps:
             chunks += group_chunks
             semantic = run("semantic_encoder", {"audio": audio,
                                                 "state": np.stack([j.semantic_state for j in group])})
-            next_embed = np.asarray(sampled["acoustic_embed"]) + np.asarray(semantic["semantic_embed"])[:, 0]
-            new_decoder_state = np.asarray(decoded["new_state"], dtype=np.float32)
+            next_embed = frame.acoustic_embed + np.asarray(semantic["semantic_embed"])[:, 0]
+            new_decoder_state = frame.decoder_state
             new_semantic_state = np.asarray(semantic["new_state"], dtype=np.float32)
             self.diffusion_calls += 1
             for i, job in enumerate(group):
