@@ -56,7 +56,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_quant import OPENVINO_SUFFIX, GraphTimer, _figures, _median, export_options, openvino_installed  # noqa: E402
+from bench_quant import (OPENVINO_SUFFIX, GraphTimer, _figures, _median, export_options, openvino_installed,  # noqa: E402
+                         runtime_summary)
 from bench_runtime import _timed  # noqa: E402  (drains a chunk generator with a time stamp per chunk)
 from common import SHARED, load_average, provenance, write_result  # noqa: E402
 from common import export_key as common_export_key  # noqa: E402
@@ -592,6 +593,8 @@ def run_benchmark(model: str, out_dir: Path | None, *, work: Path = DEFAULT_WORK
             side["first_audio_streamed"] = {**_median(streamed[name]), "runs": streamed[name]}
             side["concurrency"] = concurrency[name]
             side["engine_dir_bytes"] = info["engine_dir_bytes"][name.removeprefix("ort-")]
+            if name.endswith(OPENVINO_SUFFIX):
+                side["runtimes"] = runtime_summary(model_dir(work, model) / name.removeprefix("ort-"))
         sides[name] = side
     if "torch" in sides and sides["torch"].get("ms_per_frame"):
         for name, side in sides.items():
