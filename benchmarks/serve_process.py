@@ -11,6 +11,7 @@ blocks it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import signal
@@ -32,7 +33,13 @@ class ServerProcess:
             self.args += ["--port", "0"]
         self.startup_timeout = startup_timeout
         self.env = env
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vv-serve-", suffix=".log")[1])
+        if log_path:
+            self.log_path = Path(log_path)
+        else:  # a log of its own: read until this process ends (tests read it after stop), then removed
+            handle, name = tempfile.mkstemp(prefix="vv-serve-", suffix=".log")
+            os.close(handle)
+            self.log_path = Path(name)
+            atexit.register(self.log_path.unlink, missing_ok=True)
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
 
