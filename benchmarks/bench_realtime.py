@@ -618,7 +618,7 @@ def run_benchmark(model: str, out_dir: Path | None, *, work: Path = DEFAULT_WORK
                             "run of each side in turn, the order rotating); ms_per_frame from the first to the last "
                             "chunk (text windows included). other_cores_busy: the cores other processes kept busy "
                             "during a run (/proc/stat less the worker's own CPU time); PyTorch's threads slow down "
-                            "many times over when the cores are shared (ONNX Runtime's do not spin): trust runs where "
+                            "many times over when the cores are shared (ONNX Runtime's stop spinning when a call ends): trust runs where "
                             f"it stays below {BUSY_MACHINE}",
               "load_runs": loads, "machine_was_busy": busy_machine(loads),
               **provenance(load_average_1min_before=load_before, load_average_1min_after=load_average())}

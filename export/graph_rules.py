@@ -179,12 +179,12 @@ def bypass_weight_identities(graph) -> int:
 
 # --- running a graph on the CPU and judging its outputs -------------------------------------------
 
-def cpu_session(model_or_path, threads: int | None = 1, *, spinning: bool = True):
+def cpu_session(model_or_path, threads: int | None = 1):
     """An ONNX Runtime CPU session for a graph file or an in-memory onnx.ModelProto (one past
     EXTERNAL_DATA_BYTES of weights goes through a temporary file: protobuf cannot serialize it).
 
-    `threads`: intra-op threads (None: ONNX Runtime's default, one per core). `spinning=False` keeps idle
-    worker threads from spinning (timings of several sessions interleaved)."""
+    `threads`: intra-op threads (None: ONNX Runtime's default, one per core). Timings that choose a graph use
+    the runtime's own session options instead (export/quantize.py `_session`)."""
     import onnx
     import onnxruntime as ort
 
@@ -193,8 +193,6 @@ def cpu_session(model_or_path, threads: int | None = 1, *, spinning: bool = True
     opts.inter_op_num_threads = 1
     if threads:
         opts.intra_op_num_threads = int(threads)
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if not isinstance(model_or_path, onnx.ModelProto):
         return ort.InferenceSession(str(model_or_path), sess_options=opts, providers=providers)
