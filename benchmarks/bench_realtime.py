@@ -678,7 +678,7 @@ def plot(result: dict, path: Path) -> Path | None:
     if "goal" in result:
         ax.axhline(result["goal"]["int8_ms_per_frame_max"], color="darkorange", ls=":", lw=1, label="int8 goal")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=15)
     ax.set_ylabel("ms per frame (log)")
     ax.set_title(f"per frame, steady state ({result['threads']} threads)")
     ax.legend(fontsize=7)
@@ -693,7 +693,7 @@ def plot(result: dict, path: Path) -> Path | None:
         rest = sides[name]["ms_per_frame"] - bottom
         if rest > 0:
             ax.bar(i, rest, bottom=bottom, color="lightgrey", label="loop" if i == 0 else None)
-    ax.set_xticks(range(len(ort)), ort)
+    ax.set_xticks(range(len(ort)), ort, rotation=15)
     ax.set_ylabel("ms per frame")
     ax.set_title("ONNX Runtime: ms per frame by graph")
     ax.legend(fontsize=7)
@@ -709,7 +709,7 @@ def plot(result: dict, path: Path) -> Path | None:
     if "goal" in result:
         ax.axhline(result["goal"]["first_audio_streamed_ms_max"], color="firebrick", ls="--", lw=1, label="goal")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=15)
     ax.set_ylabel("ms (log)")
     ax.set_title("first audio")
     ax.legend(fontsize=7)
@@ -724,7 +724,7 @@ def plot(result: dict, path: Path) -> Path | None:
                    if i == 0 else None)
             ax.text(i + dx, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     ax.axhline(1.0, color="firebrick", ls="--", lw=1)
-    ax.set_xticks(range(len(ort)), ort)
+    ax.set_xticks(range(len(ort)), ort, rotation=15)
     ax.set_ylabel("seconds of audio per second")
     ax.set_title("aggregate throughput")
     ax.legend(fontsize=7)
