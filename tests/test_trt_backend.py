@@ -24,6 +24,29 @@ def manifest(tiny_engine_dir):
     return json.loads((tiny_engine_dir / "manifest.json").read_text())
 
 
+@pytest.fixture()
+def cpu_torch(monkeypatch):
+    """torch, with CPU tensors standing in for CUDA memory: the backend's device and stream contexts do nothing."""
+    import contextlib
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    return torch
+
+
+def _forgetting_slot():
+    """A context slot and the backend's forget_address for it, recording every address forgotten."""
+    slot = trt_backend.ContextSlot(1)
+    forgotten = []
+
+    def forget(address):
+        forgotten.append(address)
+        slot.forget_address(address)
+
+    return slot, forgotten, forget
+
+
 def _with_engines(manifest, engine_dir, write=True, **overrides):
     engines = {}
     if write:
@@ -160,18 +183,15 @@ def test_buffers_allocate_at_max_or_grow():
     assert empty.capacity == 1 and empty.view((2, 0)).numel() == 0
 
 
-def test_device_kv_cache_behaves_like_the_host_cache(monkeypatch):
+def test_device_kv_cache_behaves_like_the_host_cache(cpu_torch):
     """DeviceKVCache's indexing (rows broadcast, slots, zeroing, past) equals HostKVCache's, here on CPU tensors."""
-    import contextlib
     import types
 
     import numpy as np
 
-    torch = pytest.importorskip("torch")
+    torch = cpu_torch
     from vv_runtime.backend import HostKVCache
 
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     fake = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None)
     shape = (2, 2, 4, 2, 6, 3)  # L, 2, rows (2 positive + 2 negative), KV, capacity, D
     dev, host = trt_backend.DeviceKVCache(fake, shape), HostKVCache(shape)
@@ -416,15 +436,13 @@ def test_staging_pads_with_zero_rows_in_the_fixed_buffers():
     assert {n: b.ptr for n, b in eng.buffers.items()} == before
 
 
-def test_one_context_per_profile_sharing_one_scratch(monkeypatch):
+def test_one_context_per_profile_sharing_one_scratch(cpu_torch):
     """_create_contexts: context p holds profile p (set explicitly for p > 0, never switched), every context
     is given the same scratch buffer, sized to the largest of the engine's and the per-profile sizes.
     The stand-in engine only records the TensorRT calls (no execution)."""
-    import contextlib
     import types
 
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    torch = cpu_torch
     calls = []
 
     class Context:
@@ -465,12 +483,10 @@ def test_one_context_per_profile_sharing_one_scratch(monkeypatch):
     assert trt_backend._max_device_memory_size(types.SimpleNamespace(device_memory_size_v2=5), 2) == 5
 
 
-def test_refused_profile_is_a_load_error(monkeypatch):
-    import contextlib
+def test_refused_profile_is_a_load_error(cpu_torch):
     import types
 
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    torch = cpu_torch
     ctx = types.SimpleNamespace(set_optimization_profile_async=lambda p, s: False, set_device_memory=lambda *a: None)
     owner = types.SimpleNamespace(torch=torch, device="cpu", cuda_graphs=True,
                                   create_context=lambda engine, user_managed=False: (ctx, True),
@@ -493,22 +509,14 @@ def test_execution_failures_are_backend_faults():
     assert not issubclass(BackendFault, RuntimeInputError)
 
 
-def test_device_cache_growth_drops_the_graphs_of_its_old_buffer(monkeypatch):
+def test_device_cache_growth_drops_the_graphs_of_its_old_buffer(cpu_torch):
     """A DeviceKVCache that grows to the next bucket moves: the backend is told the old address, and a
     context slot whose graph is bound there drops it; so does closing or collecting the cache (CPU tensors
     stand in for CUDA memory)."""
-    import contextlib
     import types
 
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    slot = trt_backend.ContextSlot(1)
-    forgotten = []
-
-    def forget(address):
-        forgotten.append(address)
-        slot.forget_address(address)
+    torch = cpu_torch
+    slot, forgotten, forget = _forgetting_slot()
 
     fake = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None, forget_address=forget)
     cache = trt_backend.DeviceKVCache(fake, (1, 2, 2, 1, 1024, 4))
@@ -646,14 +654,11 @@ def test_lm_new_kv_stays_on_the_device_while_a_device_cache_is_open(monkeypatch)
     assert out.data_ptr() != eng.buffers["new_kv"].ptr                    # a copy: the next call reuses the buffer
 
 
-def test_backend_knows_whether_a_device_cache_is_open(monkeypatch):
-    import contextlib
+def test_backend_knows_whether_a_device_cache_is_open(cpu_torch):
     import gc
     import weakref
 
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    torch = cpu_torch
     backend = object.__new__(TrtBackend)
     backend.torch, backend.device, backend.stream, backend.engines = torch, torch.device("cpu"), None, {}
     backend._caches = weakref.WeakSet()
@@ -677,14 +682,12 @@ def test_refused_tensor_address_is_a_backend_fault(monkeypatch):
     assert "\n" not in str(info.value)
 
 
-def test_profile_refusal_raised_by_the_bindings_is_the_one_line_error(monkeypatch):
+def test_profile_refusal_raised_by_the_bindings_is_the_one_line_error(cpu_torch):
     """TensorRT's Python bindings raise where the C++ set_optimization_profile_async returns false: the
     same one-line load error either way."""
-    import contextlib
     import types
 
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    torch = cpu_torch
 
     def refuse(p, stream):
         raise RuntimeError("[executionContext.cpp::setOptimizationProfileInternal::1] Error Code 3: API Usage Error\n"
@@ -766,24 +769,16 @@ def test_kv_buffer_pool_hands_back_the_same_buffer():
         tight.take((16,))                                           # nothing pooled to release: the error stands
 
 
-def test_next_cache_gets_the_buffer_and_replays_the_graph(monkeypatch):
+def test_next_cache_gets_the_buffer_and_replays_the_graph(cpu_torch):
     """Across generations (CPU tensors stand in for device memory): a cache that grows or closes gives its
     buffer to the backend's pool without dropping the graph bound there; the next cache of that shape gets
     the very buffer back, so the decode step's key is the captured one and the graph replays. A buffer the
     pool lets go drops its graph."""
-    import contextlib
     import gc
     import types
 
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    slot = trt_backend.ContextSlot(1)
-    forgotten = []
-
-    def forget(address):
-        forgotten.append(address)
-        slot.forget_address(address)
+    torch = cpu_torch
+    slot, forgotten, forget = _forgetting_slot()
 
     pool = trt_backend.KVBufferPool(lambda shape: torch.zeros(shape), zero=lambda b: b.zero_(),
                                     nbytes=lambda b: b.numel() * b.element_size(),
@@ -817,18 +812,15 @@ def test_next_cache_gets_the_buffer_and_replays_the_graph(monkeypatch):
     assert address in forgotten and slot.graph is None
 
 
-def test_batched_row_write_equals_row_by_row_on_onnxrt(tiny_engine_dir, manifest, monkeypatch):
+def test_batched_row_write_equals_row_by_row_on_onnxrt(tiny_engine_dir, manifest, cpu_torch):
     """The TensorRT path's cache (DeviceKVCache, here on CPU tensors) written by one batched write_rows of
     a real decode step (the lm graph on ONNX Runtime) holds what one write per row gives, and the next
     decode step from either cache gives the same outputs."""
-    import contextlib
     import types
 
-    torch = pytest.importorskip("torch")
+    torch = cpu_torch
     from vv_export.graph_rules import cpu_session
 
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     backend = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None)
     m = manifest["model"]
     L, KV, D, H = m["num_layers"], m["num_kv_heads"], m["head_dim"], m["hidden_size"]
