@@ -121,6 +121,17 @@ def random_engine_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def presets(tmp_path_factory) -> Path:
+    """A `vv-serve --voices` folder (read, never written) with the two example voices, voice_a and voice_b."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("presets")
+    for name in ("voice_a.wav", "voice_b.wav"):
+        shutil.copy(REPO / "examples" / name, folder / name)
+    return folder
+
+
 # --- VV_REQUIRE_GPU=1 (set by `make check-accuracy` / `make test-gpu`): a GPU run that cannot pass by skipping.
 # Any skip of a `gpu`-marked test becomes a failure, except a skip whose reason starts with "not applicable"
 # (e.g. bf16 on a GPU without bf16); the session fails when no gpu-marked test ran at all.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import struct
 import threading
 import time
@@ -28,14 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 HOP = 3200
 LONG_TEXT = "Hello there, how are you today? " * 20
 LONG = {"input": LONG_TEXT, "voice": "voice_a", "seed": 2}     # ~1600 frames unless cut short
-
-
-@pytest.fixture(scope="module")
-def presets(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("presets")
-    for name in ("voice_a.wav", "voice_b.wav"):
-        shutil.copy(REPO / "examples" / name, folder / name)
-    return folder
 
 
 def start(engine_dir, presets, *extra) -> ServerProcess:

@@ -53,10 +53,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page_server(random_engine_dir, tmp_path_factory):
-    presets = tmp_path_factory.mktemp("browser_presets")
-    for name in ("voice_a.wav", "voice_b.wav"):
-        shutil.copy(REPO / "examples" / name, presets / name)
+def page_server(random_engine_dir, presets):
     srv = ServerProcess(["--engine-dir", random_engine_dir, "--voices", presets, "--threads", "1"]).start()
     yield srv
     assert srv.stop() == 0

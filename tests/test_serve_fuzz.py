@@ -10,9 +10,6 @@ exist, or an empty text: the document cannot say which voices exist).
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import httpx
 import pytest
 
@@ -21,17 +18,13 @@ from conftest import ServerProcess
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis (dev extra) is not installed")
 from hypothesis import HealthCheck, settings  # noqa: E402  (comes with schemathesis)
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = "fuzz-key-0123456789abcdef"
 EXAMPLES = 15                   # per operation and phase: the default suite's bound
 MAX_FRAMES = 12                 # generated speech requests make at most this many frames
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(random_engine_dir, tmp_path_factory):
-    presets = tmp_path_factory.mktemp("fuzz_presets")
-    for name in ("voice_a.wav", "voice_b.wav"):
-        shutil.copy(REPO / "examples" / name, presets / name)
+def fuzz_server(random_engine_dir, presets):
     srv = ServerProcess(["--engine-dir", random_engine_dir, "--voices", presets, "--threads", "1",
                          "--api-key", KEY, "--max-voice-seconds", "10"]).start()
     yield srv

@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -39,14 +38,6 @@ LONG_TEXT = "Hello there, how are you today? " * 20
 
 def auth(key: str) -> dict:
     return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def presets(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("presets")
-    for name in ("voice_a.wav", "voice_b.wav"):
-        shutil.copy(REPO / "examples" / name, folder / name)
-    return folder
 
 
 def start(engine_dir, presets, *extra, env: dict | None = None) -> ServerProcess:
