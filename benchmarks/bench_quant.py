@@ -297,19 +297,15 @@ def stale_modes(model: str, work: Path, modes: list[str]) -> list[str]:
 
 
 def export_all(model: str, work: Path, modes: list[str], threads: int, log) -> dict:
-    """Export the stale modes into work/<mode> (a key file beside each: reused while it matches)."""
+    """Export `modes` into work/<mode>, each with its key file beside it (`stale_modes` reads them)."""
     import torch
 
     from vv_export.onnx_export import export_onnx
 
     torch.set_num_threads(threads)
-    due = stale_modes(model, work, modes)
-    info = {"parameters": None, "export_s": {}, "exports_reused": [m for m in modes if m not in due]}
-    if not due:
-        return info
     loaded = load_model(model)
-    info["parameters"] = int(sum(p.numel() for p in loaded.model.parameters()))
-    for mode in due:
+    info = {"parameters": int(sum(p.numel() for p in loaded.model.parameters())), "export_s": {}}
+    for mode in modes:
         t = time.perf_counter()
         export_onnx(loaded, work / mode, force=True, progress=False, threads=threads, **export_options(mode))
         (work / f"{mode}.key").write_text(mode_key(model, mode))
@@ -414,14 +410,16 @@ def run_benchmark(model: str, out_dir: Path | None, *, threads: int = 2, frames:
             tmp.mkdir(parents=True, exist_ok=True)
         # the export in its own process too: its memory (the torch model, ~16 GB at full size) is gone after it
         due = stale_modes(model, tmp, modes)
-        if due:
-            log(f"[{model}] exporting {', '.join(due)} into {tmp}")
-        info = _side_in_subprocess("export", model, tmp, threads, frames, repeats, modes)
-        if "error" in info:
-            raise RuntimeError(f"export failed: {info['error']}")
-        dirs = {mode: tmp / mode for mode in modes}
+        info = {"parameters": None, "export_s": {}, "exports_reused": [m for m in modes if m not in due]}
         if info["exports_reused"]:
             log(f"[{model}] reusing the exports of {', '.join(info['exports_reused'])} in {tmp}")
+        if due:
+            log(f"[{model}] exporting {', '.join(due)} into {tmp}")
+            exported = _side_in_subprocess("export", model, tmp, threads, frames, repeats, due)
+            if "error" in exported:
+                raise RuntimeError(f"export failed: {exported['error']}")
+            info.update(exported)
+        dirs = {mode: tmp / mode for mode in modes}
         sides = {}
         per_round: dict[str, list] = {mode: [] for mode in modes}
         for k in range(rounds):

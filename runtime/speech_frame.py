@@ -1,6 +1,6 @@
 """One speech frame of a group of jobs, the part every model family shares: the jobs grouped by CFG scale, then
-per group [diffusion_sampler] (noise, positive and negative conditions) -> a latent, and [acoustic_decoder]
-(the latent and each job's streaming state) -> one hop of audio per job. What a family does around it (the
+per group [diffusion_sampler] (noise, positive and negative conditions) -> a latent and its LM embedding, and
+[acoustic_decoder] (the latent and each job's streaming state) -> one hop of audio per job. What a family does around it (the
 semantic encoder and the next LM input of VibeVoice-1.5B, the acoustic embedding of Realtime-0.5B) stays in its
 model steps."""
 
@@ -21,7 +21,6 @@ def by_cfg_scale(jobs) -> dict[float, list]:
 
 @dataclass
 class Frame:
-    latent: np.ndarray          # [n, A]
     acoustic_embed: np.ndarray  # [n, H] the latent's LM input embedding (acoustic connector)
     audio: np.ndarray           # [n, 1, hop] float32
     decoder_state: np.ndarray   # [n, S] float32: each job's next decoder state
@@ -33,7 +32,6 @@ def sample_and_decode(run, noise: np.ndarray, pos_condition: np.ndarray, neg_con
     sampled = run("diffusion_sampler", {"noise": np.asarray(noise, dtype=np.float32),
                                         "pos_condition": pos_condition, "neg_condition": neg_condition,
                                         "cfg_scale": np.asarray([cfg_scale], dtype=np.float32)})
-    latent = np.asarray(sampled["latent"])
-    decoded = run("acoustic_decoder", {"latent": latent[:, None, :], "state": decoder_state})
-    return Frame(latent, np.asarray(sampled["acoustic_embed"], dtype=np.float32),
+    decoded = run("acoustic_decoder", {"latent": np.asarray(sampled["latent"])[:, None, :], "state": decoder_state})
+    return Frame(np.asarray(sampled["acoustic_embed"], dtype=np.float32),
                  np.asarray(decoded["audio"], dtype=np.float32), np.asarray(decoded["new_state"], dtype=np.float32))
