@@ -301,7 +301,8 @@ class OrtSide:
         self.timer = GraphTimer(self.pipe.backend)
         self.pipe.backend = self.timer
         self.voice = voice
-        self.info = {"hop": self.pipe.hop, "latent_dim": self.pipe.facts.latent_dim}
+        self.info = {"hop": self.pipe.hop, "latent_dim": self.pipe.facts.latent_dim,
+                     "decode_frames": self.pipe.new_steps().decode_frames}
 
     def tokens(self, text: str) -> dict:
         return {"tokens": self.pipe.text_tokens(text)}
@@ -593,6 +594,7 @@ def run_benchmark(model: str, out_dir: Path | None, *, work: Path = DEFAULT_WORK
             side["first_audio_streamed"] = {**_median(streamed[name]), "runs": streamed[name]}
             side["concurrency"] = concurrency[name]
             side["engine_dir_bytes"] = info["engine_dir_bytes"][name.removeprefix("ort-")]
+            side["decode_frames"] = workers[name].info.get("decode_frames")  # latents per decoder call, at most
             if name.endswith(OPENVINO_SUFFIX):
                 side["runtimes"] = runtime_summary(model_dir(work, model) / name.removeprefix("ort-"))
         sides[name] = side

@@ -45,7 +45,7 @@ import numpy as np
 from .engine_dir import DEFAULT_RUNTIME, OPENVINO_RUNTIME, RUNTIME_INSTALL, sha256_file
 from .errors import ExportError, one_line
 from .quantize import (MIN_SECONDARY_SPEEDUP, MIN_SPEEDUP, TIMING_DIMS, TOLERANCES, fast_enough, full_dims, ort_runner,
-                       primary_label, time_runners, timing_feeds, validate_runner)
+                       primary_label, time_runners, timing_dims, timing_feeds, validate_runner)
 
 OPENVINO = OPENVINO_RUNTIME
 RUNTIMES = ("ort", OPENVINO)  # --runtimes names; ONNX Runtime always serves the graphs OpenVINO does not
@@ -171,7 +171,7 @@ def _runtime_entry(precision: str, spec, ctx, files: list[str], directory: Path)
     entry = {"name": OPENVINO, "precision": precision, "inference_precision": inference, "weight_format": weights,
              "file": files[0], "weights_file": files[1],
              "shapes": "static" if spec.role == "per-frame" else "dynamic",
-             "warm": [full_dims(ctx, dims) for _, dims in TIMING_DIMS[spec.name]],
+             "warm": [full_dims(ctx, dims) for _, dims in timing_dims(spec)],
              "weight_bytes": int((directory / files[1]).stat().st_size)}
     if weights != "f32":
         entry["dynamic_quantization_group_size"] = DYNAMIC_QUANTIZATION_GROUP_SIZE
@@ -242,7 +242,7 @@ class RuntimeChoice:
             self.discard()
 
     def _feeds(self) -> dict:
-        return {label: timing_feeds(self.spec, self.ctx, dims) for label, dims in TIMING_DIMS[self.name]}
+        return {label: timing_feeds(self.spec, self.ctx, dims) for label, dims in timing_dims(self.spec)}
 
     def _try(self, record: dict, ort, feeds: dict, ort_label: str, times: dict) -> None:
         """Validate one candidate (through the runtime's OpenVinoGraph: what vv-run will run) and, within
@@ -308,7 +308,7 @@ class RuntimeChoice:
         good = [c for c in self.candidates if c.get("within_tolerance")]
         shown = [{k: v for k, v in c.items() if k != "entry"} for c in self.candidates]
         record = {"times_ms": times,
-                  "timing_dims": {label: full_dims(self.ctx, dims) for label, dims in TIMING_DIMS[self.name]},
+                  "timing_dims": {label: full_dims(self.ctx, dims) for label, dims in timing_dims(self.spec)},
                   "candidates": shown, "select": self.select, "openvino_version": self.facts["version"]}
         if self.select == "all":
             chosen = good[0] if good else None

@@ -598,6 +598,8 @@ def memory_estimate(plan: Plan, manifest: dict) -> dict:
             dims = dict(prof.dims)
             if "samples" in dims and "frames" not in dims and model.get("hop_length"):
                 dims["frames"] = tuple(v // model["hop_length"] for v in dims["samples"])  # the encoder's output
+            if "decode_frames" in dims and model.get("hop_length"):
+                dims["decode_samples"] = tuple(v * model["hop_length"] for v in dims["decode_frames"])  # decoder's audio
             for io in (entry.get("inputs") or []) + (entry.get("outputs") or []):
                 shape = _shape_at(io, dims, 2)
                 n = 1

@@ -63,6 +63,7 @@ from .engine_dir import sha256_file
 from .errors import ExportError, ValidationError, one_line
 from .graph_rules import (bypass_weight_identities, check_within_tolerance, max_error, save_graph,
                           weight_bytes)
+from .specs import DECODE_FRAMES
 from .validation_data import REFERENCE_RUNNER, load_validation_data
 
 MODES = {"int8": 8, "int4": 4}
@@ -81,7 +82,10 @@ DYNAMIC_MAX_WEIGHTS = 1 << 20
 TIMING_DIMS = {
     "lm": [("decode", {"batch": 2, "seq": 1, "past": 255}), ("prefill", {"batch": 2, "seq": 128, "past": 0})],
     "acoustic_encoder": [("prompt", {"batch": 1, "frames": 8})],
-    "acoustic_decoder": [("frame", {"batch": 1})],
+    # Realtime-0.5B's grouped decoder (decode_frames) runs mostly DECODE_FRAMES frames a call, a job's first
+    # frame alone; VibeVoice-1.5B's has no such dim (`timing_dims` keeps a graph's own dims)
+    "acoustic_decoder": [("frame", {"batch": 1, "decode_frames": DECODE_FRAMES}),
+                         ("first frame", {"batch": 1, "decode_frames": 1})],
     "semantic_encoder": [("frame", {"batch": 1})],
     "acoustic_connector": [("prompt", {"batch": 1, "frames": 8})],
     "semantic_connector": [("prompt", {"batch": 1, "frames": 8})],
@@ -315,10 +319,13 @@ def validate_runner(name: str, run, outputs: list[str], directory: Path, toleran
 
 
 def full_dims(ctx, dims: dict) -> dict:
-    """`dims` with the dimensions derived from them: samples (frames x hop), total (past + seq)."""
+    """`dims` with the dimensions derived from them: samples (frames x hop), decode_samples (decode_frames x
+    hop), total (past + seq)."""
     d = dict(dims)
     if "frames" in d:
         d.setdefault("samples", d["frames"] * ctx.hop)
+    if "decode_frames" in d:
+        d.setdefault("decode_samples", d["decode_frames"] * ctx.hop)
     if "past" in d:
         d.setdefault("total", d["past"] + d["seq"])
     return d
@@ -369,6 +376,18 @@ def fast_enough(speedup: dict, primary: str) -> bool:
     others."""
     return speedup[primary] >= MIN_SPEEDUP and all(v >= MIN_SECONDARY_SPEEDUP for k, v in speedup.items()
                                                    if k != primary)
+
+
+def timing_dims(spec) -> list[tuple[str, dict]]:
+    """The shapes `spec`'s graph is timed at: its TIMING_DIMS naming only the dims its I/O has, a shape that
+    says nothing new left out."""
+    named = {d for io in spec.inputs + spec.outputs for d in io.shape if isinstance(d, str)}
+    shapes: list[tuple[str, dict]] = []
+    for label, dims in TIMING_DIMS.get(spec.name, []):
+        own = {k: v for k, v in dims.items() if k in named}
+        if own not in [d for _, d in shapes]:
+            shapes.append((label, own))
+    return shapes
 
 
 def primary_label(name: str) -> str | None:
@@ -516,7 +535,7 @@ def _attempt(spec, ctx, directory: Path, entry: dict, name: str, bits: int, has_
     good = [c for c in tried if c["within_tolerance"]]
     timing = {}
     if good:
-        for label, dims in TIMING_DIMS.get(name, []):
+        for label, dims in timing_dims(spec):
             feeds = timing_feeds(spec, ctx, dims)
             medians = time_pair({"fp32": fp32_path, **{c["method"]: c["path"] for c in good}}, feeds, threads)
             timing[label] = {"dims": dims, "ms": {k: v * 1e3 for k, v in medians.items()}}

@@ -329,7 +329,7 @@ def build_specs(ctx: RealtimeContext) -> list[GraphSpec]:
             sample=_tts_lm_sample,
             role="loop",
         ),
-        specs.acoustic_decoder_spec(ctx),
+        specs.acoustic_decoder_spec(ctx, grouped=True),
         specs.acoustic_connector_spec(ctx),
         specs.diffusion_sampler_spec(ctx),
     ]
@@ -348,6 +348,7 @@ def manifest_facts(ctx: RealtimeContext) -> dict:
             "decoder_state_size": ctx.decoder_state,
         },
         "tokens": dict(ctx.loaded.token_ids),
-        "streaming": {"text_window": TEXT_WINDOW, "speech_window": SPEECH_WINDOW},
+        "streaming": {"text_window": TEXT_WINDOW, "speech_window": SPEECH_WINDOW,
+                      "decode_frames": specs.DECODE_FRAMES},
         "diffusion": ctx.diffusion_facts(DEFAULT_CFG_SCALE),
     }

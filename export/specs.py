@@ -29,8 +29,13 @@ DIMS = {
     "total": "past + seq: the attention mask's length",
     "samples": "voice prompt samples (a multiple of the hop length)",
     "frames": "latent frames (samples / hop length)",
+    "decode_frames": "consecutive latent frames of one job that one streaming acoustic_decoder call decodes",
+    "decode_samples": "audio samples of those frames (decode_frames x hop length)",
 }
 
+# frames of one job the grouped acoustic_decoder (Realtime-0.5B) takes per call at most, by default: a speech
+# window's, so the weights are read once per window (manifest streaming.decode_frames; vv-run --decode-frames)
+DECODE_FRAMES = 6
 DEFAULT_DIFFUSION_STEPS = 10  # VibeVoice's DPM-Solver++ steps
 DEFAULT_CFG_SCALE = 1.3  # ... and its classifier-free guidance scale
 SAMPLE_RATE = 24000  # Hz: the acoustic tokenizer's audio rate (hop_length samples per latent frame)
@@ -164,7 +169,7 @@ def _audio_sample(ctx, dims, gen):
 
 
 def _decoder_sample(ctx, dims, gen):
-    return {"latent": torch.randn(dims["batch"], 1, ctx.acoustic_dim, generator=gen),
+    return {"latent": torch.randn(dims["batch"], dims.get("decode_frames", 1), ctx.acoustic_dim, generator=gen),
             "state": torch.randn(dims["batch"], ctx.decoder_state, generator=gen) * 0.1}
 
 
@@ -206,14 +211,21 @@ def text_embed_spec(ctx: ContextBase) -> GraphSpec:
     )
 
 
-def acoustic_decoder_spec(ctx: ContextBase) -> GraphSpec:
+def acoustic_decoder_spec(ctx: ContextBase, grouped: bool = False) -> GraphSpec:
+    """The streaming acoustic decoder: one latent frame per call, or (grouped) any number of consecutive
+    frames of a job in one call (`decode_frames` latents -> `decode_samples` = decode_frames x hop samples:
+    the values of one call per frame, the conv states carrying over exactly), which reads the weights once
+    for all of them. Grouped suits a loop whose next step does not need this frame's audio (Realtime-0.5B);
+    VibeVoice-1.5B encodes every frame's audio before its next LM step."""
     net = ctx.net.model
+    time, samples = ("decode_frames", "decode_samples") if grouped else (1, ctx.hop)
     return GraphSpec(
         "acoustic_decoder",
-        [IO("latent", ("batch", 1, ctx.acoustic_dim)), IO("state", ("batch", ctx.decoder_state))],
-        [IO("audio", ("batch", 1, ctx.hop)), IO("new_state", ("batch", ctx.decoder_state))],
+        [IO("latent", ("batch", time, ctx.acoustic_dim)), IO("state", ("batch", ctx.decoder_state))],
+        [IO("audio", ("batch", 1, samples)), IO("new_state", ("batch", ctx.decoder_state))],
         lambda c: wrappers.AcousticDecoderStep(net.audio_tower, c.scale, c.bias),
-        [{"batch": 1}, {"batch": 3}],
+        [{"batch": b, "decode_frames": f, "decode_samples": f * ctx.hop} for b, f in ((1, 1), (3, 1), (2, DECODE_FRAMES))]
+        if grouped else [{"batch": 1}, {"batch": 3}],
         uniform_tolerance(1e-5, 1e-4, "audio", "new_state"),
         sample=_decoder_sample,
         extra={"state_layout": ctx.decoder_layout},

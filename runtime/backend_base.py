@@ -38,6 +38,10 @@ def graph_threads(entry: dict, threads: int | None) -> int | None:
 
 class Backend:
     name = "base"
+    # whether one call of a per-frame graph may take several frames of a job (Realtime-0.5B's grouped
+    # acoustic_decoder, its weights read once for all of them: the CPU runtimes). A backend that replays one
+    # CUDA graph per shape of a context says no: every call of the loop keeps the shape of one frame.
+    groups_frames = True
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError

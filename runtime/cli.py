@@ -92,15 +92,20 @@ def read_batch_file(path: Path) -> list[str]:
 @click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True,
               help="auto: TensorRT engines when ENGINE_DIR has usable ones, else ONNX Runtime.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--decode-frames", type=click.IntRange(min=1), default=None,
+              help="VibeVoice-Realtime: most frames of a script the acoustic decoder takes per call (its weights "
+                   "read once for all of them; each frame is still written as it is decoded) [default: the "
+                   "ENGINE_DIR's, a speech window: 6]. 1 decodes every frame at once: the steadiest stream where "
+                   "generation is barely faster than real time.")
 @click.option("--pcm16", is_flag=True, help="Write 16-bit PCM instead of 32-bit float.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's figures as JSON on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, stream, batch_file, backend, threads,
-         pcm16, as_json, debug):
+         decode_frames, pcm16, as_json, debug):
     """Generate speech for SCRIPT with the voices given, into OUT."""
     try:
         summary = _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, stream, batch_file,
-                       backend, threads, pcm16)
+                       backend, threads, pcm16, decode_frames)
     except KeyboardInterrupt:
         click.echo("interrupted: no output written", err=True)
         sys.exit(130)
@@ -116,7 +121,7 @@ def main(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
 
 
 def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, stream, batch_file, backend, threads,
-         pcm16) -> dict:
+         pcm16, decode_frames=None) -> dict:
     from .manifest import load_manifest
 
     if (script is None) == (batch_file is None):
@@ -135,9 +140,15 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
     started = time.perf_counter()
     # inputs first (cheap, no graph loaded), then the output files, then the graphs
     manifest = load_manifest(engine_dir)
-    run = _run_realtime if manifest.get("model_family") == STREAMING_FAMILY else _run_vibevoice
-    summary = run(engine_dir, manifest, scripts, outputs, list(voices), cfg_scale, seed, max_new_frames, stream,
-                  backend, threads, pcm16, started)
+    if manifest.get("model_family") == STREAMING_FAMILY:
+        summary = _run_realtime(engine_dir, manifest, scripts, outputs, list(voices), cfg_scale, seed, max_new_frames,
+                                stream, backend, threads, pcm16, started, decode_frames)
+    elif decode_frames is not None:
+        raise RuntimeInputError(f"--decode-frames: {engine_dir} holds a VibeVoice model, whose loop encodes each "
+                                f"frame's audio before the next step (only VibeVoice-Realtime decodes frames in groups)")
+    else:
+        summary = _run_vibevoice(engine_dir, manifest, scripts, outputs, list(voices), cfg_scale, seed,
+                                 max_new_frames, stream, backend, threads, pcm16, started)
     summary["stream"] = bool(stream)
     return summary
 
@@ -249,7 +260,7 @@ def _run_vibevoice(engine_dir, manifest, scripts, outputs, voices, cfg_scale, se
 
 
 def _run_realtime(engine_dir, manifest, scripts, outputs, voices, cfg_scale, seed, max_new_frames, stream, backend,
-                  threads, pcm16, started) -> dict:
+                  threads, pcm16, started, decode_frames=None) -> dict:
     """VibeVoice-Realtime-0.5B: plain text (a `.txt` file's or the argument itself), one voice preset by name.
     Script i of a batch uses seed + i; the scripts run together, each equal to itself alone."""
     import numpy as np
@@ -266,6 +277,7 @@ def _run_realtime(engine_dir, manifest, scripts, outputs, voices, cfg_scale, see
                                 f"of one of its voice presets ({presets}); {len(voices)} given")
     # the tokenizer and the presets check the inputs before any graph loads (the backend comes after the outputs)
     pipeline = RealtimePipeline(engine_dir, manifest, backend=None)
+    pipeline.decode_frames = decode_frames
     jobs = []
     for i, script in enumerate(scripts):
         label = f"script {i}: " if len(scripts) > 1 else ""

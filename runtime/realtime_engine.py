@@ -207,7 +207,7 @@ class RealtimeEngine(RequestEngine):
 
     def _waits_for_input(self, sched, out) -> bool:
         # a step in which no job made a frame, left or joined: every running job waits for its next text window
-        return not (out.chunks or out.finished or out.admitted)
+        return out.idle
 
     def _extra_stats(self) -> dict:
         with self._lock:

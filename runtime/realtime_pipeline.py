@@ -103,6 +103,8 @@ class RealtimePipeline(EnginePipeline):
         self.facts = RealtimeFacts.from_manifest(manifest)
         self.max_positions = self.facts.max_positions
         self.tokenizer = Tokenizer.from_file(str(self.engine_dir / manifest.get("tokenizer", "tokenizer.json")))
+        # latents per acoustic_decoder call at most (RealtimeSteps: grouped decoding); None: the manifest's
+        self.decode_frames: int | None = None
         self._presets: dict[str, VoicePreset] = {}
         self._preset_lock = threading.Lock()
 
@@ -140,7 +142,7 @@ class RealtimePipeline(EnginePipeline):
     # --- generation -----------------------------------------------------------------------------------
 
     def new_steps(self) -> RealtimeSteps:
-        return RealtimeSteps(self.backend, self.facts)
+        return RealtimeSteps(self.backend, self.facts, decode_frames=self.decode_frames)
 
     def job(self, text: str | TextStream, voice: str | VoicePreset, cfg_scale: float | None = None,
             seed: int | None = None, noise=None, max_new_frames: int | None = None, ignore_eos: bool = False,
@@ -191,7 +193,7 @@ class RealtimePipeline(EnginePipeline):
                     raise left.error
             if on_step is not None:
                 on_step(sched.steps - 1, job)
-            if not out.chunks and not job.done and not job.text.closed:
+            if out.idle and not job.done and not job.text.closed:
                 arrived.wait(TEXT_WAIT_S)  # the job waits for its next text window
         audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return RealtimeResult(audio, job.frames, sched.steps, list(job.eos_logits), len(job.text.tokens),

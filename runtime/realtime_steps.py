@@ -8,10 +8,17 @@ negative). Text comes in windows of `text_window` tokens, speech in windows of `
                   on the same positions with the text LM's hidden states as input embeddings and input type
                   1 (text), into the job's positive row: its last hidden state is the positive condition
     speech frame  [diffusion_sampler](noise, positive condition, negative condition, cfg) -> latent and its
-                  acoustic embedding (connector); [acoustic_decoder](latent, state) -> one hop of audio
-                  (emitted); next step: ONE [tts_lm] call over the positive AND negative rows of every job
-                  (input: the acoustic embedding, type 0 (speech)) -> the new conditions and the end-of-speech
-                  logit of the positive row: speech ends when it is above 0 (sigmoid above 0.5)
+                  acoustic embedding (connector); next step: ONE [tts_lm] call over the positive AND negative
+                  rows of every job (input: the acoustic embedding, type 0 (speech)) -> the new conditions and
+                  the end-of-speech logit of the positive row: speech ends when it is above 0 (sigmoid above 0.5)
+    audio         [acoustic_decoder](latents, state) -> a hop of audio per latent (emitted a frame at a time)
+
+Grouped decoding: no later step needs a frame's audio, so the decoder can take several latents of a job in one
+call, reading its weights once for all of them (on a CPU most of its cost at one frame). A job's n-th decoder
+call takes up to min(n, decode_frames) latents (its first frame alone, for first audio; then growing groups,
+so a listener's buffer fills before the groups get long), never across a speech window, and whatever is
+pending when the job ends. The groups depend only on the frame count, never on timing or other jobs, so a
+job's audio is the same streamed or not, batched or alone. decode_frames = 1 decodes every frame at once.
 
 After `speech_window` frames the next text window runs; once the text is spent, speech windows go on until the
 classifier ends speech. A job whose next text window is not complete yet (streaming text in, not closed)
@@ -21,7 +28,8 @@ its noise, dropping its audio); here the job ends at that frame.
 
 Scheduler phases: prefill = preset caches into the job's rows + the first text window; decode = the batched
 [tts_lm] call of the frames made at the previous step (and the end-of-speech check); choose = the text window
-when one is due (or waiting for text); diffuse = the frame.
+when one is due (or waiting for text); diffuse = the frame, and the decoding of the latents whose group is
+complete (or whose job ended).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import numpy as np
 from .errors import CapacityError, RuntimeInputError
 from .kv_rows import KVRows
 from .scheduler import Job
-from .speech_frame import by_cfg_scale, sample_and_decode
+from .speech_frame import by_cfg_scale, decode, sample
 
 
 @dataclass
@@ -50,6 +58,7 @@ class RealtimeFacts:
     text_window: int
     speech_window: int
     decoder_state: int
+    decode_frames: int = 1   # most latents per decoder call (1 where the decoder takes one frame per call)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "RealtimeFacts":
@@ -57,12 +66,15 @@ class RealtimeFacts:
 
         model = manifest["model"]
         streaming = manifest.get("streaming") or {}
+        latent = next((io for io in manifest["graphs"]["acoustic_decoder"]["inputs"] if io["name"] == "latent"), {})
+        grouped = isinstance((latent.get("shape") or [None, 1])[1], str)
         return cls(hidden=int(model["hidden_size"]), text_lm_layers=int(model["text_lm_layers"]),
                    tts_lm_layers=int(model["tts_lm_layers"]), kv_heads=int(model["num_kv_heads"]),
                    head_dim=int(model["head_dim"]), latent_dim=int(model["acoustic_vae_dim"]),
                    max_positions=int(model["max_position_embeddings"]),
                    text_window=int(streaming.get("text_window", 5)), speech_window=int(streaming.get("speech_window", 6)),
-                   decoder_state=state_size(manifest, "acoustic_decoder"))
+                   decoder_state=state_size(manifest, "acoustic_decoder"),
+                   decode_frames=int(streaming.get("decode_frames", 1)) if grouped else 1)
 
 
 @dataclass
@@ -126,6 +138,8 @@ class RealtimeJob(Job):
     neg_next: int = 0                 # position (= slot) of the negative TTS row's next input
     window_frames: int = 0            # frames made in the current speech window
     conditions: np.ndarray | None = None   # [2, H] positive / negative condition of the next frame
+    latents: list = field(default_factory=list)   # latents [A] sampled, not decoded yet
+    decodes: int = 0                  # decoder calls made for the job
     next_embed: np.ndarray | None = None   # acoustic embedding of the last frame, not yet fed to the TTS LM
     decoder_state: np.ndarray | None = None
     ready: bool = False               # a frame can be made this step (not waiting for text)
@@ -139,15 +153,27 @@ class RealtimeSteps:
 
     decode_graph = "tts_lm"
 
-    def __init__(self, backend, facts: RealtimeFacts, clock=time.perf_counter):
+    def __init__(self, backend, facts: RealtimeFacts, clock=time.perf_counter, decode_frames: int | None = None):
         self.backend = backend
         self.facts = facts
+        self.decode_frames = self._decode_frames(facts.decode_frames if decode_frames is None else decode_frames)
+        self._ended: list[RealtimeJob] = []   # jobs ended by decode() whose pending latents diffuse() decodes
         self.max_positions = facts.max_positions
         self.latent_dim = facts.latent_dim
         self.capacity = facts.max_positions
         self.kv = KVRows(backend, facts.tts_lm_layers, facts.kv_heads, facts.head_dim, facts.max_positions)
         self.prefill_tokens = 0
         self.clock = clock
+
+    def _decode_frames(self, wanted: int) -> int:
+        """Latents per decoder call: `wanted`, at most a speech window; 1 where the graph takes one frame per
+        call or the backend keeps one shape per frame call (Backend.groups_frames)."""
+        wanted = int(wanted)
+        if wanted < 1:
+            raise RuntimeInputError(f"decode_frames {wanted}: must be at least 1")
+        if self.facts.decode_frames == 1 or not getattr(self.backend, "groups_frames", True):
+            return 1
+        return min(wanted, self.facts.speech_window)
 
     def set_capacity(self, slots: int) -> None:
         """The engines hold `slots` positions (<= the model's context): jobs and the cache stay within them."""
@@ -187,6 +213,9 @@ class RealtimeSteps:
     def release(self, job: RealtimeJob) -> None:
         self.kv.free(job)
         job.text_cache = None
+        job.latents = []
+        if job in self._ended:
+            self._ended.remove(job)
 
     # --- prefill: the preset's caches, then the first text window ---------------------------------------
 
@@ -223,6 +252,7 @@ class RealtimeSteps:
         fed = [j for j in fed if not j.done]
         if fed:
             self._feed_frames(fed)
+        self._ended += [j for j in jobs if j.done and j.latents]
         return [j for j in jobs if not j.done]
 
     def _feed_frames(self, jobs: list[RealtimeJob]) -> None:
@@ -309,23 +339,48 @@ class RealtimeSteps:
     # --- diffuse: one frame of every ready job --------------------------------------------------------
 
     def diffuse(self, jobs: list[RealtimeJob], emit=None) -> list[tuple[RealtimeJob, np.ndarray]]:
-        chunks = []
+        """The frame of every ready job, then the audio of every job whose group of latents is complete."""
         for cfg_scale, group in by_cfg_scale(j for j in jobs if j.ready and not j.done).items():
-            frame = sample_and_decode(self.backend.run,
-                                      np.stack([np.asarray(j.noise(j.frames), dtype=np.float32) for j in group]),
-                                      np.stack([j.conditions[0] for j in group]),
-                                      np.stack([j.conditions[1] for j in group]), cfg_scale,
-                                      np.stack([j.decoder_state for j in group]))
+            latent, acoustic_embed = sample(self.backend.run,
+                                            np.stack([np.asarray(j.noise(j.frames), dtype=np.float32) for j in group]),
+                                            np.stack([j.conditions[0] for j in group]),
+                                            np.stack([j.conditions[1] for j in group]), cfg_scale)
             for i, job in enumerate(group):
-                chunk = frame.audio[i, 0].copy()
-                if emit is not None:
-                    emit(job, chunk)
-                chunks.append((job, chunk))
-                job.decoder_state = frame.decoder_state[i].copy()
-                job.next_embed = frame.acoustic_embed[i].copy()
+                job.latents.append(latent[i].copy())
+                job.next_embed = acoustic_embed[i].copy()
                 job.frames += 1
                 job.steps += 1
                 job.window_frames += 1
                 if job.frames >= job.limit:
                     job.done = True
+        due = [j for j in self._ended + [j for j in jobs if j not in self._ended] if self._decode_due(j)]
+        self._ended = []
+        return self._decode(due, emit)
+
+    def _decode_due(self, job: RealtimeJob) -> bool:
+        """Whether the job's pending latents are decoded now (module docstring: grouped decoding)."""
+        pending = len(job.latents)
+        return pending > 0 and (job.done or pending >= min(job.decodes + 1, self.decode_frames)
+                                or job.window_frames >= self.facts.speech_window)
+
+    def _decode(self, jobs: list[RealtimeJob], emit) -> list[tuple[RealtimeJob, np.ndarray]]:
+        """[acoustic_decoder] on the pending latents of `jobs` (one call per group size, in admission order);
+        each frame's hop emitted and returned."""
+        chunks = []
+        by_size: dict[int, list[RealtimeJob]] = {}
+        for job in sorted(jobs, key=lambda j: j.index):
+            by_size.setdefault(len(job.latents), []).append(job)
+        for size, group in by_size.items():
+            audio, state = decode(self.backend.run, np.stack([np.stack(j.latents) for j in group]),
+                                  np.stack([j.decoder_state for j in group]))
+            hop = audio.shape[2] // size
+            for i, job in enumerate(group):
+                job.decoder_state = state[i].copy()
+                job.latents = []
+                job.decodes += 1
+                for k in range(size):
+                    chunk = audio[i, 0, k * hop:(k + 1) * hop].copy()
+                    if emit is not None:
+                        emit(job, chunk)
+                    chunks.append((job, chunk))
         return chunks

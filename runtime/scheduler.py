@@ -107,6 +107,12 @@ class StepOutput:
     chunks: list                     # [(job, float32 [hop])] in job admission order
     finished: list                   # jobs that left at this step (done, cancelled or failed)
     admitted: list                   # jobs that joined at this step
+    frames: int = 0                  # frames made at this step (their audio may come at a later step)
+
+    @property
+    def idle(self) -> bool:
+        """No job made a frame or audio, left or joined: every running job waits for input."""
+        return not (self.frames or self.chunks or self.finished or self.admitted)
 
 
 class Scheduler:
@@ -193,11 +199,13 @@ class Scheduler:
         admitted = self.admit()
         stepped += admitted
         self.model.choose(stepped)
+        before = sum(job.frames for job in stepped)
         chunks = self.model.diffuse(stepped, emit)
+        frames = sum(job.frames for job in stepped) - before
         chunks.sort(key=lambda item: item[0].index)
         left += self.retire_finished()
         self.steps += 1
-        return StepOutput(chunks, left, admitted)
+        return StepOutput(chunks, left, admitted, frames)
 
     # --- phases ---------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """One speech frame of a group of jobs, the part every model family shares: the jobs grouped by CFG scale, then
 per group [diffusion_sampler] (noise, positive and negative conditions) -> a latent and its LM embedding, and
-[acoustic_decoder] (the latent and each job's streaming state) -> one hop of audio per job. What a family does around it (the
-semantic encoder and the next LM input of VibeVoice-1.5B, the acoustic embedding of Realtime-0.5B) stays in its
-model steps."""
+[acoustic_decoder] (latents and each job's streaming state) -> audio per job. What a family does around it (the
+semantic encoder and the next LM input of VibeVoice-1.5B, the acoustic embedding and the grouped decoding of
+Realtime-0.5B) stays in its model steps."""
 
 from __future__ import annotations
 
@@ -26,12 +26,26 @@ class Frame:
     decoder_state: np.ndarray   # [n, S] float32: each job's next decoder state
 
 
-def sample_and_decode(run, noise: np.ndarray, pos_condition: np.ndarray, neg_condition: np.ndarray,
-                      cfg_scale: float, decoder_state: np.ndarray) -> Frame:
-    """[diffusion_sampler] then [acoustic_decoder] on one group of n jobs (`run`: a backend's run)."""
+def sample(run, noise: np.ndarray, pos_condition: np.ndarray, neg_condition: np.ndarray,
+           cfg_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """[diffusion_sampler] on one group of n jobs (`run`: a backend's run): (latent [n, A], acoustic_embed [n, H])."""
     sampled = run("diffusion_sampler", {"noise": np.asarray(noise, dtype=np.float32),
                                         "pos_condition": pos_condition, "neg_condition": neg_condition,
                                         "cfg_scale": np.asarray([cfg_scale], dtype=np.float32)})
-    decoded = run("acoustic_decoder", {"latent": np.asarray(sampled["latent"])[:, None, :], "state": decoder_state})
-    return Frame(np.asarray(sampled["acoustic_embed"], dtype=np.float32),
-                 np.asarray(decoded["audio"], dtype=np.float32), np.asarray(decoded["new_state"], dtype=np.float32))
+    return (np.asarray(sampled["latent"], dtype=np.float32),
+            np.asarray(sampled["acoustic_embed"], dtype=np.float32))
+
+
+def decode(run, latents: np.ndarray, decoder_state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[acoustic_decoder] on n jobs' next T latents each ([n, T, A]; T > 1 only on a grouped decoder):
+    (audio [n, 1, T x hop], new decoder state [n, S])."""
+    decoded = run("acoustic_decoder", {"latent": np.asarray(latents, dtype=np.float32), "state": decoder_state})
+    return np.asarray(decoded["audio"], dtype=np.float32), np.asarray(decoded["new_state"], dtype=np.float32)
+
+
+def sample_and_decode(run, noise: np.ndarray, pos_condition: np.ndarray, neg_condition: np.ndarray,
+                      cfg_scale: float, decoder_state: np.ndarray) -> Frame:
+    """[diffusion_sampler] then [acoustic_decoder] on one group of n jobs, one frame each."""
+    latent, acoustic_embed = sample(run, noise, pos_condition, neg_condition, cfg_scale)
+    audio, state = decode(run, latent[:, None, :], decoder_state)
+    return Frame(acoustic_embed, audio, state)

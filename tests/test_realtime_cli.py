@@ -79,6 +79,29 @@ def test_batch_file_scripts_equal_themselves_alone(realtime_voiced_engine_dir, r
     assert float(np.abs(first - reference.audio).max()) <= 1e-4 * float(np.abs(reference.audio).max())
 
 
+def test_decode_frames_one_writes_the_same_speech(realtime_voiced_engine_dir, reference, tmp_path):
+    """--decode-frames 1 (every frame decoded at once) speaks what the default groups decode, within fp32
+    reordering; the option is refused, in one line, for a VibeVoice ENGINE_DIR, whose frames feed its loop."""
+    out = tmp_path / "single.wav"
+    result = invoke("--engine-dir", realtime_voiced_engine_dir, "--script", TEXT, "--voice", VOICE, "--out", out,
+                    "--seed", 5, "--max-new-frames", 30, "--decode-frames", 1)
+    assert result.exit_code == 0, result.stderr
+    audio, _ = sf.read(out, dtype="float32")
+    assert audio.shape == reference.audio.shape
+    assert float(np.abs(audio - reference.audio).max()) <= 1e-5 * float(np.abs(reference.audio).max())
+
+
+def test_decode_frames_is_refused_for_vibevoice(tiny_engine_dir, tmp_path):
+    voice = tmp_path / "voice.wav"
+    sf.write(voice, np.zeros(4800, dtype=np.float32), 24000)
+    result = CliRunner().invoke(main, ["--engine-dir", str(tiny_engine_dir), "--script", "Speaker 1: Hi.",
+                                       "--voice", str(voice), "--out", str(tmp_path / "o.wav"), "--decode-frames", "2"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--decode-frames" in lines[0] and "VibeVoice-Realtime" in lines[0], result.stderr
+    assert not (tmp_path / "o.wav").exists()
+
+
 def _bad_case(name, tmp: Path):
     """-> (argument overrides, expected words of the one error line)."""
     if name == "unknown preset":

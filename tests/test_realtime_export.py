@@ -89,7 +89,8 @@ def test_manifest_says_the_family_and_its_facts(ctx, realtime_reference):
     assert (m["hop_length"], m["sample_rate"]) == (ref["hop"], ref["sample_rate"])
     assert m["decoder_state_size"] == manifest["graphs"]["acoustic_decoder"]["inputs"][1]["shape"][1]
     assert manifest["streaming"] == {"text_window": ref["generate"]["text_window"],
-                                     "speech_window": ref["generate"]["speech_window"]}
+                                     "speech_window": ref["generate"]["speech_window"],
+                                     "decode_frames": ref["generate"]["speech_window"]}
     assert manifest["diffusion"]["steps"] == ref["generate"]["diffusion_steps"]
     assert manifest["diffusion"]["default_cfg_scale"] == ref["generate"]["cfg_scale"]
     for name in GRAPHS:
@@ -107,6 +108,9 @@ def test_manifest_says_the_family_and_its_facts(ctx, realtime_reference):
                              "past_kv": [Ls, 2, "batch", KV, "past", D]},
                             {"hidden": ["batch", H], "eos_logit": ["batch", 1],
                              "new_kv": [Ls, 2, "batch", KV, "seq", D]})
+    A, S = m["acoustic_vae_dim"], m["decoder_state_size"]
+    assert io["acoustic_decoder"] == ({"latent": ["batch", "decode_frames", A], "state": ["batch", S]},
+                                      {"audio": ["batch", 1, "decode_samples"], "new_state": ["batch", S]})
     int64 = {(g, i["name"]) for g, e in manifest["graphs"].items() for i in e["inputs"] if i["dtype"] == "int64"}
     assert int64 == {("text_embed", "input_ids"), ("text_lm", "attention_mask"), ("text_lm", "position_ids"),
                      ("tts_lm", "input_types"), ("tts_lm", "attention_mask"), ("tts_lm", "position_ids")}

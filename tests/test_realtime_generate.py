@@ -135,3 +135,92 @@ def test_unknown_preset_is_one_line(realtime):
 
     with pytest.raises(RuntimeInputError, match="voice 'nobody': not a preset of this ENGINE_DIR"):
         realtime.generate("Hello.", "nobody")
+
+
+class _CallSizes:
+    """The backend's own run, recording the latents per acoustic_decoder call (the graphs run unchanged)."""
+
+    def __init__(self, pipeline):
+        self.pipeline, self.sizes = pipeline, []
+        self._run = pipeline.backend.run
+
+    def __enter__(self):
+        def run(graph, feeds):
+            if graph == "acoustic_decoder":
+                self.sizes.append(int(feeds["latent"].shape[1]))
+            return self._run(graph, feeds)
+        self.pipeline.backend.run = run
+        return self
+
+    def __exit__(self, *exc):
+        del self.pipeline.backend.run  # the instance attribute: the class's run again
+
+
+def test_grouped_decoding_equals_one_frame_a_call(realtime, realtime_reference):
+    """The decoder takes a job's latents in groups (1, 2, 3, then up to a speech window's, never across one,
+    the rest at the end): the same frames and audio as one frame per call, within fp32 reordering, and each
+    frame still emitted as its own hop."""
+    settings, ref = realtime_reference
+    text, noise = settings["generate"]["script"], ref["generate.noise"]
+    assert realtime.facts.decode_frames == 6  # the manifest's: the exported decoder takes decode_frames
+    realtime.decode_frames = 1
+    try:
+        with _CallSizes(realtime) as single:
+            one = realtime.generate(text, "en-Tiny_man", cfg_scale=1.5, noise=noise)
+    finally:
+        realtime.decode_frames = None
+    with _CallSizes(realtime) as grouped:
+        gen = realtime.generate(text, "en-Tiny_man", cfg_scale=1.5, noise=noise, stream=True)
+        chunks = []
+        while True:
+            try:
+                chunks.append(next(gen))
+            except StopIteration as stop:
+                result = stop.value
+                break
+    assert single.sizes == [1] * 56
+    # windows of 6 frames: [1, 2, 3] [4, 2] [6] x 7, then the 2 frames of the last window when speech ends
+    assert grouped.sizes == [1, 2, 3, 4, 2] + [6] * 7 + [2] and sum(grouped.sizes) == result.frames == 56
+    assert len(chunks) == 56 and all(c.shape == (3200,) for c in chunks)
+    peak = float(np.abs(one.audio).max())
+    assert float(np.abs(result.audio - one.audio).max()) <= 1e-5 * peak
+    assert result.eos_logits == one.eos_logits   # the loop itself never sees the audio
+
+
+def test_decode_frames_bounds(realtime):
+    from vv_runtime.errors import RuntimeInputError
+    from vv_runtime.realtime_steps import RealtimeSteps
+
+    assert RealtimeSteps(realtime.backend, realtime.facts, decode_frames=50).decode_frames == 6  # a window
+    assert RealtimeSteps(realtime.backend, realtime.facts, decode_frames=3).decode_frames == 3
+    with pytest.raises(RuntimeInputError, match="decode_frames 0: must be at least 1"):
+        RealtimeSteps(realtime.backend, realtime.facts, decode_frames=0)
+
+
+def test_a_decoder_of_one_frame_a_call_is_not_grouped(realtime):
+    """An ENGINE_DIR whose acoustic_decoder takes one frame (latent [batch, 1, A]) decodes frame by frame,
+    whatever its streaming section says."""
+    import copy
+
+    from vv_runtime.realtime_steps import RealtimeFacts, RealtimeSteps
+
+    manifest = copy.deepcopy(realtime.manifest)
+    latent = next(io for io in manifest["graphs"]["acoustic_decoder"]["inputs"] if io["name"] == "latent")
+    latent["shape"][1] = 1
+    facts = RealtimeFacts.from_manifest(manifest)
+    assert facts.decode_frames == 1 and manifest["streaming"]["decode_frames"] == 6
+    assert RealtimeSteps(realtime.backend, facts, decode_frames=6).decode_frames == 1
+
+
+def test_a_backend_of_one_shape_per_frame_call_is_not_grouped(realtime):
+    """TensorRT replays one CUDA graph per shape of a per-frame context (TrtBackend.groups_frames is False):
+    there the decoder takes one frame per call."""
+    from vv_runtime.realtime_steps import RealtimeSteps
+    from vv_runtime.trt_backend import TrtBackend
+
+    assert TrtBackend.groups_frames is False and realtime.backend.groups_frames is True
+    realtime.backend.groups_frames = False
+    try:
+        assert RealtimeSteps(realtime.backend, realtime.facts, decode_frames=6).decode_frames == 1
+    finally:
+        del realtime.backend.groups_frames
