@@ -10,7 +10,8 @@ but `errors`, so every other one may import it (the modules of vv_export form a 
   build (vv_export.trt_build), its CPU emulation (vv_export.precision) and the Q/DQ rewrite
   (vv_export.qdq) apply the same rule;
 * graph structure: `inferred_value_infos` (shape inference without the weights' bytes),
-  `bypass_weight_identities` (shared weights read directly);
+  `bypass_weight_identities` (shared weights read directly), `CACHE_DTYPES` and `with_cache_dtype` (an LM
+  graph whose cache I/O is stored in bf16);
 * running a graph on the CPU and judging its outputs: `cpu_session`, and the tolerance rule
   ``max|got - ref| <= atol + rtol * max|ref|`` (`max_error`, `allowed_error`, `check_within_tolerance`).
 
@@ -175,6 +176,46 @@ def bypass_weight_identities(graph) -> int:
     graph.ClearField("node")
     graph.node.extend(keep)
     return len(alias)
+
+
+# an LM graph's cache I/O: what the caller's cache holds (past_kv in) and what it writes into it (new_kv out)
+CACHE_INPUT, CACHE_OUTPUT = "past_kv", "new_kv"
+CACHE_DTYPES = ("fp32", "bf16")  # storage of an engine's LM cache (a plan's builder `cache_dtype`)
+
+
+def has_cache_io(model) -> bool:
+    return (any(i.name == CACHE_INPUT for i in model.graph.input)
+            and any(o.name == CACHE_OUTPUT for o in model.graph.output))
+
+
+def with_cache_dtype(model, dtype: str) -> int:
+    """Make the LM graph `model` (in place) take `past_kv` and give `new_kv` in `dtype` (CACHE_DTYPES), so that
+    an engine binds a cache stored in that type: the input is cast to fp32 where the graph reads it, the
+    output cast from fp32 where the graph makes it; the graph in between is unchanged. Returns the casts
+    added (0 for fp32 or a graph without cache I/O).
+
+    A bf16 engine computes with its cache rounded to bf16 anyway and writes new_kv in bf16: storing it so
+    halves the cache's memory and traffic and changes no result (tests/test_lm_cache_in_place.py)."""
+    from onnx import TensorProto, helper
+
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype {dtype!r}: expected one of {', '.join(CACHE_DTYPES)}")
+    if dtype == "fp32" or not has_cache_io(model):
+        return 0
+    graph = model.graph
+    inside_in, inside_out = f"{CACHE_INPUT}/fp32", f"{CACHE_OUTPUT}/fp32"
+    for node in graph.node:
+        node.input[:] = [inside_in if n == CACHE_INPUT else n for n in node.input]
+        node.output[:] = [inside_out if n == CACHE_OUTPUT else n for n in node.output]
+    for io, name in ((graph.input, CACHE_INPUT), (graph.output, CACHE_OUTPUT)):
+        for value in io:
+            if value.name == name:
+                value.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    graph.node.insert(0, helper.make_node("Cast", [CACHE_INPUT], [inside_in], to=TensorProto.FLOAT,
+                                          name=f"/{CACHE_INPUT}/cache_dtype_Cast"))
+    graph.node.append(helper.make_node("Cast", [inside_out], [CACHE_OUTPUT], to=TensorProto.BFLOAT16,
+                                       name=f"/{CACHE_OUTPUT}/cache_dtype_Cast"))
+    return 2
 
 
 # --- running a graph on the CPU and judging its outputs -------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .engine_dir import DERIVED_DIMS
 from .errors import ExportError, one_line
-from .graph_rules import ACTIVATION_PRECISION, KEEP_FP32_OPS, QDQ_FORMAT, QDQ_PRECISIONS
+from .graph_rules import ACTIVATION_PRECISION, CACHE_DTYPES, KEEP_FP32_OPS, QDQ_FORMAT, QDQ_PRECISIONS
 
 # Graph names a plan may have sections for (the exporter's graphs of both model families: text_lm and tts_lm
 # are VibeVoice-Realtime's); what is built is the manifest's graphs, in the manifest's order.
@@ -59,6 +59,7 @@ _BUILDER_DEFAULTS = {
     "keep_fp32": [],
     "keep_fp32_names": [],
     "precision_constraints": "obey",
+    "cache_dtype": "fp32",  # an LM engine's cache I/O (past_kv, new_kv): graph_rules.CACHE_DTYPES
 }
 _TYPINGS = ("auto", "weak", "strong")
 _CONSTRAINTS = ("obey", "prefer", "none")
@@ -327,6 +328,8 @@ def _builder(raw: dict | None, base: dict, where: str) -> dict:
     if out["precision_constraints"] not in _CONSTRAINTS:
         raise PlanError(f"{where}: precision_constraints must be one of {', '.join(_CONSTRAINTS)}, "
                         f"got {out['precision_constraints']!r}")
+    if out["cache_dtype"] not in CACHE_DTYPES:
+        raise PlanError(f"{where}: cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {out['cache_dtype']!r}")
     for key in ("keep_fp32", "keep_fp32_names"):
         if not isinstance(out[key], list) or not all(isinstance(x, str) for x in out[key]):
             raise PlanError(f"{where}: {key} must be a list of strings")
@@ -520,6 +523,10 @@ def resolve_plan(plan: str | dict = "default", manifest: dict | None = None, pre
         if len(set(names_seen)) != len(names_seen):
             raise PlanError(f"{where}.profiles: duplicate profile names {names_seen}")
         builder = _builder(section.get("builder"), base_builder, f"{where}.builder")
+        if builder["cache_dtype"] == "bf16" and ACTIVATION_PRECISION.get(prec, prec) != "bf16":
+            # a bf16 cache changes nothing only where the engine computes in bf16 (an fp16 one has more mantissa)
+            builder["cache_dtype"] = "fp32"
+            notes.append(f"graphs.{g}: cache_dtype bf16 with {prec} compute: the cache stays fp32")
         tolerance = _tolerances(data.get("tolerance") or {}, section.get("tolerance"), outputs, where)
         if prec in QDQ_PRECISIONS:
             table = tolerance.get(prec, {})
@@ -615,8 +622,9 @@ def memory_estimate(plan: Plan, manifest: dict) -> dict:
                 H, kv, d = model["hidden_size"], model["num_kv_heads"], model["head_dim"]
                 heads = model.get("num_attention_heads", kv)
                 inter = _lm_intermediate(model, elems, lm_layers[g])
+                cache = _DTYPE_BYTES[gp.builder["cache_dtype"]]
                 act = (rows * heads * seq * total * 4 * 2 + rows * seq * inter * _activation_bytes(gp.precision) * 3
-                       + 2 * rows * kv * total * d * 4 + rows * seq * H * 4 * 6)
+                       + 2 * rows * kv * total * d * cache + rows * seq * H * 4 * 6)
             elif g == "acoustic_encoder" and "samples" in prof.dims:
                 act = prof.dims["batch"][2] * prof.dims["samples"][2] * 32 * 4 * 2
             profiles[f"{g}/{prof.name}"] = {"io_bytes": io_bytes, "activation_bytes": act, "bytes": io_bytes + act}

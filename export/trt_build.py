@@ -52,7 +52,8 @@ from typing import Callable
 
 from .engine_dir import ENGINE_FORMAT, TRT_DIR, atomic_write, file_lock, read_manifest, sha256_file, update_manifest
 from .errors import ExportError, TrtUnavailable, one_line
-from .graph_rules import ACTIVATION_PRECISION, COMPUTE_LAYERS, FP32_LAYER_MATCH, MIN_COMPUTE_CAPABILITY, QDQ_PRECISIONS
+from .graph_rules import (ACTIVATION_PRECISION, CACHE_INPUT, COMPUTE_LAYERS, FP32_LAYER_MATCH, MIN_COMPUTE_CAPABILITY,
+                          QDQ_PRECISIONS, has_cache_io, with_cache_dtype)
 from .plans import PRECISIONS, GraphPlan, Plan, resolve_plan
 from .strong_typing import typed_qdq_graph_file
 
@@ -211,6 +212,8 @@ def expected_engine(engine_dir: Path, manifest: dict, gp: GraphPlan, trt_version
         "profiles": [p.to_json() for p in gp.profiles],
         "inputs": [i["name"] for i in entry.get("inputs") or []],
         "outputs": [o["name"] for o in entry.get("outputs") or []],
+        **({"cache_dtype": gp.builder["cache_dtype"]}
+           if any(i["name"] == CACHE_INPUT for i in entry.get("inputs") or []) else {}),
     }
 
 
@@ -375,6 +378,21 @@ def _autocast(onnx_path: Path, work: Path, gp: GraphPlan, progress) -> Path:
     return out
 
 
+def _cache_typed(onnx_path: Path, work: Path, gp: GraphPlan) -> Path:
+    """A copy of an LM graph whose cache I/O is in the plan's `cache_dtype` (graph_rules.with_cache_dtype); the
+    graph itself where it has no cache I/O."""
+    import onnx
+
+    if not has_cache_io(onnx.load(str(onnx_path), load_external_data=False)):
+        return onnx_path
+    model = onnx.load(str(onnx_path), load_external_data=True)
+    with_cache_dtype(model, gp.builder["cache_dtype"])
+    out = work / f"{gp.graph}.cache-{gp.builder['cache_dtype']}.onnx"
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=out.name + ".data", size_threshold=1024)
+    return out
+
+
 def _profiles(gp: GraphPlan):
     from polygraphy.backend.trt import Profile
 
@@ -410,6 +428,8 @@ def build_engine_bytes(env: TrtEnv, onnx_path: Path, gp: GraphPlan, cache_path: 
                               f"({_last_line(exc)})") from exc
     elif typing == "strong":
         path = _autocast(onnx_path, work, gp, progress)
+    if gp.builder["cache_dtype"] != "fp32":
+        path = _cache_typed(path, work, gp)
     floats = ACTIVATION_PRECISION.get(gp.precision, gp.precision)  # what the non-quantized layers run in
     # TensorRT 11 builds every network strongly typed; 10.x: strongly typed only for typed graphs
     strongly_typed = typing == "strong" or env.major >= 11

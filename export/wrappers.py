@@ -65,20 +65,19 @@ class RopeTable(nn.Module):
         return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 
-class ScoresSoftmaxFp32(nn.Module):
-    """Attention scores `q k^T * scaling + mask bias` and their softmax: one module per layer whose ONNX nodes
-    are named `/attn_scores_fp32.<i>/...`, kept in fp32 by the TensorRT plans (`keep_fp32_names`).
-
-    Grouped-query attention without repeated keys: q [B, KV, groups, seq, D] (the query heads sharing a
-    key/value head), keys [B, KV, 1, total, D] broadcast over the groups, bias [B, 1, 1, seq, total]."""
+class SoftmaxFp32(nn.Module):
+    """Attention probabilities `softmax(scores * scaling + mask bias)` from scores computed outside: one module
+    per layer whose ONNX nodes are named `/attn_softmax_fp32.<i>/...`, kept in fp32 by the TensorRT plans
+    (`keep_fp32_names` "*_fp32*"), while the q k^T products before it run in the engine's precision.
+    Grouped-query attention without repeated keys: scores [B, KV, groups, seq, total], bias
+    [B, 1, 1, seq, total]."""
 
     def __init__(self, scaling: float):
         super().__init__()
         self.scaling = scaling
 
-    def forward(self, q, keys, bias):
-        scores = torch.matmul(q, keys.transpose(-2, -1)) * self.scaling + bias
-        return torch.softmax(scores, dim=-1)
+    def forward(self, scores, bias):
+        return torch.softmax(scores * self.scaling + bias, dim=-1)
 
 
 class DecoderStep(nn.Module):
@@ -91,8 +90,15 @@ class DecoderStep(nn.Module):
     stays finite; real rows never depend on it). `decode` returns the last layer's hidden states of
     every new position, before the model's final norm; the graphs built on it pick their outputs.
 
+    The cache is read where it lives, never copied: the cached and the new keys are scored apart (q K_past^T
+    and q k_new^T), only the scores are concatenated (past + seq per query: small) for one softmax, and the
+    output is P_past V_past + P_new v_new. (Concatenating the cache with the new positions in every layer
+    would read the cache twice and write it once per call.) The caller writes `new_kv` into its cache
+    (vv_runtime.kv_cache.KVCache.write_rows: one batched index write per decode step).
+
     Reduced precision (docs/PRECISION.md): RoPE cos/sin come from an fp32 table (RopeTable), the mask
-    bias is finite (MASK_BIAS), and the attention scores + softmax live in `attn_scores_fp32.<i>`.
+    bias is finite (MASK_BIAS), and the softmax (with its scale and mask bias) lives in `attn_softmax_fp32.<i>`,
+    the only part of the attention kept in fp32: the q k^T and P V products run in the engine's precision.
     """
 
     def __init__(self, language_model):
@@ -106,8 +112,8 @@ class DecoderStep(nn.Module):
         self.num_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.rope_table = RopeTable(language_model.rotary_emb, cfg.max_position_embeddings, self.head_dim)
-        self.attn_scores_fp32 = nn.ModuleList([ScoresSoftmaxFp32(float(layer.self_attn.scaling))
-                                               for layer in self.layers])
+        self.attn_softmax_fp32 = nn.ModuleList([SoftmaxFp32(float(layer.self_attn.scaling))
+                                                for layer in self.layers])
 
     def _attention_bias(self, attention_mask, past: int, seq: int):
         """[B, 1, seq, past + seq] additive bias: 0 where a query attends a key, MASK_BIAS elsewhere."""
@@ -128,12 +134,15 @@ class DecoderStep(nn.Module):
 
     def _attend(self, i: int, q, k, v, past_kv, bias, bsz, seq):
         """Layer i's attention output [B, KV, groups, seq, D] of queries q [B, heads, seq, D] over the cached
-        keys/values (past_kv[i]) and the new ones k, v [B, KV, seq, D]: one key/value tensor of past + seq
-        slots (the cache concatenated with the new positions), scores and softmax in fp32."""
-        keys = torch.cat([past_kv[i, 0], k], dim=2)
-        values = torch.cat([past_kv[i, 1], v], dim=2)
-        probs = self.attn_scores_fp32[i](self._grouped(q, bsz, seq), keys.unsqueeze(2), bias)
-        return torch.matmul(probs, values.unsqueeze(2))
+        keys/values (past_kv[i], read in place) and the new ones k, v [B, KV, seq, D]."""
+        q = self._grouped(q, bsz, seq)
+        past = past_kv.shape[4]
+        past_keys, past_values = past_kv[i, 0].unsqueeze(2), past_kv[i, 1].unsqueeze(2)  # [B, KV, 1, past, D]
+        new_keys, new_values = k.unsqueeze(2), v.unsqueeze(2)                            # [B, KV, 1, seq, D]
+        scores = torch.cat([torch.matmul(q, past_keys.transpose(-2, -1)),
+                            torch.matmul(q, new_keys.transpose(-2, -1))], dim=-1)        # [B, KV, G, seq, total]
+        probs = self.attn_softmax_fp32[i](scores, bias)
+        return torch.matmul(probs[..., :past], past_values) + torch.matmul(probs[..., past:], new_values)
 
     def decode(self, inputs_embeds, attention_mask, position_ids, past_kv):
         """(hidden [B, seq, H] of the last layer, no final norm; new_kv [L, 2, B, KV, seq, D])."""
@@ -176,48 +185,6 @@ class LMStep(DecoderStep):
         last = hidden[:, -1, :]
         logits = torch.matmul(last, self.control_weight.t())
         return last, logits, new_kv
-
-
-class SoftmaxFp32(nn.Module):
-    """Attention probabilities `softmax(scores * scaling + mask bias)` from scores computed outside: one module
-    per layer whose ONNX nodes are named `/attn_softmax_fp32.<i>/...`, kept in fp32 by the TensorRT plans
-    (`keep_fp32_names` "*_fp32*"), while the q k^T products before it run in the engine's precision."""
-
-    def __init__(self, scaling: float):
-        super().__init__()
-        self.scaling = scaling
-
-    def forward(self, scores, bias):
-        return torch.softmax(scores * self.scaling + bias, dim=-1)
-
-
-class LMStepInPlaceCache(LMStep):
-    """LMStep with the same I/O that reads the cache where it lives instead of concatenating it.
-
-    The concatenating step copies each layer's whole cache with the new positions into one key/value
-    tensor every call (the cache read twice and written once, per layer per step). Here the cached and
-    the new keys are scored separately (q K_past^T and q k_new^T, reduced precision in an engine), only the
-    scores are concatenated (past + seq per query: small) for one fp32 softmax (`SoftmaxFp32`, the only
-    part kept in fp32), and the output is P_past V_past + P_new v_new. The cache is read once and never
-    copied; the caller writes `new_kv` into it in place (vv_runtime.kv_cache.KVCache.write_rows, one
-    batched index write per decode step). The values equal the concatenating step's up to the order of
-    the sums (tests/test_lm_cache_variant.py: fp32 and emulated bf16 on ONNX Runtime).
-    """
-
-    def __init__(self, language_model, lm_head_weight: torch.Tensor, control_ids: list[int]):
-        super().__init__(language_model, lm_head_weight, control_ids)
-        self.attn_softmax_fp32 = nn.ModuleList([SoftmaxFp32(float(layer.self_attn.scaling))
-                                                for layer in self.layers])
-
-    def _attend(self, i: int, q, k, v, past_kv, bias, bsz, seq):
-        q = self._grouped(q, bsz, seq)
-        past = past_kv.shape[4]
-        past_keys, past_values = past_kv[i, 0].unsqueeze(2), past_kv[i, 1].unsqueeze(2)  # [B, KV, 1, past, D]
-        new_keys, new_values = k.unsqueeze(2), v.unsqueeze(2)                            # [B, KV, 1, seq, D]
-        scores = torch.cat([torch.matmul(q, past_keys.transpose(-2, -1)),
-                            torch.matmul(q, new_keys.transpose(-2, -1))], dim=-1)        # [B, KV, G, seq, total]
-        probs = self.attn_softmax_fp32[i](scores, bias)
-        return torch.matmul(probs[..., :past], past_values) + torch.matmul(probs[..., past:], new_values)
 
 
 class AcousticEncoder(nn.Module):

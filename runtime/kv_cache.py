@@ -147,25 +147,27 @@ class HostKVCache(KVCache):
 
 
 class TorchKVCache(KVCache):
-    """The cache as one float32 torch tensor on `device`; written values (torch tensors or numpy arrays)
-    are moved there."""
+    """The cache as one torch tensor on `device`, float32 or the engines' cache type (`dtype`, e.g.
+    torch.bfloat16: written values are rounded to it); written values (torch tensors or numpy arrays) are
+    moved there."""
 
-    def __init__(self, shape: tuple[int, ...], device):
+    def __init__(self, shape: tuple[int, ...], device, dtype=None):
         import torch  # noqa: PLC0415 (only device caches need torch)
 
         self.torch = torch
         self.device = torch.device(device)
+        self.dtype = torch.float32 if dtype is None else dtype
         super().__init__(shape)
 
     def _zeros(self, slots: int):
         with self._scope():
-            return self.torch.zeros(self._with_slots(slots), dtype=self.torch.float32, device=self.device)
+            return self.torch.zeros(self._with_slots(slots), dtype=self.dtype, device=self.device)
 
     def _convert(self, value):
         torch = self.torch
         if not isinstance(value, torch.Tensor):
             value = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-        return value.to(device=self.device, dtype=torch.float32)
+        return value.to(device=self.device, dtype=self.dtype)
 
     def _index(self, ints: np.ndarray):
         return self.torch.as_tensor(ints, device=self.device)
@@ -175,4 +177,4 @@ class TorchKVCache(KVCache):
 
     def numpy(self) -> np.ndarray:
         with self._scope():
-            return self.data.cpu().numpy()
+            return self.data.float().cpu().numpy()

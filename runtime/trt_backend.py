@@ -381,6 +381,12 @@ class _Buffer:
         return self.tensor.data_ptr()
 
 
+def _host_dtype(torch_dtype) -> np.dtype:
+    """The numpy type of a binding's host arrays: its own, float32 for bfloat16 (numpy has none)."""
+    name = str(torch_dtype).replace("torch.", "")
+    return np.dtype(np.float32 if name == "bfloat16" else name)
+
+
 class _Engine:
     """One engine: one execution context per optimisation profile (context p set to profile p at load,
     never switched), all on ONE activation ("scratch") buffer of the engine's largest size. Sharing it is
@@ -393,7 +399,8 @@ class _Engine:
         self.outputs = [o["name"] for o in entry["outputs"]]
         self._check_io(entry)
         self.torch_dtypes = {n: owner.torch_dtype(engine.get_tensor_dtype(n)) for n in self.inputs + self.outputs}
-        self.np_dtypes = {n: np.dtype(str(self.torch_dtypes[n]).replace("torch.", "")) for n in self.inputs}
+        # host arrays of a bf16 binding (the LM cache, `cache_dtype`) are float32, converted on the device
+        self.np_dtypes = {n: _host_dtype(self.torch_dtypes[n]) for n in self.inputs}
         self.num_profiles = int(engine.num_optimization_profiles)
         names = [p.get("name", f"profile{i}") for i, p in enumerate(record.get("profiles") or [])]
         self.profile_names = names + [f"profile{i}" for i in range(len(names), self.num_profiles)]
@@ -462,6 +469,8 @@ class _Engine:
             raise TrtBackendError(f"{self.record.get('file')}: engine I/O {got_in} -> {got_out} differs from the "
                                   f"manifest's {self.inputs} -> {self.outputs} for graph {self.graph!r}")
         want = {io["name"]: io.get("dtype") for io in entry["inputs"] + entry["outputs"]}
+        if self.record.get("cache_dtype") == "bf16":  # the cache I/O built in bf16 (graph_rules.with_cache_dtype)
+            want.update({name: "bfloat16" for name in ("past_kv", "new_kv") if name in want})
         for name, dtype in want.items():
             got = self.owner.np_name(self.engine.get_tensor_dtype(name))
             if dtype and got != dtype:
@@ -583,9 +592,9 @@ class _Engine:
                 if (self.graph, name) in DEVICE_OUTPUTS and (device_feeds or self.owner.cache_on_device):
                     results[name] = view.clone()  # stays on the device (the LM cache's write takes it)
                 elif math.prod(shape):
-                    results[name] = view.cpu().numpy()
+                    results[name] = (view.float() if view.dtype == torch.bfloat16 else view).cpu().numpy()
                 else:
-                    results[name] = np.zeros(shape, dtype=str(self.torch_dtypes[name]).replace("torch.", ""))
+                    results[name] = np.zeros(shape, dtype=_host_dtype(self.torch_dtypes[name]))
         return results
 
     def _stage(self, arrays: dict, device_feeds: dict, shapes: dict) -> None:
@@ -734,7 +743,7 @@ class DeviceKVCache(TorchKVCache):
     def __init__(self, backend: "TrtBackend", shape: tuple[int, ...]):
         self.backend = backend
         self._finalizer = None
-        super().__init__(shape, backend.device)
+        super().__init__(shape, backend.device, getattr(backend, "cache_dtype", None))
         register = getattr(backend, "register_cache", None)
         if register is not None:
             register(self)
@@ -820,8 +829,9 @@ class TrtBackend(Backend):
         torch = self.torch
         oom = tuple(e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None),
                                 MemoryError) if isinstance(e, type))
+        self.cache_dtype = self._cache_dtype({g: records[g] for g in wanted})
         self.kv_pool = KVBufferPool(
-            allocate=lambda shape: torch.zeros(shape, dtype=torch.float32, device=self.device),
+            allocate=lambda shape: torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
             zero=lambda buffer: buffer.zero_(), nbytes=lambda buffer: buffer.numel() * buffer.element_size(),
             release=lambda buffer: self.forget_address(buffer.data_ptr()), max_bytes=kv_pool_bytes, oom_errors=oom)
         self._caches = weakref.WeakSet()  # the device caches handed out (DeviceKVCache registers itself)
@@ -846,6 +856,15 @@ class TrtBackend(Backend):
             if tdt is not None:
                 table[tdt] = (tdtype, npname)
         return table
+
+    def _cache_dtype(self, records: dict):
+        """The torch type of the LM cache: the `cache_dtype` the LM engines were built with (vv-export trt:
+        the plan's builder setting; fp32 where none is recorded). Every LM engine binds the one cache type."""
+        kinds = {str(r.get("cache_dtype", "fp32")) for r in records.values() if "past_kv" in (r.get("inputs") or [])}
+        if len(kinds) > 1:
+            raise TrtBackendError(f"the LM engines were built with different cache types ({', '.join(sorted(kinds))}); "
+                                  f"give their plan sections one builder cache_dtype and rebuild (vv-export trt)")
+        return {"bf16": self.torch.bfloat16}.get(kinds.pop() if kinds else "fp32", self.torch.float32)
 
     def torch_dtype(self, trt_dtype):
         try:

@@ -164,12 +164,16 @@ def test_fp32_nodes_match_the_plan_keep_rules(graphs, plan):
                     assert n.name in kept, f"{g}: {n.op_type} {n.name} feeds {node.name} but is not kept in fp32"
                 checked["sincos"] += 1
             if node.op_type == "Softmax":
+                # softmax(scores * scale + mask bias) kept; the scores (q K_past^T, q k_new^T, concatenated)
+                # come out of the engine-precision GEMMs
                 add = producers[node.input[0]]
                 scale = producers[add.input[0]]
-                scores = producers[scale.input[0]]
-                assert (add.op_type, scale.op_type, scores.op_type) == ("Add", "Mul", "MatMul")
-                for n in (node, add, scale, scores):
-                    assert n.name in kept, f"{g}: {n.op_type} {n.name} (attention scores) is not kept in fp32"
+                joined = producers[scale.input[0]]
+                assert (add.op_type, scale.op_type, joined.op_type) == ("Add", "Mul", "Concat")
+                assert [producers[i].op_type for i in joined.input] == ["MatMul", "MatMul"]
+                for n in (node, add, scale):
+                    assert n.name in kept, f"{g}: {n.op_type} {n.name} (attention softmax) is not kept in fp32"
+                assert not {producers[i].name for i in joined.input} & kept, f"{g}: q k^T kept in fp32"
                 checked["softmax"] += 1
             if node.op_type == "ReduceMean":
                 # norm statistics: x^2 -> mean -> + eps -> sqrt -> 1 / .

@@ -210,6 +210,56 @@ def test_device_kv_cache_behaves_like_the_host_cache(cpu_torch):
     np.testing.assert_array_equal(past.numpy(), host.past(5))
 
 
+def test_device_kv_cache_in_bf16_holds_the_rounded_values(cpu_torch):
+    """A bf16 device cache (the LM engines built with cache_dtype bf16) holds every written value rounded to
+    bf16, through the same indexing as the host cache, and reads back as float32."""
+    import types
+
+    import ml_dtypes
+    import numpy as np
+
+    torch = cpu_torch
+    from vv_runtime.backend import HostKVCache
+
+    fake = types.SimpleNamespace(torch=torch, device=torch.device("cpu"), stream=None, cache_dtype=torch.bfloat16)
+    shape = (2, 2, 4, 2, 6, 3)
+    dev, host = trt_backend.DeviceKVCache(fake, shape), HostKVCache(shape)
+    assert dev.data.dtype == torch.bfloat16
+    rng = np.random.default_rng(1)
+    prompt = rng.standard_normal((2, 2, 2, 2, 4, 3)).astype(np.float32)
+    step = rng.standard_normal((2, 2, 4, 2, 1, 3)).astype(np.float32)
+    rounded = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32)  # noqa: E731
+    dev.write(slice(0, 2), 0, prompt)
+    host.write(slice(0, 2), 0, rounded(prompt))
+    dev.write_rows(torch.from_numpy(step), [0, 1, 2, 3], [4, 5, 0, 1])
+    host.write_rows(rounded(step), [0, 1, 2, 3], [4, 5, 0, 1])
+    got = dev.numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, host.data)
+    assert not np.array_equal(got[:, :, 0:2, :, 0:4], prompt)  # rounded: bf16 holds 8 bits of mantissa
+
+
+def test_one_cache_type_for_every_lm_engine(cpu_torch):
+    """The LM cache's type comes from the engines' records (fp32 where none is recorded); LM engines built
+    with different cache types are refused in one line; a bf16 binding's host arrays are float32."""
+    import types
+
+    import numpy as np
+
+    torch = cpu_torch
+    me = types.SimpleNamespace(torch=torch)
+    lm = {"inputs": ["inputs_embeds", "attention_mask", "position_ids", "past_kv"]}
+    other = {"inputs": ["latent", "state"], "cache_dtype": "fp32"}
+    assert TrtBackend._cache_dtype(me, {"lm": {**lm, "cache_dtype": "bf16"}, "acoustic_decoder": other}) == torch.bfloat16
+    assert TrtBackend._cache_dtype(me, {"lm": dict(lm), "acoustic_decoder": other}) == torch.float32
+    assert TrtBackend._cache_dtype(me, {"tts_lm": {**lm, "cache_dtype": "bf16"},
+                                        "text_lm": {**lm, "cache_dtype": "bf16"}}) == torch.bfloat16
+    with pytest.raises(TrtBackendError, match="different cache types .bf16, fp32.*cache_dtype"):
+        TrtBackend._cache_dtype(me, {"tts_lm": {**lm, "cache_dtype": "bf16"}, "text_lm": {**lm, "cache_dtype": "fp32"}})
+    assert trt_backend._host_dtype(torch.bfloat16) == np.float32
+    assert trt_backend._host_dtype(torch.int64) == np.int64
+
+
 # --- what the engines can run: PlanLimits over recorded profiles (pure, no CUDA) -------------------
 
 # A plan with known numbers (independent of the shipped plans): two decode profiles of different shapes.

@@ -178,6 +178,29 @@ def test_settings_that_do_not_change_shapes_keep_hashes(manifest, default_data):
     assert _resolve(edited, manifest).hash == a.hash
 
 
+def test_lm_cache_type(manifest, default_data, tiny_engine_dir):
+    """The bf16 LMs of the default plan bind a bf16 cache (builder cache_dtype, part of their hash and of
+    their engine record); an fp16 LM keeps an fp32 cache, the plan saying so; a bad value is one line."""
+    from vv_export.trt_build import expected_engine
+
+    plan = _resolve(default_data, manifest)
+    assert plan.graphs["lm"].builder["cache_dtype"] == "bf16" and plan.graphs["lm"].precision == "bf16"
+    assert plan.graphs["acoustic_decoder"].builder["cache_dtype"] == "fp32"
+    record = expected_engine(tiny_engine_dir, manifest, plan.graphs["lm"], "10.8.0.43", "sm90")
+    assert record["cache_dtype"] == "bf16"
+    assert "cache_dtype" not in expected_engine(tiny_engine_dir, manifest, plan.graphs["acoustic_decoder"],
+                                                "10.8.0.43", "sm90")
+    fp32_cache = copy.deepcopy(default_data)
+    fp32_cache["graphs"]["lm"]["builder"] = {"cache_dtype": "fp32"}
+    assert _resolve(fp32_cache, manifest).graphs["lm"].hash != plan.graphs["lm"].hash
+    fp16 = _resolve(default_data, manifest, precision="fp16")
+    assert fp16.graphs["lm"].builder["cache_dtype"] == "fp32"
+    assert any("graphs.lm: cache_dtype bf16 with fp16 compute: the cache stays fp32" == n for n in fp16.notes)
+    bad = copy.deepcopy(default_data)
+    bad["graphs"]["lm"]["builder"] = {"cache_dtype": "fp8"}
+    assert "graphs.lm.builder: cache_dtype must be one of fp32, bf16, got 'fp8'" in _error(bad, manifest)
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 def test_unknown_dim_in_profile(manifest, default_data):
