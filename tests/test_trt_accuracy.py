@@ -148,6 +148,18 @@ def test_engine_matches_onnxrt(graph, precision, built, onnxrt, results):
     assert report.passed, "; ".join(report.failures())
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_lm_cache_binding_type(precision, built):
+    """A bf16 LM engine binds its cache in bf16 (plan builder cache_dtype; graph_rules.with_cache_dtype), the
+    backend's device cache with it; fp32 and fp16 engines keep an fp32 cache."""
+    out, manifest, backend, _ = built(precision)
+    want = "bfloat16" if precision == "bf16" else "float32"
+    assert manifest["trt"]["engines"]["lm"]["cache_dtype"] == ("bf16" if precision == "bf16" else "fp32")
+    engine = backend.engines["lm"].engine
+    assert [backend.np_name(engine.get_tensor_dtype(n)) for n in ("past_kv", "new_kv")] == [want, want]
+    assert str(backend.kv_cache((1, 2, 2, 1, 64, 4)).data.dtype) == f"torch.{want}"
+
+
 def test_rebuild_is_a_no_op(built):
     from vv_export.trt_build import build_engines
 
