@@ -78,8 +78,9 @@ from .errors import BackendFault, CapacityError, RuntimeInputError, one_line
 from .kv_cache import TorchKVCache
 from .manifest import graphs_with_role, required_graphs
 
-# Outputs returned as CUDA tensors when the call was given a CUDA tensor (the device-resident LM cache).
-DEVICE_OUTPUTS = {("lm", "new_kv")}
+# Outputs returned as CUDA tensors when the call was given a CUDA tensor or a device cache is open: every LM's
+# new keys/values, which the loop writes into its device-resident cache (VibeVoice's lm, Realtime's two LMs).
+DEVICE_OUTPUTS = {("lm", "new_kv"), ("text_lm", "new_kv"), ("tts_lm", "new_kv")}
 # LM decode calls (seq 1, past_kv a CUDA tensor) replayed as CUDA graphs: the graph's input that is bound
 # at the caller's device memory (its address is part of the graph's key) and the sequence input.
 DECODE_GRAPH = {"graph": "lm", "device_input": "past_kv", "seq_input": "inputs_embeds", "seq_axis": 1}
