@@ -119,7 +119,11 @@ def test_submit_streams_the_same_as_generate(engine, pipeline, voice_wav):
     assert handle.tokens == alone.tokens[0]
     assert handle.frames == len(chunks) == alone.frames[0] > 0
     assert all(c.shape == (engine.hop,) and c.dtype == np.float32 for c in chunks)
-    np.testing.assert_array_equal(np.concatenate(chunks), alone.audio[0])
+    # the engine reuses the stored voice's prompt-prefix cache: the LM attends the prefix as cached positions,
+    # summed apart from the text's (DecoderStep reads its cache in place), which rounds differently from one
+    # prefill over the whole prompt -- the same tokens, the audio within fp32 reordering
+    peak = float(np.abs(alone.audio[0]).max())
+    assert float(np.abs(np.concatenate(chunks) - alone.audio[0]).max()) <= 1e-5 * peak
     assert handle.first_audio_s is not None and handle.first_audio_s > 0
     stats = engine.stats()
     assert stats["requests_total"] == 1 and stats["frames_total"] == handle.frames
