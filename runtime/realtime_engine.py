@@ -150,10 +150,11 @@ class RealtimeEngine(RequestEngine):
 
     @classmethod
     def from_engine_dir(cls, engine_dir, backend: str = "auto", threads: int | None = None, max_batch: int = 8,
-                        max_queue: int = 64) -> "RealtimeEngine":
+                        max_queue: int = 64, decode_frames: int | None = None) -> "RealtimeEngine":
         """An engine (not started) over the RealtimePipeline of an ENGINE_DIR, its presets loaded. It owns the
-        pipeline: `close()` closes it."""
+        pipeline: `close()` closes it. `decode_frames`: RealtimePipeline.decode_frames."""
         pipeline = RealtimePipeline.from_engine_dir(engine_dir, backend=backend, threads=threads)
+        pipeline.decode_frames = decode_frames
         try:
             return cls(pipeline, max_batch=max_batch, max_queue=max_queue)
         except BaseException:

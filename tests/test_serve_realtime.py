@@ -261,6 +261,25 @@ def test_voices_dir_is_refused_for_a_realtime_engine(realtime_voiced_engine_dir,
     assert "Traceback" not in srv.log()
 
 
+def test_decode_frames_reaches_the_realtime_engine_and_is_refused_for_vibevoice(realtime_voiced_engine_dir,
+                                                                                 tiny_engine_dir):
+    """vv-serve --decode-frames: the realtime engine's jobs decode in groups of at most that many frames; a
+    VibeVoice ENGINE_DIR refuses the option in one line, before serving."""
+    from vv_runtime.serve.engines import open_engine
+
+    engine = open_engine(realtime_voiced_engine_dir, backend="ort", decode_frames=2)
+    try:
+        assert engine.pipeline.decode_frames == 2 and engine.pipeline.new_steps().decode_frames == 2
+    finally:
+        engine.close()
+    srv = ServerProcess(["--engine-dir", tiny_engine_dir, "--decode-frames", "2"])
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        srv.start()
+    lines = [ln for ln in srv.log().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: --decode-frames") and "VibeVoice-Realtime" in lines[-1]
+    assert "Traceback" not in srv.log()
+
+
 def test_the_example_client_streams_text_and_writes_the_wav(server, tmp_path):
     out = tmp_path / "streamed.wav"
     run = subprocess.run([sys.executable, str(REPO / "examples" / "stream_client.py"), "--url", ws_url(server),

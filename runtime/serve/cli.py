@@ -58,6 +58,10 @@ KEEP_ALIVE_S = 5          # an idle keep-alive connection is closed after this (
 @click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True,
               help="auto: TensorRT engines when ENGINE_DIR has usable ones, else ONNX Runtime.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--decode-frames", type=click.IntRange(min=1), default=None,
+              help="VibeVoice-Realtime: most frames of a request the acoustic decoder takes per call [default: the "
+                   "ENGINE_DIR's, 6]; a group's audio is sent together, so 1 gives the steadiest streams where "
+                   "generation is barely faster than real time.")
 @click.option("--max-text-chars", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Longest `input` / `script` accepted, in characters.")
 @click.option("--max-voice-seconds", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
@@ -100,7 +104,7 @@ KEEP_ALIVE_S = 5          # an idle keep-alive connection is closed after this (
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks of start-up failures.")
-def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, max_text_chars,
+def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, decode_frames, max_text_chars,
          max_voice_seconds, max_voice_bytes, request_timeout, write_timeout, no_uploads, api_keys, api_keys_file,
          insecure_no_key, allow_origins, allow_hosts, header_timeout, body_timeout, max_connections,
          voice_memory_budget, use_ray, replicas, log_level, debug):
@@ -125,10 +129,10 @@ def main(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, thre
 
             serve_forever(engine_dir=str(engine_dir), host=host, port=port, voices_dir=voices_dir,
                           max_batch=max_batch, max_queue=max_queue, backend=backend, threads=threads,
-                          limits=limits, replicas=replicas, access=access)
+                          limits=limits, replicas=replicas, access=access, decode_frames=decode_frames)
         else:
             _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level,
-                   access)
+                   access, decode_frames)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -179,7 +183,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level, access):
+def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, threads, limits, log_level, access,
+           decode_frames=None):
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -191,7 +196,8 @@ def _serve(engine_dir, host, port, voices_dir, max_batch, max_queue, backend, th
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     sock = listening_socket(host, port)  # before loading: a taken port fails at once
     engine = open_engine(engine_dir, backend=backend, threads=threads, max_batch=max_batch, max_queue=max_queue,
-                         voices_dir=voices_dir, max_voice_seconds=limits.max_voice_seconds).start()
+                         voices_dir=voices_dir, max_voice_seconds=limits.max_voice_seconds,
+                         decode_frames=decode_frames).start()
     app = create_app(engine, limits, access)
     service = app.state.service
     service.connections = watch = ConnectionWatch(limits, service.metrics)

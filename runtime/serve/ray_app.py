@@ -45,7 +45,7 @@ class SpeechReplica:
         self.engine = engine = open_engine(
             config["engine_dir"], backend=config.get("backend", "auto"), threads=config.get("threads"),
             max_batch=config["max_batch"], max_queue=config["max_queue"], voices_dir=config.get("voices_dir"),
-            max_voice_seconds=limits.max_voice_seconds).start()
+            max_voice_seconds=limits.max_voice_seconds, decode_frames=config.get("decode_frames")).start()
         self.vv_app = create_app(engine, limits, config.get("access"))
 
         @contextlib.asynccontextmanager
@@ -93,7 +93,7 @@ def deployment_options(replicas: int | None, max_batch: int, max_queue: int, gpu
 
 def build(engine_dir, voices_dir=None, max_batch: int = 8, max_queue: int = 64, backend: str = "auto",
           threads: int | None = None, limits: Limits | None = None, replicas: int | None = None,
-          gpus: float | None = None, access: Access | None = None):
+          gpus: float | None = None, access: Access | None = None, decode_frames: int | None = None):
     """The bound Ray Serve application (ray.init must have run, or gpus be given); `access`: API keys,
     origins and host names (it holds digests of the keys, not the keys)."""
     import ray
@@ -108,7 +108,7 @@ def build(engine_dir, voices_dir=None, max_batch: int = 8, max_queue: int = 64, 
     config = {"engine_dir": str(Path(engine_dir).resolve()),
               "voices_dir": None if voices_dir is None else str(Path(voices_dir).resolve()),
               "max_batch": int(max_batch), "max_queue": int(max_queue), "backend": backend,
-              "threads": threads, "limits": fields, "access": access}
+              "threads": threads, "limits": fields, "access": access, "decode_frames": decode_frames}
     return SpeechReplica.options(**deployment_options(replicas, max_batch, max_queue, gpus)).bind(config)
 
 
@@ -126,7 +126,8 @@ def build_app(args: dict):
 
 
 def serve_forever(engine_dir, host: str, port: int, voices_dir, max_batch: int, max_queue: int, backend: str,
-                  threads, limits: Limits, replicas: int | None, access: Access | None = None) -> None:
+                  threads, limits: Limits, replicas: int | None, access: Access | None = None,
+                  decode_frames: int | None = None) -> None:
     """`vv-serve --ray`: start (or join) Ray, run the app behind Ray's HTTP proxy on host:port until
     SIGTERM/SIGINT, then shut Serve down (replicas drain their ongoing requests first)."""
     import ray
@@ -145,7 +146,8 @@ def serve_forever(engine_dir, host: str, port: int, voices_dir, max_batch: int, 
         # after ray.init, which installs its own handlers
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         serve.start(http_options={"host": host, "port": int(port)})
-        app = build(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits, replicas, access=access)
+        app = build(engine_dir, voices_dir, max_batch, max_queue, backend, threads, limits, replicas, access=access,
+                    decode_frames=decode_frames)
         serve.run(app, name=DEPLOYMENT, route_prefix="/")
         gpus = float(ray.cluster_resources().get("GPU", 0))
         count = f"{replicas} replicas" if replicas else "autoscaled replicas"
