@@ -144,8 +144,9 @@ def _run(engine_dir, script, voices, out, cfg_scale, seed, max_new_frames, strea
         summary = _run_realtime(engine_dir, manifest, scripts, outputs, list(voices), cfg_scale, seed, max_new_frames,
                                 stream, backend, threads, pcm16, started, decode_frames)
     elif decode_frames is not None:
-        raise RuntimeInputError(f"--decode-frames: {engine_dir} holds a VibeVoice model, whose loop encodes each "
-                                f"frame's audio before the next step (only VibeVoice-Realtime decodes frames in groups)")
+        from .realtime_steps import decode_frames_not_grouped
+
+        raise decode_frames_not_grouped(engine_dir)
     else:
         summary = _run_vibevoice(engine_dir, manifest, scripts, outputs, list(voices), cfg_scale, seed,
                                  max_new_frames, stream, backend, threads, pcm16, started)

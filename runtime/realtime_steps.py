@@ -115,6 +115,12 @@ class TextFeed:
             callback()
 
 
+def decode_frames_not_grouped(engine_dir) -> RuntimeInputError:
+    """The one-line refusal of a --decode-frames given for an ENGINE_DIR of another family (vv-run, vv-serve)."""
+    return RuntimeInputError(f"--decode-frames: {engine_dir} holds a VibeVoice model, whose loop encodes each "
+                             f"frame's audio before the next step (only VibeVoice-Realtime decodes frames in groups)")
+
+
 def check_text_context(positions: dict, text_tokens: int, max_positions: int) -> None:
     """A text of `text_tokens` tokens after a preset of `positions` (VoicePreset.positions) must fit the model's
     context (RuntimeInputError, one line)."""
@@ -353,7 +359,8 @@ class RealtimeSteps:
                 job.window_frames += 1
                 if job.frames >= job.limit:
                     job.done = True
-        due = [j for j in self._ended + [j for j in jobs if j not in self._ended] if self._decode_due(j)]
+        # (the jobs decode() ended are not among `jobs`: it hands the scheduler the running ones only)
+        due = [j for j in self._ended + list(jobs) if self._decode_due(j)]
         self._ended = []
         return self._decode(due, emit)
 

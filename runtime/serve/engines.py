@@ -8,6 +8,7 @@ import vv_engine_dir
 from ..errors import RuntimeInputError
 from ..manifest import load_manifest
 from ..realtime_engine import RealtimeEngine
+from ..realtime_steps import decode_frames_not_grouped
 from ..service_engine import SpeechEngine
 
 
@@ -25,7 +26,6 @@ def open_engine(engine_dir, backend: str = "auto", threads: int | None = None, m
         return RealtimeEngine.from_engine_dir(engine_dir, backend=backend, threads=threads, max_batch=max_batch,
                                               max_queue=max_queue, decode_frames=decode_frames)
     if decode_frames is not None:
-        raise RuntimeInputError(f"--decode-frames: {engine_dir} holds a VibeVoice model, whose loop encodes each "
-                                f"frame's audio before the next step (only VibeVoice-Realtime decodes frames in groups)")
+        raise decode_frames_not_grouped(engine_dir)
     return SpeechEngine.from_engine_dir(engine_dir, backend=backend, threads=threads, max_batch=max_batch,
                                         max_queue=max_queue, voices_dir=voices_dir, max_voice_seconds=max_voice_seconds)
