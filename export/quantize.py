@@ -91,9 +91,9 @@ TIMING_DIMS = {
     "semantic_connector": [("prompt", {"batch": 1, "frames": 8})],
     "diffusion_step": [("frame", {"batch": 1})],
     "diffusion_sampler": [("frame", {"batch": 1})],
-    # VibeVoice-Realtime (vv_export.realtime): the TTS LM steps both CFG rows every frame, the text LM runs
-    # once per text window
-    "tts_lm": [("decode", {"batch": 2, "seq": 1, "past": 255}), ("window", {"batch": 1, "seq": 5, "past": 255})],
+    # VibeVoice-Realtime (vv_export.realtime): the TTS LM steps both CFG rows every frame, and once per text
+    # window the window's tokens with the frame before it (seq 6); the text LM runs once per text window
+    "tts_lm": [("decode", {"batch": 2, "seq": 1, "past": 255}), ("window", {"batch": 2, "seq": 6, "past": 255})],
     "text_lm": [("window", {"batch": 1, "seq": 5, "past": 255})],
 }
 

@@ -12,8 +12,8 @@ The model (Microsoft's `VibeVoiceStreamingForConditionalGenerationInference`) sp
 * the upper TTS LM (`model.tts_language_model`, `tts_backbone_num_hidden_layers` layers, with its norm)
   takes those hidden states (text) or the connector's embedding of a generated latent (speech), plus the
   `tts_input_types` embedding of the position's type (1 text, 0 speech); its own token embedding is
-  unused. The `tts_lm` graph returns the last position's normed hidden state (the diffusion condition)
-  and the end-of-speech classifier's logit of it;
+  unused. The `tts_lm` graph returns every new position's normed hidden state (the last one is the
+  diffusion condition) and the end-of-speech classifier's logit of each;
 * the acoustic tokenizer's decoder (no encoder: voices come as prefilled caches), the acoustic connector
   and the diffusion head are the 1.5B's, exported by the same graph specs.
 
@@ -254,8 +254,10 @@ class TextLMStep(wrappers.DecoderStep):
 
 
 class TtsLMStep(wrappers.DecoderStep):
-    """The TTS LM over new positions (DecoderStep) with the type embedding added to its inputs: the last
-    position's final-normed hidden state and the end-of-speech logit of it."""
+    """The TTS LM over new positions (DecoderStep) with the type embedding added to its inputs: every new
+    position's final-normed hidden state and the end-of-speech logit of it. (The loop reads the last position
+    of a text window, and, where a speech frame and the next text window share one call, the frame's position
+    as well: the negative row's condition and the end-of-speech check.)"""
 
     def __init__(self, tts_language_model, tts_input_types: nn.Embedding, eos_classifier: EosClassifier):
         super().__init__(tts_language_model)
@@ -266,8 +268,8 @@ class TtsLMStep(wrappers.DecoderStep):
     def forward(self, inputs_embeds, input_types, attention_mask, position_ids, past_kv):
         hidden, new_kv = self.decode(inputs_embeds + self.input_types(input_types), attention_mask, position_ids,
                                      past_kv)
-        last = self.norm(hidden[:, -1, :])
-        return last, self.eos_classifier(last), new_kv
+        normed = self.norm(hidden)
+        return normed, self.eos_classifier(normed), new_kv
 
 
 class RealtimeContext(ContextBase):
@@ -322,7 +324,7 @@ def build_specs(ctx: RealtimeContext) -> list[GraphSpec]:
         GraphSpec(
             "tts_lm",
             _lm_inputs(H, Ls, KV, D, with_types=True),
-            [IO("hidden", ("batch", H)), IO("eos_logit", ("batch", 1)), IO("new_kv", (Ls, 2, "batch", KV, "seq", D))],
+            [IO("hidden", ("batch", "seq", H)), IO("eos_logit", ("batch", "seq", 1)), IO("new_kv", (Ls, 2, "batch", KV, "seq", D))],
             lambda c: TtsLMStep(body.tts_language_model, body.tts_input_types, c.net.tts_eos_classifier),
             LM_SHAPES,
             uniform_tolerance(1e-5, 1e-4, "hidden", "eos_logit", "new_kv"),

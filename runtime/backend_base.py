@@ -38,10 +38,11 @@ def graph_threads(entry: dict, threads: int | None) -> int | None:
 
 class Backend:
     name = "base"
-    # whether one call of a per-frame graph may take several frames of a job (Realtime-0.5B's grouped
-    # acoustic_decoder, its weights read once for all of them: the CPU runtimes). A backend that replays one
-    # CUDA graph per shape of a context says no: every call of the loop keeps the shape of one frame.
-    groups_frames = True
+    # whether one call of the loop may take several steps of a job, reading the graph's weights once for all
+    # of them (the CPU runtimes): Realtime-0.5B's grouped acoustic_decoder (several frames' latents) and its
+    # TTS LM call of a speech frame together with the next text window. A backend that replays one CUDA graph
+    # per shape of a context says no: every call of the loop keeps the shape of one step.
+    groups_steps = True
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError

@@ -217,6 +217,31 @@ class KVRows:
         self.mask[rows, slots] = 1
         return out
 
+    def run_rows(self, graph: str, rows, slots, embeds: list, hidden_size: int, **feeds) -> dict:
+        """ONE call of `graph` over the listed rows alone (their cached slots copied, each masked to its own):
+        row rows[i] takes embeds[i] ([n, H]) at positions slots[i]..slots[i]+n-1 and writes their keys/values
+        there. The call's seq is the largest n; a row of fewer gets zero inputs after its own, which nothing it
+        returns reads (causal attention). `feeds`: the graph's other inputs, in the order of `rows`; so are
+        the outputs. The result depends on these rows only, never on the rest of the cache: a job's own call
+        is the same batched or alone."""
+        embeds = [np.asarray(e, dtype=np.float32).reshape(-1, hidden_size) for e in embeds]
+        counts = [len(e) for e in embeds]
+        seq, top = max(counts), int(max(slots))
+        self.past(max(int(s) + n - 1 for s, n in zip(slots, counts)))   # room for every write
+        inputs = np.zeros((len(rows), seq, hidden_size), dtype=np.float32)
+        position_ids = np.zeros((len(rows), seq), dtype=np.int64)
+        for i, (slot, embed) in enumerate(zip(slots, embeds)):
+            inputs[i, :len(embed)] = embed
+            # (the zero inputs after a row's own repeat its last position: any position in the RoPE table would do)
+            position_ids[i] = slot + np.minimum(np.arange(seq), len(embed) - 1)
+        mask = np.concatenate([self.mask[list(rows), :top], np.ones((len(rows), seq), dtype=np.int64)], axis=1)
+        out = self.backend.run(graph, {"inputs_embeds": inputs, "attention_mask": mask, "position_ids": position_ids,
+                                       "past_kv": self.row_past(rows, top), **feeds})
+        for i, (row, slot, n) in enumerate(zip(rows, slots, counts)):
+            self.write(int(row), int(slot), out["new_kv"][:, :, i:i + 1, :, :n])
+            self.mask[row, slot:slot + n] = 1
+        return out
+
     def write(self, row: int, slot: int, new_kv) -> None:
         """new_kv [layers, 2, 1, kv_heads, seq, head_dim] into `row`, slots slot..slot+seq-1."""
         self.cache.write(slice(row, row + 1), slot, new_kv)
@@ -225,10 +250,14 @@ class KVRows:
         """new_kv [layers, 2, R, kv_heads, 1, head_dim] of a decode call: row r's key/value into its own slot."""
         self.cache.write_rows(new_kv, rows, slots)
 
-    def row_past(self, row: int, length: int):
-        """The first `length` slots of one row [layers, 2, 1, kv_heads, length, head_dim], contiguous, for a call
-        of that row alone (host or device, as the cache is)."""
-        part = self.cache.data[:, :, row:row + 1, :, :length]
+    def row_past(self, rows, length: int):
+        """The first `length` slots of `rows` [layers, 2, len(rows), kv_heads, length, head_dim], contiguous, for
+        a call of those rows alone (host or device, as the cache is)."""
+        rows = [int(r) for r in rows]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            part = self.cache.data[:, :, rows[0]:rows[0] + len(rows), :, :length]
+        else:
+            part = self.cache.data[:, :, rows, :, :length]   # (one index list among slices: the axis stays put)
         return part.contiguous() if hasattr(part, "contiguous") else np.ascontiguousarray(part)
 
     def _resize(self, rows: int, slots: int, moves: list[tuple[int, int]] | None = None) -> None:

@@ -13,6 +13,17 @@ negative). Text comes in windows of `text_window` tokens, speech in windows of `
                   the end-of-speech logit of the positive row: speech ends when it is above 0 (sigmoid above 0.5)
     audio         [acoustic_decoder](latents, state) -> a hop of audio per latent (emitted a frame at a time)
 
+Joined windows: the original feeds the positive row a speech window's last frame and then the next text
+window, back to back. Here both go into one [tts_lm] call (the positive row takes 1 + 5 positions, the
+negative row its frame; the frame's position gives the negative condition and the end-of-speech logit, the
+window's last the positive condition), so the TTS LM's weights are read once for both: on a CPU a text window
+alone costs about as much as a frame step. The joined call is the job's own (its two rows alone: the same
+batched or alone); only a job's first text window (no frame before it) runs without a frame. A
+frame that ends a speech window is fed once its next text window is complete or the text closed, so streamed
+text still gives the same calls as text given at once. Backends that keep one shape per step
+(Backend.groups_steps False) and ENGINE_DIRs whose tts_lm returns only the last position run every text
+window alone.
+
 Grouped decoding: no later step needs a frame's audio, so the decoder can take several latents of a job in one
 call, reading its weights once for all of them (on a CPU most of its cost at one frame). A job's n-th decoder
 call takes up to min(n, decode_frames) latents (its first frame alone, for first audio; then growing groups,
@@ -26,10 +37,10 @@ waits: it makes no frame until the window is full or the text is closed, so stre
 audio of the same text given at once. The original finishes the speech window in which speech ends (drawing
 its noise, dropping its audio); here the job ends at that frame.
 
-Scheduler phases: prefill = preset caches into the job's rows + the first text window; decode = the batched
-[tts_lm] call of the frames made at the previous step (and the end-of-speech check); choose = the text window
-when one is due (or waiting for text); diffuse = the frame, and the decoding of the latents whose group is
-complete (or whose job ended).
+Scheduler phases: prefill = preset caches into the job's rows; decode = the batched [tts_lm] call of the
+frames made at the previous step, with the text windows joined to them (and the end-of-speech check); choose =
+a text window due with no frame before it (or waiting for text); diffuse = the frame, and the decoding of the
+latents whose group is complete (or whose job ended).
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ class RealtimeFacts:
     speech_window: int
     decoder_state: int
     decode_frames: int = 1   # most latents per decoder call (1 where the decoder takes one frame per call)
+    every_position: bool = False   # tts_lm returns every new position's hidden state and end-of-speech logit
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "RealtimeFacts":
@@ -68,13 +80,15 @@ class RealtimeFacts:
         streaming = manifest.get("streaming") or {}
         latent = next((io for io in manifest["graphs"]["acoustic_decoder"]["inputs"] if io["name"] == "latent"), {})
         grouped = isinstance((latent.get("shape") or [None, 1])[1], str)
+        hidden = next((io for io in manifest["graphs"]["tts_lm"]["outputs"] if io["name"] == "hidden"), {})
         return cls(hidden=int(model["hidden_size"]), text_lm_layers=int(model["text_lm_layers"]),
                    tts_lm_layers=int(model["tts_lm_layers"]), kv_heads=int(model["num_kv_heads"]),
                    head_dim=int(model["head_dim"]), latent_dim=int(model["acoustic_vae_dim"]),
                    max_positions=int(model["max_position_embeddings"]),
                    text_window=int(streaming.get("text_window", 5)), speech_window=int(streaming.get("speech_window", 6)),
                    decoder_state=state_size(manifest, "acoustic_decoder"),
-                   decode_frames=int(streaming.get("decode_frames", 1)) if grouped else 1)
+                   decode_frames=int(streaming.get("decode_frames", 1)) if grouped else 1,
+                   every_position=len(hidden.get("shape") or ()) == 3)
 
 
 @dataclass
@@ -113,6 +127,16 @@ class TextFeed:
     def changed(self) -> None:
         for callback in list(self._listeners):
             callback()
+
+
+def _every_position(out: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A [tts_lm] call's (hidden [rows, seq, H], end-of-speech logits [rows, seq]); an ENGINE_DIR exported
+    before the graph returned every position gives the last one only, as seq 1."""
+    hidden = np.asarray(out["hidden"], dtype=np.float32)
+    eos = np.asarray(out["eos_logit"], dtype=np.float32)
+    if hidden.ndim == 2:
+        return hidden[:, None], eos.reshape(-1, 1)
+    return hidden, eos.reshape(hidden.shape[0], hidden.shape[1])
 
 
 def decode_frames_not_grouped(engine_dir) -> RuntimeInputError:
@@ -163,6 +187,7 @@ class RealtimeSteps:
         self.backend = backend
         self.facts = facts
         self.decode_frames = self._decode_frames(facts.decode_frames if decode_frames is None else decode_frames)
+        self.joins_windows = facts.every_position and getattr(backend, "groups_steps", True)
         self._ended: list[RealtimeJob] = []   # jobs ended by decode() whose pending latents diffuse() decodes
         self.max_positions = facts.max_positions
         self.latent_dim = facts.latent_dim
@@ -173,11 +198,11 @@ class RealtimeSteps:
 
     def _decode_frames(self, wanted: int) -> int:
         """Latents per decoder call: `wanted`, at most a speech window; 1 where the graph takes one frame per
-        call or the backend keeps one shape per frame call (Backend.groups_frames)."""
+        call or the backend keeps one shape per frame call (Backend.groups_steps)."""
         wanted = int(wanted)
         if wanted < 1:
             raise RuntimeInputError(f"decode_frames {wanted}: must be at least 1")
-        if self.facts.decode_frames == 1 or not getattr(self.backend, "groups_frames", True):
+        if self.facts.decode_frames == 1 or not getattr(self.backend, "groups_steps", True):
             return 1
         return min(wanted, self.facts.speech_window)
 
@@ -223,7 +248,7 @@ class RealtimeSteps:
         if job in self._ended:
             self._ended.remove(job)
 
-    # --- prefill: the preset's caches, then the first text window ---------------------------------------
+    # --- prefill: the preset's caches (the first text window is then due: choose runs it) ---------------
 
     def prefill(self, job: RealtimeJob, running: int) -> None:
         preset = job.preset
@@ -248,37 +273,74 @@ class RealtimeSteps:
     # --- decode: the TTS LM on the frames made at the previous step ------------------------------------
 
     def decode(self, jobs: list[RealtimeJob]) -> list[RealtimeJob]:
-        """One [tts_lm] call (seq 1) over both rows of every job that made a frame; returns every job given
-        (the ones waiting for text are chosen again)."""
+        """One [tts_lm] call over both rows of every job that made a frame: the frame's embedding (seq 1) or,
+        where that frame completes a speech window and the next text window is known, the frame and the text
+        window together (`joins_windows`); returns every job given (the ones waiting for text are chosen
+        again)."""
         fed = [j for j in jobs if j.next_embed is not None]
-        full = [j for j in fed if j.pos_next + 1 > self.capacity]
-        for job in full:               # the original stops before a frame that would pass the context
-            job.next_embed = None
-            job.done = True
-        fed = [j for j in fed if not j.done]
-        if fed:
-            self._feed_frames(fed)
+        for job in fed:
+            if job.pos_next + 1 > self.capacity:   # the original stops before a frame that would pass the context
+                job.next_embed = None
+                job.done = True
+        feeding: list[RealtimeJob] = []
+        windows: dict[RealtimeJob, np.ndarray] = {}   # job -> the text LM's hidden states of its next window
+        window_ends: list[RealtimeJob] = []           # jobs whose speech window ends with this frame
+        for job in (j for j in fed if not j.done):
+            if self.joins_windows and job.window_frames >= self.facts.speech_window:
+                size = self._window_due(job)
+                if size is None:
+                    continue                            # waits for text, its frame with it
+                window_ends.append(job)
+                if size and self._text_fits(job, size, after_frame=True):
+                    windows[job] = self._text_lm(job, size)
+                elif size:
+                    job.done = True     # after this frame: the original stops before text that would pass the context
+            feeding.append(job)
+        if feeding:
+            self._feed_frames(feeding, windows)
+        for job in window_ends:
+            self._next_speech_window(job)
         self._ended += [j for j in jobs if j.done and j.latents]
         return [j for j in jobs if not j.done]
 
-    def _feed_frames(self, jobs: list[RealtimeJob]) -> None:
-        pos_rows = np.asarray([j.rows[0] for j in jobs])
-        neg_rows = np.asarray([j.rows[1] for j in jobs])
-        rows = np.concatenate([pos_rows, neg_rows])
-        slots = np.concatenate([[j.pos_next for j in jobs], [j.neg_next for j in jobs]])
-        embeds = [j.next_embed for j in jobs]
-        out = self.kv.decode("tts_lm", rows, slots, slots, embeds + embeds, self.facts.hidden,
-                             input_types=np.zeros((len(self.kv.owner), 1), dtype=np.int64))
-        hidden = np.asarray(out["hidden"], dtype=np.float32)
-        eos = np.asarray(out["eos_logit"], dtype=np.float32).reshape(-1)
-        for job, pos_row, neg_row in zip(jobs, pos_rows, neg_rows):
-            job.conditions = hidden[[pos_row, neg_row]]
-            job.pos_next += 1
-            job.neg_next += 1
-            job.next_embed = None
-            job.eos_logits.append(float(eos[pos_row]))
-            if eos[pos_row] > 0 and not job.ignore_eos:
-                job.done = True
+    def _feed_frames(self, jobs: list[RealtimeJob], windows: dict) -> None:
+        """The [tts_lm] calls of decode(): ONE over the whole cache for the frames alone (seq 1), and one per job
+        whose frame joins its text window, over that job's rows alone: its positive row takes the frame's
+        embedding (input type 0) then the window's hidden states (type 1), its negative row the frame's
+        embedding. (A joined call of the job's own rows is the same batched or alone.)"""
+        plain = [j for j in jobs if j not in windows]
+        if plain:
+            pos_rows = np.asarray([j.rows[0] for j in plain])
+            neg_rows = np.asarray([j.rows[1] for j in plain])
+            slots = np.concatenate([[j.pos_next for j in plain], [j.neg_next for j in plain]])
+            embeds = [j.next_embed for j in plain]
+            out = self.kv.decode("tts_lm", np.concatenate([pos_rows, neg_rows]), slots, slots, embeds + embeds,
+                                 self.facts.hidden, input_types=np.zeros((len(self.kv.owner), 1), dtype=np.int64))
+            hidden, eos = _every_position(out)
+            for job, pos_row, neg_row in zip(plain, pos_rows, neg_rows):
+                self._frame_fed(job, hidden[pos_row, 0], hidden[neg_row, 0], eos[pos_row, 0], 0)
+        for job in (j for j in jobs if j in windows):
+            window = windows[job]
+            types = np.zeros((2, 1 + len(window)), dtype=np.int64)
+            types[0, 1:] = 1
+            frame = job.next_embed.reshape(1, -1)
+            out = self.kv.run_rows("tts_lm", job.rows, (job.pos_next, job.neg_next),
+                                   [np.concatenate([frame, window]), frame], self.facts.hidden, input_types=types)
+            hidden, eos = _every_position(out)
+            self._frame_fed(job, hidden[0, -1], hidden[1, 0], eos[0, 0], len(window))
+
+    def _frame_fed(self, job: RealtimeJob, positive, negative, eos_logit, text_tokens: int) -> None:
+        """A job's frame (and `text_tokens` of text after it) went into its rows: the next conditions, the
+        frame's end-of-speech check."""
+        job.conditions = np.stack([positive, negative])
+        job.pos_next += 1 + text_tokens
+        job.neg_next += 1
+        job.text_used += text_tokens
+        self.prefill_tokens += text_tokens
+        job.next_embed = None
+        job.eos_logits.append(float(eos_logit))
+        if eos_logit > 0 and not job.ignore_eos:
+            job.done = True
 
     # --- choose: the text window, when one is due ----------------------------------------------------
 
@@ -289,33 +351,52 @@ class RealtimeSteps:
             job.ready = True
             if job.window_frames < self.facts.speech_window:
                 continue
-            # `closed` before the count: a stream releases its last tokens before it says closed, so a closed
-            # text read here has all its tokens counted (read the other way round, a close landing in between
-            # would make a short window of what was counted)
-            closed = job.text.closed
-            left = job.text.available() - job.text_used
-            if left >= self.facts.text_window or (closed and left > 0):
-                self._text_window(job, min(left, self.facts.text_window))
-            elif not closed:
-                job.ready = False      # the window is not complete yet: wait for text
-                if job.waiting_since is None:
-                    job.waiting_since = self.clock()
+            if job.next_embed is not None:    # its last frame waits to be fed with the text window (decode)
+                job.ready = False
                 continue
-            if job.waiting_since is not None:
-                job.stalled_s += self.clock() - job.waiting_since
-                job.waiting_since = None
-            job.window_frames = 0
-            if job.done:
+            size = self._window_due(job)
+            if size is None:
+                job.ready = False
                 continue
-            job.limit = self.job_limit(job)
-            if job.frames >= job.limit:
-                job.done = True
+            if size and self._text_fits(job, size, after_frame=False):
+                self._text_window(job, size)
+            elif size:
+                job.done = True         # the original stops before text that would pass the context
+            self._next_speech_window(job)
 
-    def _text_window(self, job: RealtimeJob, size: int) -> None:
-        """[text_lm] then [tts_lm] on the next `size` text tokens, alone, into the job's own rows."""
-        if job.pos_next + size > self.capacity or job.text_next + size > self.capacity:
-            job.done = True            # the original stops before text that would pass the context
+    def _window_due(self, job: RealtimeJob) -> int | None:
+        """Tokens of the job's next text window when it can run now (0: the text is spent), None while the
+        window is not complete and the text not closed (the job waits for text; its stall is timed)."""
+        # `closed` before the count: a stream releases its last tokens before it says closed, so a closed
+        # text read here has all its tokens counted (read the other way round, a close landing in between
+        # would make a short window of what was counted)
+        closed = job.text.closed
+        left = job.text.available() - job.text_used
+        if not closed and left < self.facts.text_window:
+            if job.waiting_since is None:
+                job.waiting_since = self.clock()
+            return None
+        if job.waiting_since is not None:
+            job.stalled_s += self.clock() - job.waiting_since
+            job.waiting_since = None
+        return min(left, self.facts.text_window)
+
+    def _text_fits(self, job: RealtimeJob, size: int, after_frame: bool) -> bool:
+        """Whether a text window of `size` tokens (after the frame being fed with it) fits the context."""
+        return job.pos_next + int(after_frame) + size <= self.capacity and job.text_next + size <= self.capacity
+
+    def _next_speech_window(self, job: RealtimeJob) -> None:
+        """A speech window starts (its text window, if any, fed): the frame limit follows the text known now."""
+        job.window_frames = 0
+        if job.done:
             return
+        job.limit = self.job_limit(job)
+        if job.frames >= job.limit:
+            job.done = True
+
+    def _text_lm(self, job: RealtimeJob, size: int) -> np.ndarray:
+        """[text_embed] and [text_lm] on the next `size` text tokens, alone, into the job's own text cache:
+        the hidden states [size, H] the TTS LM takes for them."""
         ids = np.asarray(job.text.tokens[job.text_used: job.text_used + size], dtype=np.int64)[None, :]
         embeds = np.asarray(self.backend.run("text_embed", {"input_ids": ids})["inputs_embeds"], dtype=np.float32)
         start = job.text_next
@@ -325,21 +406,27 @@ class RealtimeSteps:
             "position_ids": np.arange(start, start + size, dtype=np.int64)[None, :], "past_kv": text_past})
         job.text_cache.write(slice(0, 1), start, text_out["new_kv"])
         job.text_next += size
+        return np.asarray(text_out["hidden"], dtype=np.float32)[0]
+
+    def _text_window(self, job: RealtimeJob, size: int) -> None:
+        """A text window with no frame before it (a job's first; every window where the steps are not joined):
+        [text_lm] then [tts_lm] on the next `size` text tokens, alone, into the job's positive row."""
+        text_hidden = self._text_lm(job, size)
         pos_row = job.rows[0]
         tts_start = job.pos_next
         tts_out = self.backend.run("tts_lm", {
-            "inputs_embeds": np.asarray(text_out["hidden"], dtype=np.float32),
+            "inputs_embeds": text_hidden[None],
             "input_types": np.ones((1, size), dtype=np.int64),
             "attention_mask": np.ones((1, tts_start + size), dtype=np.int64),
             "position_ids": np.arange(tts_start, tts_start + size, dtype=np.int64)[None, :],
-            "past_kv": self.kv.row_past(pos_row, tts_start)})
+            "past_kv": self.kv.row_past([pos_row], tts_start)})
         self.kv.past(tts_start + size)
         self.kv.write(pos_row, tts_start, tts_out["new_kv"])
         self.kv.mask[pos_row, tts_start:tts_start + size] = 1
         job.pos_next += size
         job.text_used += size
         job.conditions = job.conditions.copy()
-        job.conditions[0] = np.asarray(tts_out["hidden"][0], dtype=np.float32)
+        job.conditions[0] = _every_position(tts_out)[0][0, -1]
         self.prefill_tokens += size
 
     # --- diffuse: one frame of every ready job --------------------------------------------------------

@@ -797,7 +797,7 @@ class TrtBackend(Backend):
     """Runs the graphs of an ENGINE_DIR on their TensorRT engines (same interface as OrtBackend)."""
 
     name = "trt"
-    groups_frames = False  # per-frame contexts replay one CUDA graph per shape (Backend.groups_frames)
+    groups_steps = False  # contexts replay one CUDA graph per shape, in the plans' profiles (Backend.groups_steps)
 
     def __init__(self, engine_dir, manifest: dict, graphs=None, device: int = 0, cuda_graphs: bool = True,
                  buffer_budget_bytes: int = BUFFER_BUDGET_BYTES, notice=None, device_kv_cache: bool = True,

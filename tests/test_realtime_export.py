@@ -106,7 +106,7 @@ def test_manifest_says_the_family_and_its_facts(ctx, realtime_reference):
     assert io["tts_lm"] == ({"inputs_embeds": ["batch", "seq", H], "input_types": ["batch", "seq"],
                              "attention_mask": ["batch", "total"], "position_ids": ["batch", "seq"],
                              "past_kv": [Ls, 2, "batch", KV, "past", D]},
-                            {"hidden": ["batch", H], "eos_logit": ["batch", 1],
+                            {"hidden": ["batch", "seq", H], "eos_logit": ["batch", "seq", 1],
                              "new_kv": [Ls, 2, "batch", KV, "seq", D]})
     A, S = m["acoustic_vae_dim"], m["decoder_state_size"]
     assert io["acoustic_decoder"] == ({"latent": ["batch", "decode_frames", A], "state": ["batch", S]},
@@ -151,8 +151,8 @@ def test_text_lm_reproduces_the_lower_lm_whole_and_in_windows(ctx):
 
 
 def test_tts_lm_reproduces_hidden_states_and_end_of_speech_logits(ctx):
-    """Type embedding inside the graph, the last position's normed hidden state and its eos logit, one
-    position at a time through the cache (as the loop steps speech frames)."""
+    """Type embedding inside the graph, every position's normed hidden state and its eos logit, all positions
+    in one call and one position at a time through the cache (as the loop steps speech frames)."""
     engine_dir, manifest, ref = ctx
     tts = _session(engine_dir, "tts_lm")
     embeds, types = ref["tts_lm.inputs_embeds"], ref["tts_lm.types"]
@@ -163,8 +163,9 @@ def test_tts_lm_reproduces_hidden_states_and_end_of_speech_logits(ctx):
                                        "attention_mask": np.ones((1, seq), np.int64),
                                        "position_ids": np.arange(seq)[None],
                                        "past_kv": _empty_cache(manifest, "tts_lm_layers")})
-    _close(hidden, expected[:, -1], 1e-4)
-    _close(logit, eos[:, -1], 1e-4)
+    assert hidden.shape == expected.shape and logit.shape == eos.shape
+    _close(hidden, expected, 1e-4)
+    _close(logit, eos, 1e-4)
     _, _, cache = tts.run(None, {"inputs_embeds": embeds[:, :3], "input_types": types[:, :3],
                                  "attention_mask": np.ones((1, 3), np.int64), "position_ids": np.arange(3)[None],
                                  "past_kv": _empty_cache(manifest, "tts_lm_layers")})
@@ -173,19 +174,17 @@ def test_tts_lm_reproduces_hidden_states_and_end_of_speech_logits(ctx):
                                             "attention_mask": np.ones((1, p + 1), np.int64),
                                             "position_ids": np.array([[p]]), "past_kv": cache})
         cache = np.concatenate([cache, new], axis=4)
-        _close(hidden, expected[:, p], 1e-4)
-        _close(logit, eos[:, p], 1e-4)
+        _close(hidden, expected[:, p:p + 1], 1e-4)
+        _close(logit, eos[:, p:p + 1], 1e-4)
     _close(cache, kv, 1e-4)
 
 
-def test_tts_lm_rows_of_different_lengths_equal_each_alone(ctx):
-    """A positive row over a long cache and a negative-like row over a short one (its free slots masked)
-    in one call: each row's outputs equal the row run alone."""
-    engine_dir, manifest, ref = ctx
+def _tts_calls(engine_dir, manifest):
+    """(prefill(embeds, types, n): the cache of the first n positions, step(embeds, types, mask, positions,
+    cache): the tts_lm outputs) on the exported graph."""
     tts = _session(engine_dir, "tts_lm")
-    embeds, types = ref["tts_lm.inputs_embeds"], ref["tts_lm.types"]
 
-    def prefill(n):
+    def prefill(embeds, types, n):
         return tts.run(None, {"inputs_embeds": embeds[:, :n], "input_types": types[:, :n],
                               "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None],
                               "past_kv": _empty_cache(manifest, "tts_lm_layers")})[2]
@@ -194,7 +193,42 @@ def test_tts_lm_rows_of_different_lengths_equal_each_alone(ctx):
         return tts.run(None, {"inputs_embeds": e, "input_types": t, "attention_mask": mask, "position_ids": pos,
                               "past_kv": cache})
 
-    long, short = prefill(6), prefill(1)
+    return prefill, step
+
+
+def test_tts_lm_frame_and_text_window_in_one_call(ctx):
+    """The loop's joined call: the positive row takes a frame then a 5-token text window, the negative row the
+    frame then 5 zero inputs. The positive row's positions equal the frame step followed by the window alone,
+    the negative row's frame equals its step alone (the zeros after it change nothing it returns)."""
+    engine_dir, manifest, ref = ctx
+    prefill, step = _tts_calls(engine_dir, manifest)
+    embeds, types = ref["tts_lm.inputs_embeds"], ref["tts_lm.types"]
+    cache = prefill(embeds, types, 1)
+    frame, window = (embeds[:, 1:2], types[:, 1:2]), (embeds[:, 2:7], types[:, 2:7])
+    alone_frame = step(*frame, np.ones((1, 2), np.int64), np.array([[1]]), cache)
+    alone_window = step(*window, np.ones((1, 7), np.int64), np.arange(2, 7)[None],
+                        np.concatenate([cache, alone_frame[2]], axis=4))
+    negative = (np.concatenate([frame[0], np.zeros_like(window[0])], axis=1),
+                np.concatenate([frame[1], np.zeros_like(window[1])], axis=1))
+    joined = step(np.concatenate([embeds[:, 1:7], negative[0]]), np.concatenate([types[:, 1:7], negative[1]]),
+                  np.ones((2, 7), np.int64), np.array([list(range(1, 7)), [1] * 6]), np.concatenate([cache, cache], 2))
+    hidden, logit, new_kv = joined
+    assert hidden.shape[:2] == logit.shape[:2] == (2, 6)
+    _close(hidden[:1, :1], alone_frame[0], 1e-5)
+    _close(logit[:1, :1], alone_frame[1], 1e-5)
+    _close(hidden[:1, 1:], alone_window[0], 1e-5)
+    _close(new_kv[:, :, :1], np.concatenate([alone_frame[2], alone_window[2]], axis=4), 1e-5)
+    _close(hidden[1:, :1], alone_frame[0], 1e-5)
+    _close(new_kv[:, :, 1:, :, :1], alone_frame[2], 1e-5)
+
+
+def test_tts_lm_rows_of_different_lengths_equal_each_alone(ctx):
+    """A positive row over a long cache and a negative-like row over a short one (its free slots masked)
+    in one call: each row's outputs equal the row run alone."""
+    engine_dir, manifest, ref = ctx
+    prefill, step = _tts_calls(engine_dir, manifest)
+    embeds, types = ref["tts_lm.inputs_embeds"], ref["tts_lm.types"]
+    long, short = prefill(embeds, types, 6), prefill(embeds, types, 1)
     e, t = embeds[:, 6:7], types[:, 6:7]
     alone_long = step(e, t, np.ones((1, 7), np.int64), np.array([[6]]), long)
     alone_short = step(e, t, np.ones((1, 2), np.int64), np.array([[1]]), short)

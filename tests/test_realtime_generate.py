@@ -138,16 +138,19 @@ def test_unknown_preset_is_one_line(realtime):
 
 
 class _CallSizes:
-    """The backend's own run, recording the latents per acoustic_decoder call (the graphs run unchanged)."""
+    """The backend's own run, recording the latents per acoustic_decoder call (`sizes`) and the (rows, seq) of
+    every tts_lm call (`tts_lm`); the graphs run unchanged."""
 
     def __init__(self, pipeline):
-        self.pipeline, self.sizes = pipeline, []
+        self.pipeline, self.sizes, self.tts_lm = pipeline, [], []
         self._run = pipeline.backend.run
 
     def __enter__(self):
         def run(graph, feeds):
             if graph == "acoustic_decoder":
                 self.sizes.append(int(feeds["latent"].shape[1]))
+            if graph == "tts_lm":
+                self.tts_lm.append(tuple(int(n) for n in feeds["inputs_embeds"].shape[:2]))
             return self._run(graph, feeds)
         self.pipeline.backend.run = run
         return self
@@ -213,14 +216,46 @@ def test_a_decoder_of_one_frame_a_call_is_not_grouped(realtime):
 
 
 def test_a_backend_of_one_shape_per_frame_call_is_not_grouped(realtime):
-    """TensorRT replays one CUDA graph per shape of a per-frame context (TrtBackend.groups_frames is False):
+    """TensorRT replays one CUDA graph per shape of a per-frame context (TrtBackend.groups_steps is False):
     there the decoder takes one frame per call."""
     from vv_runtime.realtime_steps import RealtimeSteps
     from vv_runtime.trt_backend import TrtBackend
 
-    assert TrtBackend.groups_frames is False and realtime.backend.groups_frames is True
-    realtime.backend.groups_frames = False
+    assert TrtBackend.groups_steps is False and realtime.backend.groups_steps is True
+    realtime.backend.groups_steps = False
     try:
         assert RealtimeSteps(realtime.backend, realtime.facts, decode_frames=6).decode_frames == 1
     finally:
-        del realtime.backend.groups_frames
+        del realtime.backend.groups_steps
+
+
+def test_text_windows_join_the_frame_before_them(realtime, realtime_reference):
+    """Where a speech window ends and a text window follows, the frame and the window share one tts_lm call (the
+    positive row 1 + 5 positions, the negative row 1): only a job's first window runs alone. The same frames,
+    end-of-speech logits and audio as every window alone (the original's order of calls), within fp32
+    reordering as the loop amplifies it (`test_the_loop_amplifies_rounding`)."""
+    settings, ref = realtime_reference
+    text, noise = settings["generate"]["script"], ref["generate.noise"]
+    assert realtime.facts.every_position and realtime.new_steps().joins_windows
+    realtime.decode_frames = 1      # as a backend of one shape per step decodes: the audio's calls alike
+    try:
+        with _CallSizes(realtime) as joined:
+            result = realtime.generate(text, "en-Tiny_man", cfg_scale=1.5, noise=noise)
+        realtime.backend.groups_steps = False
+        assert not realtime.new_steps().joins_windows
+        with _CallSizes(realtime) as alone:
+            want = realtime.generate(text, "en-Tiny_man", cfg_scale=1.5, noise=noise)
+    finally:
+        realtime.decode_frames = None
+        realtime.backend.__dict__.pop("groups_steps", None)
+    tokens = len(ref["generate.tts_text_ids"].reshape(-1))   # 42: 8 windows of 5 and one of 2
+    windows = -(-tokens // 5)
+    assert alone.tts_lm.count((1, 5)) == windows - 1 and (1, tokens % 5) in alone.tts_lm
+    assert alone.tts_lm.count((2, 1)) == result.frames == want.frames == 56
+    assert joined.tts_lm[0] == (1, 5) and joined.tts_lm.count((2, 6)) == windows - 2
+    assert (2, 1 + tokens % 5) in joined.tts_lm and len(joined.tts_lm) == 1 + 56
+    np.testing.assert_allclose(result.eos_logits, want.eos_logits, atol=1e-4)
+    peak = float(np.abs(want.audio).max())
+    error = np.abs(result.audio - want.audio).reshape(56, -1).max(axis=1) / peak
+    assert error[:6].max() == 0          # the first speech window: the same calls
+    assert error[:8].max() <= 1e-5 and error.max() <= 1e-3, error

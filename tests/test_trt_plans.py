@@ -395,7 +395,7 @@ def runtime_calls(plan, manifest: dict, validation: dict) -> list[tuple[str, str
         calls += [("lm", "extend", {"batch": b, "seq": n, "past": p})
                   for n in _lengths(P) if n >= 2 for p in _lengths(EP)]
         calls += [("lm", "decode", {"batch": 2 * b, "seq": 1, "past": p}) for p in _buckets(BC)]
-        # (one frame a call: the TensorRT backend does not group Realtime's decoder, Backend.groups_frames)
+        # (one frame a call: the TensorRT backend does not group Realtime's decoder, Backend.groups_steps)
         calls += [("per_frame", "frame", {"batch": b, "decode_frames": 1})]
     for b in range(1, LR + 1):
         calls += [("lm", "prefill_long", {"batch": b, "seq": n, "past": 0}) for n in _lengths(LP)]
