@@ -17,7 +17,9 @@ PyTorch; it uses ONNX Runtime's own tooling only:
   (2048 x 1024 x 16 each at full size), for which ORT has no fast quantized Conv kernel (its dynamic
   int8 `ConvInteger` runs slower than fp32 on these convolutions, so it is not a candidate). A third
   candidate adds dynamic int8 (`DynamicQuantizeMatMul`, int8 GEMM) for their small MatMuls, which run
-  over hundreds to thousands of time steps per frame and are compute-bound, not weight-bound.
+  over hundreds to thousands of time steps per frame and are compute-bound, not weight-bound. A fourth
+  (8 bits only) gives dynamic int8 to every MatMul, MatMulNBits to none: where the int8 GEMM has fast
+  kernels (AMX), it also wins on the large MatMuls at a few rows a call (Realtime's grouped decoder).
 
 Each candidate is validated on the very inputs the fp32 graph was validated on, against the saved
 PyTorch (fp32) outputs (ENGINE_DIR/validation), with the tolerance of `TOLERANCES` for its bit width,
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -75,7 +78,8 @@ MIN_SPEEDUP = 1.05  # a quantized graph must be at least 5 % faster than fp32 to
 MIN_SECONDARY_SPEEDUP = 0.8  # ... at its per-frame shape, and not > 25 % slower at the others (lm prefill)
 CONV_GRAPHS = ("acoustic_encoder", "acoustic_decoder", "semantic_encoder")
 # conv stacks: MatMuls with fewer weights than this (the blocks' feed-forward layers at 32-512 channels,
-# run over hundreds to thousands of time steps per frame) get dynamic int8 in the DynamicInt8 candidate
+# run over hundreds to thousands of time steps per frame) get dynamic int8 in the
+# MatMulNBits+ConvAsMatMul+DynamicInt8 candidate; ConvAsMatMul+DynamicInt8 gives it to every MatMul
 DYNAMIC_MAX_WEIGHTS = 1 << 20
 
 # graph -> [(label, dims)]: the shapes the graph is timed at; the first one decides (per-frame cost)
@@ -242,20 +246,30 @@ def quantize_matmuls(model, bits: int):
     return out, nodes
 
 
-def quantize_small_matmuls_dynamic(model, work: Path):
-    """Dynamic int8 (`DynamicQuantizeMatMul`: the activation quantized per call, weights int8 per output
-    channel) for the MatMuls with fewer than DYNAMIC_MAX_WEIGHTS constant weights; returns (model, count).
+def constant_matmuls(model) -> dict[str, int]:
+    """The MatMuls with a constant 2-D weight (Gemms rewritten as MatMul first): node name -> weights."""
+    bypass_weight_identities(model.graph)
+    _gemm_to_matmul(model.graph)
+    inits = {i.name: i for i in model.graph.initializer}
+    return {n.name: int(np.prod(inits[n.input[1]].dims)) for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2}
 
-    In the conv stacks these run at high time resolution (800-3200 rows per frame at 32-128 channels):
-    compute-bound, where the int8 GEMM (VNNI) beats both fp32 and MatMulNBits, whose strength is
-    reading fewer weight bytes. The larger, weight-bound MatMuls are left for MatMulNBits.
+
+def quantize_matmuls_dynamic(model, work: Path, max_weights: float = DYNAMIC_MAX_WEIGHTS):
+    """Dynamic int8 (`DynamicQuantizeMatMul`: the activation quantized per call, weights int8 per output
+    channel) for the MatMuls with fewer than `max_weights` constant weights (math.inf: all); returns
+    (model, count).
+
+    In the conv stacks the small ones run at high time resolution (800-3200 rows per frame at 32-128
+    channels): compute-bound, where the int8 GEMM (VNNI, AMX where the CPU has it) beats both fp32 and
+    MatMulNBits, whose strength is reading fewer weight bytes. The larger ones run at a few to a few hundred
+    rows a call; whether MatMulNBits or the int8 GEMM serves them better depends on the CPU and the rows (a
+    grouped decoder call has 6 frames' worth): the two candidates measure it.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    inits = {i.name: i for i in model.graph.initializer}
-    small = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
-             and len(inits[n.input[1]].dims) == 2 and int(np.prod(inits[n.input[1]].dims)) < DYNAMIC_MAX_WEIGHTS]
+    small = [name for name, weights in constant_matmuls(model).items() if weights < max_weights]
     if not small:
         return model, 0
     src, dst = work / "dynamic_in.onnx", work / "dynamic_out.onnx"
@@ -492,9 +506,13 @@ def _attempt(spec, ctx, directory: Path, entry: dict, name: str, bits: int, has_
     tolerance = tolerance_for(name, bits, outputs)
     fp32_path = directory / entry["file"]
     scratch.mkdir()
-    candidates = [("MatMulNBits", False, False)]
+    # (method, convolutions as MatMuls, MatMuls below this many weights as dynamic int8 (0: none))
+    candidates = [("MatMulNBits", False, 0)]
     if name in CONV_GRAPHS and has_conv:
-        candidates += [("MatMulNBits+ConvAsMatMul", True, False), ("MatMulNBits+ConvAsMatMul+DynamicInt8", True, True)]
+        candidates += [("MatMulNBits+ConvAsMatMul", True, 0),
+                       ("MatMulNBits+ConvAsMatMul+DynamicInt8", True, DYNAMIC_MAX_WEIGHTS)]
+        if bits == 8:
+            candidates.append(("ConvAsMatMul+DynamicInt8", True, math.inf))
     tried = []
     for method, convs, dynamic in candidates:
         cdir = scratch / method.replace("+", "_")
@@ -507,9 +525,11 @@ def _attempt(spec, ctx, directory: Path, entry: dict, name: str, bits: int, has_
                 if not conv_nodes and not dynamic:
                     continue  # no convolution large enough: the same graph as the plain candidate
                 if not conv_nodes:
-                    method = "MatMulNBits+DynamicInt8"
+                    method = method.replace("ConvAsMatMul+", "")
+            if dynamic == math.inf and max(constant_matmuls(model).values(), default=0) < DYNAMIC_MAX_WEIGHTS:
+                continue  # no MatMul is large: the same graph as the small ones' candidate
             if dynamic:
-                model, dynamic_nodes = quantize_small_matmuls_dynamic(model, cdir)
+                model, dynamic_nodes = quantize_matmuls_dynamic(model, cdir, dynamic)
             model, mm_nodes = quantize_matmuls(model, bits)
             after = weight_bytes(model)
             path = cdir / entry["file"]

@@ -127,13 +127,32 @@ def test_fixture_generation_int4_first_frame(quant_dirs, tiny_engine_dir, report
 
 def test_conv_stacks_dynamic_int8_candidate_within_tolerance(quant_dirs):
     """The conv stacks' third candidate (their small, compute-bound MatMuls as dynamic int8 GEMMs) is built,
-    validated and recorded; on the fixture it holds the int8 tolerance."""
+    validated and recorded; on the fixture it holds the int8 tolerance. Every MatMul of the fixture is small,
+    so the fourth candidate (every MatMul dynamic int8) would be the same graph: it is not built."""
     manifest = _manifest(quant_dirs["int8"])
     for graph in ("acoustic_encoder", "acoustic_decoder", "semantic_encoder"):
         cands = {c["method"]: c for c in manifest["graphs"][graph]["quantization"]["candidates"]}
         dynamic = [c for m, c in cands.items() if m.endswith("+DynamicInt8")]
-        assert len(dynamic) == 1, sorted(cands)
+        assert len(dynamic) == 1 and dynamic[0]["method"].startswith("MatMulNBits+"), sorted(cands)
         assert dynamic[0]["dynamic_int8_nodes"] > 0 and dynamic[0]["within_tolerance"], dynamic[0]
+
+
+def test_every_matmul_dynamic_int8_candidate(fixture_dir, tmp_path, monkeypatch):
+    """Where a conv stack has large MatMuls (here: the bound lowered below the fixture's larger ones), the
+    fourth candidate gives dynamic int8 to every MatMul, none left to MatMulNBits, validated like the others."""
+    import vv_export.quantize as quantize
+    from vv_export.families import load_checkpoint
+    from vv_export.onnx_export import export_onnx
+
+    monkeypatch.setattr(quantize, "DYNAMIC_MAX_WEIGHTS", 4096)
+    out = export_onnx(load_checkpoint(str(fixture_dir)), tmp_path / "int8", progress=False, threads=1,
+                      quantize="int8", quantize_select="all")
+    q = _manifest(out)["graphs"]["acoustic_decoder"]["quantization"]
+    cands = {c["method"]: c for c in q["candidates"]}
+    small = next(c for m, c in cands.items() if m.startswith("MatMulNBits+") and m.endswith("+DynamicInt8"))
+    every = next(c for m, c in cands.items() if m in ("ConvAsMatMul+DynamicInt8", "DynamicInt8"))
+    assert every["within_tolerance"] and every["nodes_quantized"] == every["dynamic_int8_nodes"]
+    assert every["dynamic_int8_nodes"] > small["dynamic_int8_nodes"] > 0
 
 
 def _export_with_unreachable_tolerance(tmp_path, monkeypatch, mode: str):
