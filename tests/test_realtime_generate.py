@@ -259,3 +259,40 @@ def test_text_windows_join_the_frame_before_them(realtime, realtime_reference):
     error = np.abs(result.audio - want.audio).reshape(56, -1).max(axis=1) / peak
     assert error[:6].max() == 0          # the first speech window: the same calls
     assert error[:8].max() <= 1e-5 and error.max() <= 1e-3, error
+
+
+def test_a_call_of_some_rows_reads_those_rows_only(realtime):
+    """KVRows.run_rows (the joined call): the listed rows' cached slots, copied and each masked to its own, in
+    the order given, adjacent or not. The outputs and the keys/values written equal those of the same two rows
+    in a cache that holds nothing else, exactly (what makes a job's joined call the same batched or alone)."""
+    from vv_runtime.kv_rows import KVRows
+
+    f = realtime.facts
+    rng = np.random.default_rng(0)
+
+    def noise(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    pos, neg = noise(f.tts_lm_layers, 2, 1, f.kv_heads, 9, f.head_dim), noise(f.tts_lm_layers, 2, 1, f.kv_heads, 4, f.head_dim)
+    embeds = [noise(3, f.hidden), noise(1, f.hidden)]
+    types = np.array([[0, 1, 1], [0, 0, 0]], dtype=np.int64)
+
+    def rows_holding(contents: dict, jobs: int) -> KVRows:
+        kv = KVRows(realtime.backend, f.tts_lm_layers, f.kv_heads, f.head_dim, 64)
+        for i in range(jobs):
+            kv.take(object(), i, 16)
+        for row, kv_slots in contents.items():
+            kv.write(row, 0, kv_slots)
+            kv.mask[row, :kv_slots.shape[4]] = 1
+        return kv
+
+    crowded = rows_holding({3: pos, 0: neg, 1: noise(*pos.shape), 2: noise(*pos.shape)}, jobs=2)
+    alone = rows_holding({0: pos, 1: neg}, jobs=1)
+    got = crowded.run_rows("tts_lm", (3, 0), (9, 4), embeds, f.hidden, input_types=types)
+    want = alone.run_rows("tts_lm", (0, 1), (9, 4), embeds, f.hidden, input_types=types)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    np.testing.assert_array_equal(crowded.cache.data[:, :, 3, :, :12], alone.cache.data[:, :, 0, :, :12])
+    np.testing.assert_array_equal(crowded.cache.data[:, :, 0, :, :5], alone.cache.data[:, :, 1, :, :5])
+    assert crowded.mask[3, :12].all() and not crowded.mask[3, 12:].any()
+    assert crowded.mask[0, :5].all() and not crowded.mask[0, 5:].any()   # the negative row: its frame only
