@@ -273,10 +273,10 @@ class RealtimeSteps:
     # --- decode: the TTS LM on the frames made at the previous step ------------------------------------
 
     def decode(self, jobs: list[RealtimeJob]) -> list[RealtimeJob]:
-        """One [tts_lm] call over both rows of every job that made a frame: the frame's embedding (seq 1) or,
-        where that frame completes a speech window and the next text window is known, the frame and the text
-        window together (`joins_windows`); returns every job given (the ones waiting for text are chosen
-        again)."""
+        """The [tts_lm] calls of the frames made at the previous step: ONE over both rows of every job whose
+        frame goes alone (seq 1) and, where a frame completes a speech window and the next text window is
+        known (`joins_windows`), one of that job's rows taking the frame and the window together; returns every
+        job given (the ones waiting for text are chosen again)."""
         fed = [j for j in jobs if j.next_embed is not None]
         for job in fed:
             if job.pos_next + 1 > self.capacity:   # the original stops before a frame that would pass the context
