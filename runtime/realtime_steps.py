@@ -198,7 +198,7 @@ class RealtimeSteps:
 
     def _decode_frames(self, wanted: int) -> int:
         """Latents per decoder call: `wanted`, at most a speech window; 1 where the graph takes one frame per
-        call or the backend keeps one shape per frame call (Backend.groups_steps)."""
+        call or the backend keeps one shape per step (Backend.groups_steps)."""
         wanted = int(wanted)
         if wanted < 1:
             raise RuntimeInputError(f"decode_frames {wanted}: must be at least 1")
@@ -287,14 +287,12 @@ class RealtimeSteps:
         window_ends: list[RealtimeJob] = []           # jobs whose speech window ends with this frame
         for job in (j for j in fed if not j.done):
             if self.joins_windows and job.window_frames >= self.facts.speech_window:
-                size = self._window_due(job)
+                size = self._window_due(job, after_frame=True)
                 if size is None:
                     continue                            # waits for text, its frame with it
                 window_ends.append(job)
-                if size and self._text_fits(job, size, after_frame=True):
+                if size:
                     windows[job] = self._text_lm(job, size)
-                elif size:
-                    job.done = True     # after this frame: the original stops before text that would pass the context
             feeding.append(job)
         if feeding:
             self._feed_frames(feeding, windows)
@@ -354,19 +352,19 @@ class RealtimeSteps:
             if job.next_embed is not None:    # its last frame waits to be fed with the text window (decode)
                 job.ready = False
                 continue
-            size = self._window_due(job)
+            size = self._window_due(job, after_frame=False)
             if size is None:
                 job.ready = False
                 continue
-            if size and self._text_fits(job, size, after_frame=False):
+            if size:
                 self._text_window(job, size)
-            elif size:
-                job.done = True         # the original stops before text that would pass the context
             self._next_speech_window(job)
 
-    def _window_due(self, job: RealtimeJob) -> int | None:
-        """Tokens of the job's next text window when it can run now (0: the text is spent), None while the
-        window is not complete and the text not closed (the job waits for text; its stall is timed)."""
+    def _window_due(self, job: RealtimeJob, after_frame: bool) -> int | None:
+        """Tokens of the job's next text window when it can run now (after the frame fed with it, if
+        `after_frame`); 0 when the text is spent, or when the window would pass the context: the job then ends
+        (the original stops before such text, after that frame). None while the window is not complete and the
+        text not closed (the job waits for text; its stall is timed)."""
         # `closed` before the count: a stream releases its last tokens before it says closed, so a closed
         # text read here has all its tokens counted (read the other way round, a close landing in between
         # would make a short window of what was counted)
@@ -379,11 +377,11 @@ class RealtimeSteps:
         if job.waiting_since is not None:
             job.stalled_s += self.clock() - job.waiting_since
             job.waiting_since = None
-        return min(left, self.facts.text_window)
-
-    def _text_fits(self, job: RealtimeJob, size: int, after_frame: bool) -> bool:
-        """Whether a text window of `size` tokens (after the frame being fed with it) fits the context."""
-        return job.pos_next + int(after_frame) + size <= self.capacity and job.text_next + size <= self.capacity
+        size = min(left, self.facts.text_window)
+        if size and (job.pos_next + int(after_frame) + size > self.capacity or job.text_next + size > self.capacity):
+            job.done = True
+            return 0
+        return size
 
     def _next_speech_window(self, job: RealtimeJob) -> None:
         """A speech window starts (its text window, if any, fed): the frame limit follows the text known now."""
@@ -411,22 +409,12 @@ class RealtimeSteps:
     def _text_window(self, job: RealtimeJob, size: int) -> None:
         """A text window with no frame before it (a job's first; every window where the steps are not joined):
         [text_lm] then [tts_lm] on the next `size` text tokens, alone, into the job's positive row."""
-        text_hidden = self._text_lm(job, size)
-        pos_row = job.rows[0]
-        tts_start = job.pos_next
-        tts_out = self.backend.run("tts_lm", {
-            "inputs_embeds": text_hidden[None],
-            "input_types": np.ones((1, size), dtype=np.int64),
-            "attention_mask": np.ones((1, tts_start + size), dtype=np.int64),
-            "position_ids": np.arange(tts_start, tts_start + size, dtype=np.int64)[None, :],
-            "past_kv": self.kv.row_past([pos_row], tts_start)})
-        self.kv.past(tts_start + size)
-        self.kv.write(pos_row, tts_start, tts_out["new_kv"])
-        self.kv.mask[pos_row, tts_start:tts_start + size] = 1
+        out = self.kv.run_rows("tts_lm", [job.rows[0]], [job.pos_next], [self._text_lm(job, size)],
+                               self.facts.hidden, input_types=np.ones((1, size), dtype=np.int64))
         job.pos_next += size
         job.text_used += size
         job.conditions = job.conditions.copy()
-        job.conditions[0] = _every_position(tts_out)[0][0, -1]
+        job.conditions[0] = _every_position(out)[0][0, -1]
         self.prefill_tokens += size
 
     # --- diffuse: one frame of every ready job --------------------------------------------------------
