@@ -296,3 +296,20 @@ def test_a_call_of_some_rows_reads_those_rows_only(realtime):
     np.testing.assert_array_equal(crowded.cache.data[:, :, 0, :, :5], alone.cache.data[:, :, 1, :, :5])
     assert crowded.mask[3, :12].all() and not crowded.mask[3, 12:].any()
     assert crowded.mask[0, :5].all() and not crowded.mask[0, 5:].any()   # the negative row: its frame only
+
+
+def test_an_engine_dir_whose_tts_lm_returns_the_last_position_runs_every_window_alone(realtime):
+    """An ENGINE_DIR exported before tts_lm returned every position (hidden [batch, H], eos_logit [batch, 1]):
+    its windows are never joined, and its outputs are read as one position."""
+    import copy
+
+    from vv_runtime.realtime_steps import RealtimeFacts, RealtimeSteps, _every_position
+
+    manifest = copy.deepcopy(realtime.manifest)
+    outputs = {io["name"]: io for io in manifest["graphs"]["tts_lm"]["outputs"]}
+    outputs["hidden"]["shape"] = ["batch", realtime.facts.hidden]
+    outputs["eos_logit"]["shape"] = ["batch", 1]
+    facts = RealtimeFacts.from_manifest(manifest)
+    assert not facts.every_position and not RealtimeSteps(realtime.backend, facts).joins_windows
+    hidden, eos = _every_position({"hidden": np.ones((4, facts.hidden)), "eos_logit": np.arange(4.0)[:, None]})
+    assert hidden.shape == (4, 1, facts.hidden) and eos.tolist() == [[0.0], [1.0], [2.0], [3.0]]
