@@ -379,12 +379,11 @@ def quant_summary(engine_dir: Path) -> dict:
         q = e.get("quantization")
         if q:
             out[g] = {k: q.get(k) for k in ("status", "method", "bits", "nodes_quantized", "weight_bytes_before",
-                                            "weight_bytes_after", "speedup", "reason")}
-            # every candidate tried (both widths for int4): within tolerance? how much faster than fp32?
+                                            "weight_bytes_after", "speedup", "timing", "tolerance", "reason")}
+            # every candidate tried (both widths for int4): within tolerance (its errors)? how much faster than fp32?
             tried = list(q.get("candidates") or []) + list((q.get("fallback") or {}).get("candidates") or [])
-            out[g]["candidates"] = [{"method": c.get("method"), "bits": c.get("bits"),
-                                     "within_tolerance": c.get("within_tolerance"), "speedup": c.get("speedup")}
-                                    for c in tried]
+            out[g]["candidates"] = [{k: c.get(k) for k in ("method", "bits", "within_tolerance",
+                                                           "validated_max_abs_error", "speedup")} for c in tried]
             if (q.get("fallback") or {}).get("int4_reason"):
                 out[g]["int4_reason"] = q["fallback"]["int4_reason"]
     return out

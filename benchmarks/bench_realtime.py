@@ -57,7 +57,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_quant import (OPENVINO_SUFFIX, GraphTimer, _figures, _median, export_options, openvino_installed,  # noqa: E402
-                         runtime_summary)
+                         quant_summary, runtime_summary)
 from bench_runtime import _timed  # noqa: E402  (drains a chunk generator with a time stamp per chunk)
 from common import SHARED, load_average, provenance, write_result  # noqa: E402
 from common import export_key as common_export_key  # noqa: E402
@@ -595,8 +595,11 @@ def run_benchmark(model: str, out_dir: Path | None, *, work: Path = DEFAULT_WORK
             side["concurrency"] = concurrency[name]
             side["engine_dir_bytes"] = info["engine_dir_bytes"][name.removeprefix("ort-")]
             side["decode_frames"] = workers[name].info.get("decode_frames")  # latents per decoder call, at most
+            engine_dir = model_dir(work, model) / name.removeprefix("ort-")
+            if name != "ort-fp32":
+                side["quantization"] = quant_summary(engine_dir)   # each graph's candidates, timings, errors
             if name.endswith(OPENVINO_SUFFIX):
-                side["runtimes"] = runtime_summary(model_dir(work, model) / name.removeprefix("ort-"))
+                side["runtimes"] = runtime_summary(engine_dir)
         sides[name] = side
     if "torch" in sides and sides["torch"].get("ms_per_frame"):
         for name, side in sides.items():

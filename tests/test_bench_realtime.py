@@ -57,6 +57,11 @@ def test_result_fields(bench, tiny_run):
         assert c["streams"] == 2
         assert c["one_at_a_time"]["frames"] == c["concurrent"]["frames"] == 2 * result["frames"]
         assert c["concurrent"]["audio_s_per_s"] > 0 and c["speedup_concurrent_vs_one_at_a_time"] > 0
+    # the int8 export's choice per graph, with every candidate's timings and validation errors
+    assert "quantization" not in result["sides"]["ort-fp32"]
+    decoder = result["sides"]["ort-int8"]["quantization"]["acoustic_decoder"]
+    assert decoder["status"] == "quantized" and set(decoder["timing"]) == {"frame", "first frame"}
+    assert all(c["validated_max_abs_error"] and c["method"] for c in decoder["candidates"])
     # the port and ONNX Runtime run the same weights, preset, tokens and noise: the same audio at the first frame
     agreement = result["agreement"]["ort-fp32_vs_torch"]
     assert agreement["frames"] == result["frames"] and agreement["first_frame"] < 1e-4
